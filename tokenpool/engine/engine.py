@@ -1,0 +1,127 @@
+"""`LLMEngine`: the synchronous core (`add_request` / `step` / `has_unfinished_requests`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tokenpool.config import EngineArgs, resolve_device, resolve_dtype
+from tokenpool.engine.request import Request, RequestStatus
+from tokenpool.engine.runner import ModelRunner
+from tokenpool.engine.scheduler import Scheduler
+from tokenpool.inputs.preprocess import InputProcessor
+from tokenpool.loader.model_files import resolve_model_dir
+from tokenpool.loader.st_config import read_st_config
+from tokenpool.models.bge_m3 import lexical_weights
+from tokenpool.models.registry import build_model
+from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
+from tokenpool.pooling_params import PoolingParams
+
+logger = logging.getLogger("tokenpool")
+
+# Default batch sizes: GPUs want large packed batches; on the CPU the per-token outputs of a batch stay
+# in memory, and larger batches stop paying well before 8k tokens.
+_DEFAULT_BUDGET = {"cuda": (65536, 1024), "cpu": (8192, 256)}
+
+
+class LLMEngine:
+    """Loads one model and runs batches of pooling requests on it."""
+
+    def __init__(self, args: EngineArgs):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.args = args
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        self.model_dir = resolve_model_dir(args.model, args.revision, args.download_dir)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_per_process_memory_fraction(args.gpu_memory_utilization, self.device)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        if args.hf_overrides:
+            for key, value in args.hf_overrides.items():
+                setattr(self.hf_config, key, value)
+        st_config = read_st_config(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir, revision=args.tokenizer_revision)
+        t0 = time.perf_counter()
+        self.model = build_model(self.model_dir, self.hf_config, st_config, args.pooler_config, self.dtype, self.device)
+        logger.info("Loaded %s (%s) on %s in %s in %.2fs", self.model_dir, self.model.name, self.device,
+                    str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
+        self.max_model_len = self._derive_max_model_len(st_config.max_seq_length)
+        budget, seqs = _DEFAULT_BUDGET[self.device.type]
+        budget = max(args.max_num_batched_tokens or budget, self.max_model_len)
+        self.scheduler = Scheduler(budget, args.max_num_seqs or seqs)
+        pooler_cfg = args.pooler_config
+        self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None)
+        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.vocab_size,
+                                     do_lower_case=st_config.do_lower_case)
+        self._special_ids = frozenset(
+            self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[name])
+            for name in ("cls_token", "eos_token", "pad_token", "unk_token")
+            if name in self.tokenizer.special_tokens_map
+        )
+        self._requests: dict[str, Request] = {}
+
+    def _derive_max_model_len(self, st_max_seq_length: int | None) -> int:
+        derived = self.model.max_model_len
+        if st_max_seq_length:
+            derived = min(derived, st_max_seq_length)
+        wanted = self.args.max_model_len
+        if wanted is None:
+            return derived
+        if wanted > self.model.max_model_len:
+            raise ValueError(
+                f"max_model_len={wanted} is greater than the model's context length ({self.model.max_model_len})."
+            )
+        return wanted
+
+    # ----- tasks -----
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.model.supported_tasks
+
+    def check_task(self, task: str) -> None:
+        if task not in self.supported_tasks:
+            raise ValueError(
+                f"Task {task!r} is not supported by this model ({self.model.name}). "
+                f"Supported tasks: {', '.join(self.supported_tasks)}."
+            )
+
+    # ----- request flow -----
+    def add_request(self, request_id: str, prompt_token_ids: list[int], task: str, params: PoolingParams) -> None:
+        self.check_task(task)
+        if request_id in self._requests:
+            raise ValueError(f"Duplicate request id {request_id!r}.")
+        self.inputs.check_length(prompt_token_ids)
+        request = Request(request_id, prompt_token_ids, task, params)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        ids = set(request_ids)
+        self.scheduler.abort(ids)
+        for rid in ids:
+            self._requests.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_waiting()
+
+    def step(self) -> list[PoolingRequestOutput]:
+        """Run one packed batch; return its finished requests."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        results = self.runner.execute(batch)
+        outputs = []
+        for request, data in zip(batch.requests, results):
+            request.status = RequestStatus.FINISHED
+            self._requests.pop(request.request_id, None)
+            weights = None
+            if request.task == "token_classify" and self.model.lexical_head:
+                weights = lexical_weights(request.prompt_token_ids[1:-1], data, self._special_ids)
+            outputs.append(PoolingRequestOutput(request.request_id, PoolingOutput(data, weights), request.prompt_token_ids))
+        return outputs

@@ -1,0 +1,32 @@
+"""`Request`: one prompt's trip through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tokenpool.pooling_params import PoolingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True)
+class Request:
+    """A tokenized prompt with its task and pooling options."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    task: str
+    params: PoolingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids)

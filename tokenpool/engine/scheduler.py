@@ -1,0 +1,59 @@
+"""FCFS scheduler: packs waiting requests into a `Batch` under a token budget and a sequence cap."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tokenpool.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class Batch:
+    """Requests that run in one forward pass, packed back to back."""
+
+    requests: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.requests)
+
+
+class Scheduler:
+    """First come, first served. A request longer than the budget still runs, alone."""
+
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int):
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def abort(self, request_ids: set[str]) -> None:
+        """Drop queued requests (e.g. their client went away)."""
+        kept = deque()
+        for request in self.waiting:
+            if request.request_id in request_ids:
+                request.status = RequestStatus.ABORTED
+            else:
+                kept.append(request)
+        self.waiting = kept
+
+    def has_waiting(self) -> bool:
+        return bool(self.waiting)
+
+    def schedule(self) -> Batch | None:
+        if not self.waiting:
+            return None
+        picked: list[Request] = []
+        tokens = 0
+        while self.waiting and len(picked) < self.max_num_seqs:
+            request = self.waiting[0]
+            if picked and tokens + request.num_tokens > self.max_num_batched_tokens:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            picked.append(request)
+            tokens += request.num_tokens
+        return Batch(picked)

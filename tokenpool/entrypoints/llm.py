@@ -1,0 +1,203 @@
+"""`LLM`: the offline, vLLM-compatible entry point (`embed`, `encode`, `score`)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenpool.config import EngineArgs
+from tokenpool.engine.engine import LLMEngine
+from tokenpool.inputs.data import PromptType
+from tokenpool.outputs import (
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from tokenpool.pooling_params import PoolingParams
+from tokenpool.scoring import cosine, maxsim
+
+_TOKENIZATION_KEYS = {"truncate_prompt_tokens", "add_special_tokens", "truncation", "max_length"}
+
+
+class LLM:
+    """A pooling model loaded once, serving every task it supports.
+
+    `LLM(model="BAAI/bge-m3")` (or a local folder; with no model, the built-in all-MiniLM-L6-v2).
+    Keyword arguments are `EngineArgs` fields (vLLM's names), e.g. `dtype`, `device`, `max_model_len`.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.llm_engine = LLMEngine(self.engine_args)
+        self._ids = itertools.count()
+
+    # ----- public API -----
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.llm_engine.supported_tasks
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        pooling_task: str | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """Run `pooling_task` over `prompts`; outputs in input order.
+
+        pooling_task: "token_embed" (default when the model has it), "embed", "token_classify".
+        """
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported.")
+        if pooling_task is None:
+            default = self.engine_args.task or (self.engine_args.pooler_config.task if self.engine_args.pooler_config else None)
+            pooling_task = default or ("token_embed" if "token_embed" in self.supported_tasks else self.supported_tasks[0])
+        self.llm_engine.check_task(pooling_task)
+        prompt_list = _as_list(prompts)
+        params_list = self._params_list(pooling_params, len(prompt_list), pooling_task)
+        truncate, add_special = self._tokenization(tokenization_kwargs, truncate_prompt_tokens)
+        token_ids = self._tokenize(prompt_list, params_list, truncate, add_special)
+        return self._run(token_ids, params_list, pooling_task, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One pooled vector per prompt (`outputs.embedding`, a list of floats)."""
+        outputs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request,
+                              pooling_task="embed", tokenization_kwargs=tokenization_kwargs,
+                              truncate_prompt_tokens=truncate_prompt_tokens)
+        return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType], *args: Any, **kwargs: Any):
+        self.llm_engine.check_task("classify")
+        raise AssertionError("unreachable: no supported model has a classify head")  # check_task raised
+
+    def score(
+        self,
+        data_1: PromptType | Sequence[PromptType],
+        data_2: PromptType | Sequence[PromptType],
+        /,
+        *,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
+        pooling_task: str | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """Score pairs: 1 x N, N x 1 or N x N (pairwise).
+
+        pooling_task "embed" (default where the model has it): cosine of the pooled embeddings;
+        "token_embed": late interaction, MaxSim over the per-token embeddings.
+        """
+        if pooling_task is None:
+            pooling_task = "embed" if "embed" in self.supported_tasks else "token_embed"
+        if pooling_task not in ("embed", "token_embed"):
+            raise ValueError(f"score uses 'embed' (cosine) or 'token_embed' (MaxSim), not {pooling_task!r}.")
+        left, right = _as_list(data_1), _as_list(data_2)
+        if len(left) == 1 and len(right) > 1:
+            left = left * len(right)
+        elif len(right) == 1 and len(left) > 1:
+            right = right * len(left)
+        if len(left) != len(right):
+            raise ValueError(f"score needs 1 x N, N x 1 or N x N inputs, got {len(left)} and {len(right)}.")
+        if not left:
+            raise ValueError("score got no inputs.")
+        outputs = self.encode(left + right, pooling_params, use_tqdm=use_tqdm, pooling_task=pooling_task,
+                              tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
+        fn = cosine if pooling_task == "embed" else maxsim
+        n = len(left)
+        return [
+            ScoringRequestOutput(
+                request_id=f"{a.request_id}-{b.request_id}",
+                outputs=ScoringOutput(fn(a.outputs.data, b.outputs.data)),
+                prompt_token_ids=a.prompt_token_ids + b.prompt_token_ids,
+            )
+            for a, b in zip(outputs[:n], outputs[n:])
+        ]
+
+    # ----- internals -----
+    def _params_list(self, pooling_params, n: int, task: str) -> list[PoolingParams]:
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params = [pooling_params.clone() for _ in range(n)]
+        else:
+            params = [p.clone() for p in pooling_params]
+            if len(params) != n:
+                raise ValueError(f"Got {len(params)} PoolingParams for {n} prompts.")
+        for p in params:
+            if not isinstance(p, PoolingParams):
+                raise TypeError(f"pooling_params must be PoolingParams, got {type(p).__name__}.")
+            if p.task is not None and p.task != task:
+                raise ValueError(f"PoolingParams.task={p.task!r} conflicts with pooling_task={task!r}.")
+            if p.dimensions is not None and task != "embed":
+                raise ValueError("dimensions applies to the 'embed' task only.")
+            p.task = task
+        return params
+
+    @staticmethod
+    def _tokenization(kwargs: dict[str, Any] | None, truncate_prompt_tokens: int | None) -> tuple[int | None, bool]:
+        kwargs = dict(kwargs or {})
+        unknown = set(kwargs) - _TOKENIZATION_KEYS
+        if unknown:
+            raise ValueError(f"Unsupported tokenization_kwargs {sorted(unknown)}; use {sorted(_TOKENIZATION_KEYS)}.")
+        truncate = kwargs.get("truncate_prompt_tokens", truncate_prompt_tokens)
+        if truncate is None and kwargs.get("truncation"):
+            truncate = kwargs.get("max_length", -1)
+        return truncate, bool(kwargs.get("add_special_tokens", True))
+
+    def _tokenize(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool) -> list[list[int]]:
+        limits = [p.truncate_prompt_tokens if p.truncate_prompt_tokens is not None else truncate for p in params]
+        if len(set(limits)) <= 1:
+            return self.llm_engine.inputs(prompts, limits[0] if limits else None, add_special)
+        result: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
+        for limit in set(limits):
+            idx = [i for i, lim in enumerate(limits) if lim == limit]
+            for i, ids in zip(idx, self.llm_engine.inputs([prompts[i] for i in idx], limit, add_special)):
+                result[i] = ids
+        return result
+
+    def _run(self, token_ids: list[list[int]], params: list[PoolingParams], task: str, use_tqdm: bool):
+        engine = self.llm_engine
+        ids = [str(next(self._ids)) for _ in token_ids]
+        for rid, tokens, p in zip(ids, token_ids, params):
+            engine.add_request(rid, tokens, task, p)
+        finished: dict[str, PoolingRequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            try:
+                while engine.has_unfinished_requests():
+                    step_outputs = engine.step()
+                    for out in step_outputs:
+                        finished[out.request_id] = out
+                    bar.update(len(step_outputs))
+            except BaseException:
+                engine.abort_requests(ids)
+                raise
+        return [finished[rid] for rid in ids]
+
+
+def _as_list(prompts: Any) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, Sequence):
+        return list(prompts)
+    raise TypeError(f"prompts must be a str, a prompt dict or a list of them, got {type(prompts).__name__}.")

@@ -1,0 +1,100 @@
+"""Prompts -> token ids: validation, batched tokenization, truncation, context-length checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tokenpool.inputs.data import PromptType
+
+
+class InputProcessor:
+    """Turns user prompts into token id lists for one model.
+
+    Truncation follows vLLM: `truncate_prompt_tokens=k` keeps the LAST k tokens (left truncation; for text
+    the tokenizer truncates from the left and keeps the special tokens); `-1` means the model's context.
+    """
+
+    def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int, do_lower_case: bool = False,
+                 supports_images: bool = False):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.do_lower_case = do_lower_case
+        self.supports_images = supports_images
+        if tokenizer is not None:
+            tokenizer.truncation_side = "left"
+
+    def __call__(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+                 add_special_tokens: bool = True) -> list[list[int]]:
+        limit = self._truncation_limit(truncate_prompt_tokens)
+        texts: dict[int, str] = {}
+        result: list[list[int] | None] = [None] * len(prompts)
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                texts[i] = prompt
+            elif isinstance(prompt, dict):
+                if "multi_modal_data" in prompt and prompt["multi_modal_data"] and not self.supports_images:
+                    raise ValueError("This model does not accept multimodal inputs (multi_modal_data was given).")
+                if "prompt_token_ids" in prompt:
+                    result[i] = self._check_ids(prompt["prompt_token_ids"], i, limit)
+                elif "prompt" in prompt and isinstance(prompt["prompt"], str):
+                    texts[i] = prompt["prompt"]
+                else:
+                    raise ValueError(
+                        f"Prompt {i} is a dict without 'prompt' (str) or 'prompt_token_ids' (list[int]): "
+                        f"keys {sorted(prompt)}."
+                    )
+            else:
+                raise TypeError(
+                    f"Prompt {i} has type {type(prompt).__name__}; expected str, TextPrompt or TokensPrompt."
+                )
+        if texts:
+            for i, ids in zip(texts, self.tokenize(list(texts.values()), limit, add_special_tokens)):
+                result[i] = ids
+        for i, ids in enumerate(result):
+            self.check_length(ids, i)  # type: ignore[arg-type]
+        return result  # type: ignore[return-value]
+
+    def tokenize(self, texts: list[str], limit: int | None = None, add_special_tokens: bool = True) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("This engine has no tokenizer; pass TokensPrompt(prompt_token_ids=...).")
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        kwargs: dict[str, Any] = {"add_special_tokens": add_special_tokens}
+        if limit is not None:
+            kwargs.update(truncation=True, max_length=limit)
+        return self.tokenizer(texts, **kwargs)["input_ids"]
+
+    def _truncation_limit(self, truncate_prompt_tokens: int | None) -> int | None:
+        if truncate_prompt_tokens is None:
+            return None
+        if truncate_prompt_tokens == -1:
+            return self.max_model_len
+        if not isinstance(truncate_prompt_tokens, int) or truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or a positive integer, got {truncate_prompt_tokens!r}.")
+        if truncate_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens value ({truncate_prompt_tokens}) is greater than max_model_len "
+                f"({self.max_model_len}). Please select a smaller truncation size."
+            )
+        return truncate_prompt_tokens
+
+    def _check_ids(self, ids: Any, index: int, limit: int | None) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise TypeError(f"Prompt {index}: prompt_token_ids must be a list of ints.")
+        bad = [t for t in ids if t < 0 or t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"Prompt {index}: token id {bad[0]} is out of the vocabulary (size {self.vocab_size}).")
+        ids = list(ids)
+        return ids[-limit:] if limit is not None and len(ids) > limit else ids
+
+    def check_length(self, ids: list[int], index: int = 0) -> None:
+        if len(ids) == 0:
+            raise ValueError(f"Prompt {index} is empty (no tokens).")
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{len(ids)} input tokens. Please reduce the length of the input, or truncate it "
+                f"(tokenization_kwargs={{'truncate_prompt_tokens': -1}})."
+            )

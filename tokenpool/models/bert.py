@@ -1,0 +1,152 @@
+"""BERT and RoBERTa / XLM-RoBERTa encoders (one implementation) over packed variable-length batches.
+
+embeddings (word + position + token type, LayerNorm) -> N x [fused QKV -> varlen attention -> out proj ->
+add & LayerNorm -> FFN -> add & LayerNorm] -> `[total_tokens, hidden]`. The RoBERTa family differs only in
+its position ids, which start after the padding index (`padding_idx + 1 + i`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config, position_offset: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(max(config.type_vocab_size, 1), config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.position_offset = position_offset
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Single-segment inputs: every token has token type 0.
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
+        return self.LayerNorm(x + self.token_type_embeddings.weight[0])
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(hidden, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        try:
+            self.act = _ACTIVATIONS[config.hidden_act]
+        except KeyError:
+            raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}") from None
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
+        ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
+        x = self.attn_norm(x + self.attn_out(ctx))
+        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+
+class BertModel(nn.Module):
+    """The encoder backbone: token ids + per-sequence positions -> last hidden states `[T, hidden]`."""
+
+    # Hugging Face names -> ours. Prefixes of task models are stripped first.
+    _PREFIXES = ("bert.", "roberta.", "model.", "encoder_model.")
+    _SKIP = ("pooler.", "cls.", "lm_head.", "classifier.", "embeddings.position_ids")
+
+    def __init__(self, config, position_offset: int = 0):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config, position_offset)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embeddings(input_ids, positions)
+        for layer in self.layers:
+            x = layer(x, meta)
+        return x
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a Hugging Face checkpoint into this module (q, k, v stacked into the fused qkv)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = _strip_prefix(name, self._PREFIXES)
+            if name.startswith(self._SKIP):
+                continue
+            target, shard = self._map_name(name)
+            if target not in params:
+                raise ValueError(f"Unexpected weight {name!r} in checkpoint (no parameter {target!r}).")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+                    param.copy_(tensor)
+                else:
+                    size = param.shape[0] // 3
+                    param[shard * size:(shard + 1) * size].copy_(tensor)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        expected = {n for n in params if not n.endswith("qkv.weight") and not n.endswith("qkv.bias")}
+        expected |= {f"{n}#{i}" for n in params if n.endswith(("qkv.weight", "qkv.bias")) for i in range(3)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"Checkpoint is missing {len(missing)} weight(s), e.g. {missing[:4]}.")
+
+    @staticmethod
+    def _map_name(name: str) -> tuple[str, int | None]:
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not name.startswith("encoder.layer."):
+            return name, None
+        _, _, index, rest = name.split(".", 3)
+        prefix = f"layers.{index}."
+        for hf, (ours, shard) in _LAYER_NAMES.items():
+            if rest.startswith(hf):
+                return prefix + ours + rest[len(hf):], shard
+        return prefix + rest, None
+
+
+_LAYER_NAMES = {
+    "attention.self.query": ("qkv", 0),
+    "attention.self.key": ("qkv", 1),
+    "attention.self.value": ("qkv", 2),
+    "attention.output.dense": ("attn_out", None),
+    "attention.output.LayerNorm": ("attn_norm", None),
+    "intermediate.dense": ("ffn_in", None),
+    "output.dense": ("ffn_out", None),
+    "output.LayerNorm": ("ffn_norm", None),
+}
+
+
+def _strip_prefix(name: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def position_offset_for(config) -> int:
+    """RoBERTa-style models number positions from `pad_token_id + 1`; BERT from 0."""
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "xlm_roberta"):
+        return config.pad_token_id + 1
+    return 0

@@ -1,0 +1,84 @@
+"""Architecture name -> backbone, and the poolers a model folder provides."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tokenpool.config import PoolerConfig
+from tokenpool.layers.pooler import EmbedPooler, TokenPooler
+from tokenpool.loader.st_config import SentenceTransformerConfig
+from tokenpool.loader.weights import checkpoint_files, iterate_weights
+from tokenpool.models.bert import BertModel, position_offset_for
+from tokenpool.models.bge_m3 import build_bge_m3_poolers, has_bge_m3_heads
+from tokenpool.models.pooling_model import PoolingModel
+
+logger = logging.getLogger("tokenpool")
+
+# config.architectures -> backbone class. Heads of task models (MLM, pretraining) are not used.
+ARCHITECTURES = {
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertModel,
+    "BertForPreTraining": BertModel,
+    "RobertaModel": BertModel,
+    "RobertaForMaskedLM": BertModel,
+    "XLMRobertaModel": BertModel,
+    "XLMRobertaForMaskedLM": BertModel,
+    "BgeM3EmbeddingModel": BertModel,
+}
+
+_POOLING_TYPE_TO_MODE = {"CLS": "cls", "MEAN": "mean", "LAST": "lasttoken", "MAX": "max"}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig,
+                pooler_config: PoolerConfig | None, dtype: torch.dtype, device: torch.device) -> PoolingModel:
+    """Instantiate the backbone on `device` in `dtype`, load its weights, and attach the task poolers."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    arch = next((a for a in architectures if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(
+            f"Model architecture {architectures or '(none in config.json)'} is not supported. "
+            f"Supported: {', '.join(supported_architectures())}."
+        )
+    offset = position_offset_for(hf_config)
+    with torch.device("meta"):
+        backbone = ARCHITECTURES[arch](hf_config, position_offset=offset)
+    backbone = backbone.to(dtype).to_empty(device=device)
+    backbone.load_weights(iterate_weights(checkpoint_files(model_dir)))
+    backbone.eval().requires_grad_(False)
+
+    bge_m3 = has_bge_m3_heads(model_dir)
+    if arch == "BgeM3EmbeddingModel" and not bge_m3:
+        raise ValueError(f"BgeM3EmbeddingModel needs colbert_linear.pt and sparse_linear.pt in {model_dir}.")
+    if bge_m3:
+        logger.info("BGE-M3 heads found in %s: embed (dense), token_embed (colbert), token_classify (sparse)", model_dir)
+        poolers = build_bge_m3_poolers(model_dir)
+    else:
+        poolers = _sentence_transformer_poolers(st_config)
+    if pooler_config is not None and pooler_config.pooling_type is not None and "embed" in poolers:
+        poolers["embed"].modes = [_POOLING_TYPE_TO_MODE[pooler_config.pooling_type]]
+    for pooler in poolers.values():
+        pooler.to(device)
+        if isinstance(pooler, TokenPooler) and pooler.proj is not None:
+            pooler.proj.to(dtype)  # per-token heads run in the backbone's precision
+    max_model_len = hf_config.max_position_embeddings - offset
+    model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch)
+    return model.eval().requires_grad_(False)
+
+
+def _sentence_transformer_poolers(st: SentenceTransformerConfig) -> dict:
+    """embed follows modules.json (pooling, Dense, Normalize); token_embed = normalized hidden states."""
+    modes = st.pooling_modes or ["cls"]
+    dense = [spec.build() for spec in st.dense]
+    # Without modules.json vLLM normalizes by default; with it, the folder's Normalize module decides.
+    normalize = st.normalize if st.has_modules else True
+    return {
+        "embed": EmbedPooler(modes, dense, default_activation=normalize),
+        "token_embed": TokenPooler("token_embed", None, "normalize"),
+    }

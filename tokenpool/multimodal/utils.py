@@ -1,0 +1,51 @@
+"""`fetch_image`: a PIL image from an http(s) URL, a `data:` URL or a local path."""
+
+from __future__ import annotations
+
+import base64
+import io
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def fetch_image(url: str, *, timeout: float = 10.0) -> Any:
+    """Return the image at `url` as an RGB `PIL.Image.Image`.
+
+    Accepts ``http(s)://`` URLs, ``data:image/...;base64,...`` URLs, ``file://`` URLs and local paths.
+    Raises ``ValueError`` with a clear message when the source cannot be read or is not an image.
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("fetch_image needs Pillow: pip install 'tokenpool[image]'") from e
+    data = _read_bytes(url, timeout)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:
+        raise ValueError(f"Could not decode an image from {url[:80]!r}: {e}") from e
+    return image.convert("RGB")
+
+
+def _read_bytes(url: str, timeout: float) -> bytes:
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header:
+            raise ValueError("Only base64 data URLs are supported (data:image/<type>;base64,<data>).")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except Exception as e:
+            raise ValueError(f"Invalid base64 in data URL: {e}") from e
+    if url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - caller decides
+            data = response.read(_MAX_IMAGE_BYTES + 1)
+        if len(data) > _MAX_IMAGE_BYTES:
+            raise ValueError(f"Image at {url} is larger than {_MAX_IMAGE_BYTES} bytes.")
+        return data
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if not path.is_file():
+        raise ValueError(f"Image file not found: {path}")
+    return path.read_bytes()
