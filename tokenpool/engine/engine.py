@@ -9,7 +9,7 @@ import torch
 
 from tokenpool.config import EngineArgs, resolve_device, resolve_dtype
 from tokenpool.engine.request import Request, RequestStatus
-from tokenpool.engine.runner import ModelRunner
+from tokenpool.engine.runner import InFlight, ModelRunner
 from tokenpool.engine.scheduler import Scheduler
 from tokenpool.inputs.preprocess import InputProcessor
 from tokenpool.loader.model_files import resolve_model_dir
@@ -65,6 +65,7 @@ class LLMEngine:
             if name in self.tokenizer.special_tokens_map
         )
         self._requests: dict[str, Request] = {}
+        self._inflight: InFlight | None = None
 
     def _derive_max_model_len(self, st_max_seq_length: int | None) -> int:
         derived = self.model.max_model_len
@@ -102,22 +103,36 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        """Drop requests: queued ones never run; a running one's output is discarded."""
         ids = set(request_ids)
         self.scheduler.abort(ids)
         for rid in ids:
-            self._requests.pop(rid, None)
+            request = self._requests.pop(rid, None)
+            if request is not None:
+                request.status = RequestStatus.ABORTED
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_waiting()
+        return self.scheduler.has_waiting() or self._inflight is not None
 
     def step(self) -> list[PoolingRequestOutput]:
-        """Run one packed batch; return its finished requests."""
+        """Launch the next packed batch, then collect the previous one; return the finished requests.
+
+        Keeping one batch in flight lets the host prepare and launch batch N+1 while the device still
+        runs batch N (on the CPU, launching is running, so this is plain sequential execution).
+        """
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        results = self.runner.execute(batch)
+        launched = self.runner.launch(batch) if batch is not None else None
+        previous, self._inflight = self._inflight, launched
+        if previous is None:
+            if launched is None or self.device.type == "cuda" and self.scheduler.has_waiting():
+                return []
+            previous, self._inflight = launched, None
+        batch = previous.batch
+        results = self.runner.finish(previous)
         outputs = []
         for request, data in zip(batch.requests, results):
+            if request.status is RequestStatus.ABORTED:
+                continue
             request.status = RequestStatus.FINISHED
             self._requests.pop(request.request_id, None)
             weights = None

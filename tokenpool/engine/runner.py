@@ -1,15 +1,22 @@
-"""Model runner: a `Batch` -> flat device tensors -> backbone -> poolers -> host tensors (one copy)."""
+"""Model runner: a `Batch` -> flat device tensors -> backbone -> poolers -> host tensors.
+
+On CUDA a batch is launched asynchronously (`launch`) and collected later (`finish`), so the host prepares
+batch N+1 while the GPU runs batch N. All outputs of a batch leave the device in ONE copy, made on a side
+stream into a reused pinned buffer, so it overlaps the next batch's compute.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenpool.engine.scheduler import Batch
 from tokenpool.layers.attention import AttentionMetadata
 from tokenpool.layers.pooler import PoolingSlot
-from tokenpool.models.pooling_model import PoolingModel
+from tokenpool.models.pooling_model import PooledBatch, PoolingModel
 
 
 @dataclass(slots=True)
@@ -22,52 +29,82 @@ class ModelInput:
     slots: list[PoolingSlot]
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A launched batch whose outputs are still on their way to the host."""
+
+    batch: Batch
+    pooled: PooledBatch
+    staging: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     def __init__(self, model: PoolingModel, device: torch.device, default_activation: bool | None = None):
         self.model = model
         self.device = device
         self.default_activation = default_activation
-        self._pin = device.type == "cuda"
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(device)
+            self._staging: list[torch.Tensor] = [torch.empty(0, pin_memory=True), torch.empty(0, pin_memory=True)]
+            self._turn = 0
 
     def prepare(self, batch: Batch) -> ModelInput:
-        seq_lens = [r.num_tokens for r in batch.requests]
-        flat_ids: list[int] = []
-        for r in batch.requests:
-            flat_ids.extend(r.prompt_token_ids)
-        input_ids = torch.tensor(flat_ids, dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in seq_lens])
-        if self._pin:
-            input_ids, positions = input_ids.pin_memory(), positions.pin_memory()
+        requests = batch.requests
+        seq_lens = [r.num_tokens for r in requests]
+        total = sum(seq_lens)
+        ids = np.fromiter(itertools.chain.from_iterable(r.prompt_token_ids for r in requests), dtype=np.int64, count=total)
+        host_ids, host_lens = torch.from_numpy(ids), torch.tensor(seq_lens, dtype=torch.int32)
+        if self._cuda:
+            host_ids, host_lens = host_ids.pin_memory(), host_lens.pin_memory()
+        input_ids = host_ids.to(self.device, non_blocking=True)
+        lens = host_lens.to(self.device, non_blocking=True)
+        cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=self.device)
+        torch.cumsum(lens, 0, out=cu_seqlens[1:])
+        # Position of each token inside its sequence, computed on the device (no sync: output_size given).
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
+        positions = torch.arange(total, device=self.device) - starts
         slots, start = [], 0
-        for r, n in zip(batch.requests, seq_lens):
+        for r, n in zip(requests, seq_lens):
             use_activation = r.params.use_activation
             if use_activation is None:
                 use_activation = self.default_activation
             slots.append(PoolingSlot(start, n, r.task, use_activation, r.params.dimensions))
             start += n
-        return ModelInput(
-            input_ids.to(self.device, non_blocking=True),
-            positions.to(self.device, non_blocking=True),
-            AttentionMetadata.from_seq_lens(seq_lens, self.device),
-            slots,
-        )
+        attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))
+        return ModelInput(input_ids, positions, attn, slots)
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> list[torch.Tensor]:
-        """Run one batch; returns one float32 CPU tensor per request, in batch order."""
+    def launch(self, batch: Batch) -> InFlight:
+        """Queue the forward pass and the pooling of `batch` (returns at once on CUDA)."""
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
-        outputs = self.model.pool(hidden, inputs.slots)
-        return _to_host(outputs)
+        pooled = self.model.pool(hidden, inputs.slots)
+        if not self._cuda:
+            return InFlight(batch, pooled)
+        flat = pooled.flat
+        staging = self._staging[self._turn]
+        if staging.numel() < flat.numel():
+            staging = torch.empty(int(flat.numel() * 1.25), dtype=torch.float32, pin_memory=True)
+            self._staging[self._turn] = staging
+        self._turn ^= 1
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            staging[: flat.numel()].copy_(flat, non_blocking=True)
+            flat.record_stream(self._copy_stream)
+            done = torch.cuda.Event()
+            done.record()
+        return InFlight(batch, pooled, staging, done)
 
+    def finish(self, inflight: InFlight) -> list[torch.Tensor]:
+        """Wait for a launched batch; one float32 host tensor per request, in batch order."""
+        if inflight.done is None:
+            return inflight.pooled.unpack()
+        inflight.done.synchronize()
+        host = inflight.staging[: inflight.pooled.flat.numel()].clone()  # the staging buffer is reused
+        return inflight.pooled.unpack(host)
 
-def _to_host(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One device-to-host copy for the whole batch, then views per request."""
-    if outputs[0].device.type == "cpu":
-        return [o.contiguous() for o in outputs]
-    shapes = [o.shape for o in outputs]
-    flat = torch.cat([o.reshape(-1) for o in outputs])
-    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    torch.cuda.current_stream(flat.device).synchronize()
-    return [piece.view(shape) for piece, shape in zip(host.split([s.numel() for s in shapes]), shapes)]
+    def execute(self, batch: Batch) -> list[torch.Tensor]:
+        return self.finish(self.launch(batch))

@@ -24,6 +24,8 @@ class InputProcessor:
         self.supports_images = supports_images
         if tokenizer is not None:
             tokenizer.truncation_side = "left"
+            # Lengths are checked here, with vLLM's message; silence the tokenizer's own warning.
+            tokenizer.model_max_length = 1 << 40
 
     def __call__(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
                  add_special_tokens: bool = True) -> list[list[int]]:

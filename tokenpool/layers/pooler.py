@@ -50,7 +50,8 @@ class EmbedPooler(nn.Module):
         self.dense = nn.Sequential(*dense) if dense else None
         self.default_activation = default_activation
 
-    def forward(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> list[torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        """Returns the outputs of all slots as one flat float32 tensor, and each slot's shape."""
         device = hidden.device
         starts = torch.tensor([s.start for s in slots], device=device)
         lengths = torch.tensor([s.length for s in slots], device=device)
@@ -82,17 +83,22 @@ class EmbedPooler(nn.Module):
         pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.dense is not None:
             pooled = self.dense(pooled)
-        outputs = []
-        for i, slot in enumerate(slots):
-            vec = pooled[i]
+        flags = [self.default_activation if s.use_activation is None else s.use_activation for s in slots]
+        if all(s.dimensions is None for s in slots):
+            if all(flags):
+                pooled = F.normalize(pooled, p=2, dim=-1)
+            elif any(flags):
+                mask = torch.tensor(flags, device=device).unsqueeze(1)
+                pooled = torch.where(mask, F.normalize(pooled, p=2, dim=-1), pooled)
+            return pooled.reshape(-1), [(pooled.shape[1],)] * len(slots)
+        vectors = []
+        for vec, slot, flag in zip(pooled, slots, flags):
             if slot.dimensions is not None:
                 if slot.dimensions > vec.shape[0]:
                     raise ValueError(f"dimensions={slot.dimensions} is larger than the embedding size {vec.shape[0]}.")
                 vec = vec[: slot.dimensions]
-            if self.default_activation if slot.use_activation is None else slot.use_activation:
-                vec = F.normalize(vec, p=2, dim=-1)
-            outputs.append(vec)
-        return outputs
+            vectors.append(F.normalize(vec, p=2, dim=-1) if flag else vec)
+        return torch.cat(vectors), [tuple(v.shape) for v in vectors]
 
 
 class TokenPooler(nn.Module):
@@ -112,7 +118,8 @@ class TokenPooler(nn.Module):
         self.skip_last = skip_last
         self.squeeze = squeeze
 
-    def forward(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> list[torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        """Returns the outputs of all slots as one flat float32 tensor, and each slot's shape."""
         span = _contiguous_span(slots) if self.skip_first == self.skip_last == 0 else None
         if span is not None:
             rows = hidden[span[0]:span[1]]
@@ -131,9 +138,8 @@ class TokenPooler(nn.Module):
             for piece, flag in zip(rows.split(counts), flags):
                 if flag:
                     piece.copy_(self._activate(piece))
-        if self.squeeze:
-            rows = rows.squeeze(-1)
-        return list(rows.split(counts))
+        width = () if self.squeeze else (rows.shape[1],)
+        return rows.reshape(-1), [(n, *width) for n in counts]
 
     def _activate(self, rows: torch.Tensor) -> torch.Tensor:
         if self.activation == "normalize":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,14 +36,31 @@ class PoolingModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.backbone(input_ids, positions, meta)
 
-    def pool(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> list[torch.Tensor]:
-        """Outputs for each slot, in slot order (float32, on the model's device)."""
+    def pool(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> "PooledBatch":
+        """Every slot's output, packed into one flat float32 tensor on the model's device."""
         by_task: dict[str, list[int]] = defaultdict(list)
         for i, slot in enumerate(slots):
             by_task[slot.task].append(i)
-        outputs: list[torch.Tensor | None] = [None] * len(slots)
+        flats = []
+        places: list[tuple[int, tuple[int, ...]]] = [(0, ())] * len(slots)
+        offset = 0
         for task, indices in by_task.items():
-            results = self.poolers[task](hidden, [slots[i] for i in indices])
-            for i, result in zip(indices, results):
-                outputs[i] = result
-        return outputs  # type: ignore[return-value]
+            flat, shapes = self.poolers[task](hidden, [slots[i] for i in indices])
+            for i, shape in zip(indices, shapes):
+                places[i] = (offset, shape)
+                offset += math.prod(shape)
+            flats.append(flat)
+        return PooledBatch(flats[0] if len(flats) == 1 else torch.cat(flats), places)
+
+
+@dataclass(slots=True)
+class PooledBatch:
+    """All outputs of a batch in one flat tensor; `places[i]` = (offset, shape) of slot i."""
+
+    flat: torch.Tensor
+    places: list[tuple[int, tuple[int, ...]]]
+
+    def unpack(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Views of `flat` (default: this batch's own tensor) per slot."""
+        flat = self.flat if flat is None else flat
+        return [flat[o:o + math.prod(shape)].view(shape) for o, shape in self.places]
