@@ -73,7 +73,7 @@ def test_colbert_score_matches_flagembedding(llm, reference):
     outs = llm.encode(TEXTS[:3], pooling_task="token_embed", use_tqdm=False)
     q, p = outs[0].outputs.data, outs[1].outputs.data
     expected = colbert_score(reference[0]["colbert"], reference[1]["colbert"])
-    assert our_colbert_score(q, p) == pytest.approx(float(expected), abs=1e-3 if DTYPE != "float32" else 1e-5)
+    assert our_colbert_score(q, p) == pytest.approx(float(expected), abs=1e-2 if DTYPE != "float32" else 1e-5)
 
 
 def test_one_model_all_tasks_one_batch(llm):

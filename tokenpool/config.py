@@ -68,29 +68,6 @@ class PoolerConfig:
         return cls(**value)
 
 
-# vLLM engine options that exist only for its generation / KV-cache machinery. They are accepted so that
-# vLLM scripts run unchanged, and have no effect on a pooling engine (there is no KV cache to size).
-_NO_EFFECT_OPTIONS = {
-    "block_size": None,
-    "swap_space": None,
-    "kv_cache_dtype": "auto",
-    "enable_prefix_caching": None,
-    "enable_chunked_prefill": None,
-    "max_logprobs": 20,
-    "disable_log_stats": False,
-    "cpu_offload_gb": 0.0,
-    "distributed_executor_backend": None,
-    "disable_custom_all_reduce": False,
-    "compilation_config": None,
-    "load_format": "auto",
-    "tokenizer_mode": "auto",
-    "skip_tokenizer_init": False,
-    "disable_sliding_window": False,
-    "max_seq_len_to_capture": None,
-    "limit_mm_per_prompt": None,
-}
-
-
 @dataclass
 class EngineArgs:
     """Arguments of the engine (and of `LLM(...)`), named as in vLLM.
@@ -129,11 +106,13 @@ class EngineArgs:
     hf_overrides: dict[str, Any] | None = None
     pooler_config: PoolerConfig | dict | None = None
     served_model_name: str | list[str] | None = None
+    skip_tokenizer_init: bool = False
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     quantization: str | None = None
-    # vLLM options with no effect on a pooling engine (see _NO_EFFECT_OPTIONS).
+    # vLLM options for its generation / KV-cache machinery: accepted so that vLLM scripts run unchanged,
+    # no effect on a pooling engine (there is no KV cache to size).
     block_size: int | None = None
     swap_space: float | None = None
     kv_cache_dtype: str = "auto"
@@ -147,7 +126,6 @@ class EngineArgs:
     compilation_config: Any = None
     load_format: str = "auto"
     tokenizer_mode: str = "auto"
-    skip_tokenizer_init: bool = False
     disable_sliding_window: bool = False
     max_seq_len_to_capture: int | None = None
     limit_mm_per_prompt: Any = None
@@ -209,6 +187,7 @@ class EngineArgs:
         group.add_argument("--hf-overrides", type=json.loads, default=None, help="JSON merged into config.json.")
         group.add_argument("--pooler-config", type=json.loads, default=None, help="JSON PoolerConfig.")
         group.add_argument("--served-model-name", type=str, nargs="+", default=None)
+        group.add_argument("--skip-tokenizer-init", action="store_true", help="No tokenizer: token-id prompts only.")
         group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
         group.add_argument("--data-parallel-size", "-dp", type=int, default=1)
@@ -227,7 +206,6 @@ class EngineArgs:
         noeffect.add_argument("--compilation-config", "-O", type=str, default=None)
         noeffect.add_argument("--load-format", type=str, default="auto")
         noeffect.add_argument("--tokenizer-mode", type=str, default="auto")
-        noeffect.add_argument("--skip-tokenizer-init", action="store_true")
         noeffect.add_argument("--disable-sliding-window", action="store_true")
         noeffect.add_argument("--max-seq-len-to-capture", type=int, default=None)
         noeffect.add_argument("--limit-mm-per-prompt", type=json.loads, default=None)

@@ -46,7 +46,9 @@ class LLMEngine:
             for key, value in args.hf_overrides.items():
                 setattr(self.hf_config, key, value)
         st_config = read_st_config(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir, revision=args.tokenizer_revision)
+        self.tokenizer = None
+        if not args.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir, revision=args.tokenizer_revision)
         t0 = time.perf_counter()
         self.model = build_model(self.model_dir, self.hf_config, st_config, args.pooler_config, self.dtype, self.device)
         logger.info("Loaded %s (%s) on %s in %s in %.2fs", self.model_dir, self.model.name, self.device,
@@ -59,13 +61,21 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None)
         self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.vocab_size,
                                      do_lower_case=st_config.do_lower_case)
-        self._special_ids = frozenset(
-            self.tokenizer.convert_tokens_to_ids(self.tokenizer.special_tokens_map[name])
-            for name in ("cls_token", "eos_token", "pad_token", "unk_token")
-            if name in self.tokenizer.special_tokens_map
-        )
+        self._special_ids = self._lexical_skip_ids()
         self._requests: dict[str, Request] = {}
         self._inflight: InFlight | None = None
+
+    def _lexical_skip_ids(self) -> frozenset[int]:
+        """Token ids left out of lexical weights (FlagEmbedding: cls, eos, pad, unk)."""
+        if self.tokenizer is None:  # skip_tokenizer_init: the config's ids are all we know
+            names = ("bos_token_id", "eos_token_id", "pad_token_id")
+            return frozenset(getattr(self.hf_config, n) for n in names if getattr(self.hf_config, n, None) is not None)
+        special = self.tokenizer.special_tokens_map
+        return frozenset(
+            self.tokenizer.convert_tokens_to_ids(special[name])
+            for name in ("cls_token", "eos_token", "pad_token", "unk_token")
+            if name in special
+        )
 
     def _derive_max_model_len(self, st_max_seq_length: int | None) -> int:
         derived = self.model.max_model_len

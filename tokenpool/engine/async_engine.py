@@ -1,0 +1,342 @@
+"""`AsyncLLMEngine`: the synchronous engine driven by its own thread, awaited by asyncio handlers.
+
+The trip of one HTTP request:
+
+    handler (event loop) --tokenize--> tokenizer thread        (overlaps the running batch)
+    handler --`encode`--> inbox --> engine thread: pending FIFO --feed one batch--> LLMEngine.step()
+    engine thread --call_soon_threadsafe--> the handler's future resolves with its outputs
+
+- Continuous batching: before every step the engine thread drains the inbox, so prompts of all callers
+  that arrived while the previous batch ran are packed into the next one (FCFS, the engine's token budget).
+- The engine thread feeds the core one batch at a time from its own FIFO; a caller that went away
+  (`encode` cancelled) has its queued prompts dropped before they reach the core.
+- Errors: a prompt the core rejects fails its caller only. When a step raises, its prompts are retried
+  one by one, so only the prompt that fails alone fails (and only its caller). After
+  `max_consecutive_failures` internal errors in a row, or when the loop itself breaks, the engine is dead:
+  every waiter gets `EngineDeadError` and `is_healthy` turns False (the server's /health answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tokenpool.engine.engine import LLMEngine
+from tokenpool.outputs import PoolingRequestOutput
+from tokenpool.pooling_params import PoolingParams
+
+logger = logging.getLogger("tokenpool")
+
+_T = TypeVar("_T")
+_STOP = object()  # inbox sentinel: stop the loop
+_WAKE = object()  # inbox sentinel: a caller cancelled; look at the queue again
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served any more."""
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one engine step ran (for metrics): prompts and tokens fed, wall time of the step."""
+
+    num_requests: int
+    num_tokens: int
+    seconds: float
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """One caller's prompts: they finish together, fail together and are dropped together."""
+
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    outputs: list[PoolingRequestOutput | None]
+    remaining: int
+    cancelled: bool = False  # set by the event loop thread when the caller went away
+    done: bool = False  # set by the engine thread once the future has been resolved or failed
+
+
+@dataclass(slots=True, eq=False)
+class _Prompt:
+    """One prompt of a group, as the engine thread queues it."""
+
+    request_id: str
+    token_ids: list[int]
+    task: str
+    params: PoolingParams
+    group: _Group
+    index: int
+    solo: bool = False  # run alone (after its batch failed)
+
+
+@dataclass
+class _Counters:
+    aborted: int = 0  # prompts dropped before running because their caller went away
+    failed: int = 0  # prompts that failed in the engine
+    steps: int = 0
+    fed: int = 0
+    last_fed: list[int] = field(default_factory=list)
+
+
+def _resolve(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class AsyncLLMEngine:
+    """Runs an `LLMEngine` in a background thread; `await encode(...)` from any asyncio task.
+
+    Args:
+        engine: the loaded synchronous engine (owned by this object from now on: only the engine thread
+            calls its `add_request` / `step` / `abort_requests`).
+        on_step: called on the engine thread after each step with a `StepStats` (metrics hook).
+        max_consecutive_failures: internal (non-input) errors in a row after which the engine is dead.
+    """
+
+    def __init__(self, engine: LLMEngine, *, on_step: Callable[[StepStats], None] | None = None,
+                 max_consecutive_failures: int = 8):
+        self.engine = engine
+        self.on_step = on_step
+        self.max_consecutive_failures = max_consecutive_failures
+        self.counters = _Counters()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque[_Prompt] = deque()  # engine thread only
+        self._fed: dict[str, _Prompt] = {}  # engine thread only: prompts handed to the core
+        self._ids = itertools.count()
+        self._failures_in_a_row = 0
+        self._dead: BaseException | None = None
+        # HF fast tokenizers are not safe to call from two threads at once (truncation settings are
+        # mutable state): every tokenizer call goes through this one thread. Its Rust code releases the
+        # GIL, so tokenizing the next requests overlaps the forward pass of the current batch.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenpool-tokenizer")
+        self._thread = threading.Thread(target=self._run, name="tokenpool-engine", daemon=True)
+        self._started = False
+
+    # ----- lifecycle -----
+    def start(self) -> "AsyncLLMEngine":
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; callers still waiting get `EngineDeadError`."""
+        if self._started and self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._started and self._thread.is_alive()
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self._dead
+
+    @property
+    def num_waiting(self) -> int:
+        """Prompts queued and not yet finished (in the inbox, in the FIFO or in the core)."""
+        return self._inbox.qsize() + len(self._pending) + len(self._fed)
+
+    # ----- API for handlers (event loop thread) -----
+    async def run_in_tokenizer_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn(*args)` on the tokenizer thread (every use of the tokenizer must go through here)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def encode(self, token_ids: Sequence[list[int]], task: str,
+                     params: PoolingParams | Sequence[PoolingParams]) -> list[PoolingRequestOutput]:
+        """Pool each prompt with `task`; outputs in input order.
+
+        Raises ValueError/TypeError for input the core rejects (the caller's fault), EngineDeadError when
+        the engine is gone, other exceptions for internal errors. Cancelling the awaiting task drops the
+        prompts that have not started running.
+        """
+        self._check_alive()
+        n = len(token_ids)
+        if n == 0:
+            return []
+        if isinstance(params, PoolingParams):
+            params = [params] * n
+        elif len(params) != n:
+            raise ValueError(f"Got {len(params)} PoolingParams for {n} prompts.")
+        loop = asyncio.get_running_loop()
+        group = _Group(loop.create_future(), loop, [None] * n, n)
+        prompts = [_Prompt(str(next(self._ids)), ids, task, p, group, i)
+                   for i, (ids, p) in enumerate(zip(token_ids, params))]
+        self._inbox.put(prompts)
+        self._check_alive()  # the loop may have died between the first check and `put`
+        try:
+            return await group.future
+        except asyncio.CancelledError:
+            group.cancelled = True
+            self._inbox.put(_WAKE)
+            raise
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"The engine is dead: {type(self._dead).__name__}: {self._dead}")
+        if not self._started:
+            raise EngineDeadError("The engine has not been started.")
+
+    # ----- engine thread -----
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self._pending and not self._fed and not self.engine.has_unfinished_requests()
+                if not self._take(self._inbox.get() if idle else _WAKE):
+                    break
+                stop = False
+                while not stop:
+                    try:
+                        stop = not self._take(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if stop:
+                    break
+                fed = self._feed()
+                if self._fed or self.engine.has_unfinished_requests():
+                    self._step(fed)
+        except BaseException as e:  # noqa: BLE001 - any escape from the loop kills the engine
+            logger.exception("The engine loop died")
+            self._die(e)
+        else:
+            self._die(EngineDeadError("The engine was shut down."))
+
+    def _take(self, item: Any) -> bool:
+        """Accept one inbox item; False means stop."""
+        if item is _STOP:
+            return False
+        if item is not _WAKE:
+            self._pending.extend(item)
+        return True
+
+    def _feed(self) -> list[_Prompt]:
+        """Hand the core the next batch's prompts (FCFS under the engine's token budget and sequence cap)."""
+        scheduler = self.engine.scheduler
+        if scheduler.has_waiting():  # the core still holds prompts from an earlier feed
+            return []
+        budget, max_seqs = scheduler.max_num_batched_tokens, scheduler.max_num_seqs
+        fed: list[_Prompt] = []
+        tokens = 0
+        while self._pending:
+            prompt = self._pending[0]
+            group = prompt.group
+            if group.cancelled or group.done:
+                self._pending.popleft()
+                if group.cancelled and not group.done:
+                    self.counters.aborted += 1
+                continue
+            if fed and (prompt.solo or tokens + len(prompt.token_ids) > budget or len(fed) >= max_seqs):
+                break
+            self._pending.popleft()
+            try:
+                self.engine.add_request(prompt.request_id, prompt.token_ids, prompt.task, prompt.params)
+            except Exception as e:  # noqa: BLE001 - the core rejected this prompt: fail its caller only
+                self._fail(group, e)
+                continue
+            self._fed[prompt.request_id] = prompt
+            fed.append(prompt)
+            tokens += len(prompt.token_ids)
+            if prompt.solo:
+                break
+        # Drop what is in the core for callers that went away (before it runs, where it has not started).
+        gone = [rid for rid, p in self._fed.items() if p.group.cancelled and not p.group.done]
+        if gone:
+            self.engine.abort_requests(gone)
+            for rid in gone:
+                del self._fed[rid]
+            self.counters.aborted += len(gone)
+            fed = [p for p in fed if p.request_id not in set(gone)]
+        return fed
+
+    def _step(self, fed: list[_Prompt]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - isolate the prompt that broke the batch
+            self._recover(e)
+            return
+        self.counters.steps += 1
+        self.counters.fed += len(fed)
+        for out in outputs:
+            prompt = self._fed.pop(out.request_id, None)
+            if prompt is None:
+                continue
+            self._failures_in_a_row = 0
+            group = prompt.group
+            if group.done:
+                continue
+            group.outputs[prompt.index] = out
+            group.remaining -= 1
+            if group.remaining == 0:
+                group.done = True
+                group.loop.call_soon_threadsafe(_resolve, group.future, group.outputs)
+        if self.on_step is not None and fed:
+            self.on_step(StepStats(len(fed), sum(len(p.token_ids) for p in fed), time.perf_counter() - t0))
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised: retry each of its prompts alone; a prompt that fails alone fails its caller."""
+        broken = list(self._fed.values())
+        self._fed.clear()
+        self.engine.abort_requests([p.request_id for p in broken])
+        if len(broken) == 1 and broken[0].solo or len(broken) == 1:
+            prompt = broken[0]
+            logger.warning("Request failed in the engine: %s: %s", type(error).__name__, error)
+            self.counters.failed += 1
+            self._fail(prompt.group, error)
+            if not isinstance(error, (ValueError, TypeError)):
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= self.max_consecutive_failures:
+                    raise EngineDeadError(
+                        f"{self._failures_in_a_row} engine steps failed in a row; last error: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+            return
+        logger.warning("A batch of %d prompts failed (%s: %s); retrying them one by one",
+                       len(broken), type(error).__name__, error)
+        for prompt in reversed(broken):
+            prompt.request_id = str(next(self._ids))  # the core may still hold the old id in flight
+            prompt.solo = True
+            self._pending.appendleft(prompt)
+
+    def _fail(self, group: _Group, error: BaseException) -> None:
+        if group.done:
+            return
+        group.done = True
+        group.loop.call_soon_threadsafe(_reject, group.future, error)
+
+    def _die(self, error: BaseException) -> None:
+        self._dead = error if not isinstance(error, EngineDeadError) else error
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
+            f"The engine is dead: {type(error).__name__}: {error}")
+        groups = {p.group for p in self._pending} | {p.group for p in self._fed.values()}
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, list):
+                groups.update(p.group for p in item)
+        self._pending.clear()
+        self._fed.clear()
+        for group in groups:
+            try:
+                self._fail(group, dead)
+            except RuntimeError:  # the group's event loop is closed
+                pass
