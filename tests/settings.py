@@ -11,4 +11,4 @@ DEVICE = os.environ.get("TOKENPOOL_TEST_DEVICE", "cpu")
 DTYPE = os.environ.get("TOKENPOOL_TEST_DTYPE", "float32")
 COS_MIN = 0.99999 if DTYPE == "float32" else 0.999
 # Absolute tolerance of scalar outputs (sparse weights) and of batch-invariance checks.
-ATOL = 1e-5 if DTYPE == "float32" else 2e-2
+ATOL = 1e-5 if DTYPE == "float32" else 5e-2

@@ -159,9 +159,9 @@ class AsyncLLMEngine:
         """Run `fn(*args)` on the tokenizer thread (every use of the tokenizer must go through here)."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
-    async def encode(self, token_ids: Sequence[list[int]], task: str,
+    async def encode(self, token_ids: Sequence[list[int]], task: str | Sequence[str],
                      params: PoolingParams | Sequence[PoolingParams]) -> list[PoolingRequestOutput]:
-        """Pool each prompt with `task`; outputs in input order.
+        """Pool each prompt with `task` (one task for all, or one per prompt); outputs in input order.
 
         Raises ValueError/TypeError for input the core rejects (the caller's fault), EngineDeadError when
         the engine is gone, other exceptions for internal errors. Cancelling the awaiting task drops the
@@ -173,12 +173,13 @@ class AsyncLLMEngine:
             return []
         if isinstance(params, PoolingParams):
             params = [params] * n
-        elif len(params) != n:
-            raise ValueError(f"Got {len(params)} PoolingParams for {n} prompts.")
+        tasks = [task] * n if isinstance(task, str) else list(task)
+        if len(params) != n or len(tasks) != n:
+            raise ValueError(f"Got {len(params)} PoolingParams and {len(tasks)} tasks for {n} prompts.")
         loop = asyncio.get_running_loop()
         group = _Group(loop.create_future(), loop, [None] * n, n)
-        prompts = [_Prompt(str(next(self._ids)), ids, task, p, group, i)
-                   for i, (ids, p) in enumerate(zip(token_ids, params))]
+        prompts = [_Prompt(str(next(self._ids)), ids, t, p, group, i)
+                   for i, (ids, t, p) in enumerate(zip(token_ids, tasks, params))]
         self._inbox.put(prompts)
         self._check_alive()  # the loop may have died between the first check and `put`
         try:

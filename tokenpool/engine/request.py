@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from array import array
 import time
 from dataclasses import dataclass, field
 
@@ -24,8 +25,14 @@ class Request:
     prompt_token_ids: list[int]
     task: str
     params: PoolingParams
+    # The same ids as int64 in a C buffer, for fast packing (`np.frombuffer`).
+    tokens: array = field(default_factory=lambda: array("q"))
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = array("q", self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

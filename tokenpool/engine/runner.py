@@ -7,7 +7,6 @@ stream into a reused pinned buffer, so it overlaps the next batch's compute.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +53,7 @@ class ModelRunner:
         requests = batch.requests
         seq_lens = [r.num_tokens for r in requests]
         total = sum(seq_lens)
-        ids = np.fromiter(itertools.chain.from_iterable(r.prompt_token_ids for r in requests), dtype=np.int64, count=total)
+        ids = np.concatenate([np.frombuffer(r.tokens, dtype=np.int64) for r in requests])
         host_ids, host_lens = torch.from_numpy(ids), torch.tensor(seq_lens, dtype=torch.int32)
         if self._cuda:
             host_ids, host_lens = host_ids.pin_memory(), host_lens.pin_memory()

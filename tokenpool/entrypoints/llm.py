@@ -139,12 +139,12 @@ class LLM:
         if pooling_params is None:
             pooling_params = PoolingParams()
         if isinstance(pooling_params, PoolingParams):
-            params = [pooling_params.clone() for _ in range(n)]
+            params = [pooling_params.clone()] * n  # one shared object: the engine never mutates it
         else:
             params = [p.clone() for p in pooling_params]
             if len(params) != n:
                 raise ValueError(f"Got {len(params)} PoolingParams for {n} prompts.")
-        for p in params:
+        for p in params[:1] if isinstance(pooling_params, PoolingParams) else params:
             if not isinstance(p, PoolingParams):
                 raise TypeError(f"pooling_params must be PoolingParams, got {type(p).__name__}.")
             if p.task is not None and p.task != task:

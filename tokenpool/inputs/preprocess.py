@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,12 +84,15 @@ class InputProcessor:
         return truncate_prompt_tokens
 
     def _check_ids(self, ids: Any, index: int, limit: int | None) -> list[int]:
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise TypeError(f"Prompt {index}: prompt_token_ids must be a list of ints.")
-        bad = [t for t in ids if t < 0 or t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"Prompt {index}: token id {bad[0]} is out of the vocabulary (size {self.vocab_size}).")
-        ids = list(ids)
+        # array("q", ...) converts in C and rejects floats, strings and None: fast for long prompts.
+        try:
+            packed = array("q", ids)
+        except (TypeError, OverflowError):
+            raise TypeError(f"Prompt {index}: prompt_token_ids must be a list of ints.") from None
+        if packed and (min(packed) < 0 or max(packed) >= self.vocab_size):
+            bad = next(t for t in packed if t < 0 or t >= self.vocab_size)
+            raise ValueError(f"Prompt {index}: token id {bad} is out of the vocabulary (size {self.vocab_size}).")
+        ids = ids if type(ids) is list else list(ids)
         return ids[-limit:] if limit is not None and len(ids) > limit else ids
 
     def check_length(self, ids: list[int], index: int = 0) -> None:

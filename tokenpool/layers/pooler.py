@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,9 +27,12 @@ class PoolingSlot:
 
 def _row_index(slots: list[PoolingSlot], skip_first: int, skip_last: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Flat row indices of the kept tokens of every slot, and how many rows each slot keeps."""
-    counts = [max(s.length - skip_first - skip_last, 0) for s in slots]
-    ranges = [torch.arange(s.start + skip_first, s.start + skip_first + n) for s, n in zip(slots, counts)]
-    return torch.cat(ranges).to(device, non_blocking=True), counts
+    counts = np.array([max(s.length - skip_first - skip_last, 0) for s in slots], dtype=np.int64)
+    firsts = np.array([s.start + skip_first for s in slots], dtype=np.int64)
+    # Row i of slot j is firsts[j] + i: repeat each slot's first row, add the running index within the slot.
+    ends = np.cumsum(counts)
+    idx = np.repeat(firsts - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+    return torch.from_numpy(idx).to(device, non_blocking=True), counts.tolist()
 
 
 def _contiguous_span(slots: list[PoolingSlot]) -> tuple[int, int] | None:

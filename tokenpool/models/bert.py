@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.norm import add_layer_norm
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -59,8 +60,8 @@ class BertLayer(nn.Module):
         tokens = x.shape[0]
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
         ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
-        x = self.attn_norm(x + self.attn_out(ctx))
-        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+        x = add_layer_norm(self.attn_out(ctx), x, self.attn_norm)
+        return add_layer_norm(self.ffn_out(self.act(self.ffn_in(x))), x, self.ffn_norm)
 
 
 class BertModel(nn.Module):

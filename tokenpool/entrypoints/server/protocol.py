@@ -1,0 +1,341 @@
+"""Request and response bodies of the HTTP API (vLLM's and OpenAI's field names and shapes).
+
+Requests are validated by these models (a failure is a 400 with a readable message). Responses are built
+as plain dicts and serialized with orjson for speed; the response models here describe them in the
+OpenAPI schema that FastAPI publishes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+PoolingTask = Literal["embed", "token_embed", "token_classify", "classify"]
+ScoreTask = Literal["embed", "token_embed"]
+EncodingFormat = Literal["float", "base64", "bytes", "bytes_only"]
+EmbedDType = Literal["float32", "float16", "bfloat16"]
+Endianness = Literal["native", "little", "big"]
+
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+PromptInput = Union[
+    NonEmptyStr,
+    Annotated[list[NonEmptyStr], Field(min_length=1)],
+    TokenIds,
+    Annotated[list[TokenIds], Field(min_length=1)],
+]
+TextOrTexts = Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]]
+
+
+class OpenAIBaseModel(BaseModel):
+    # Unknown fields are ignored, as vLLM and OpenAI do (clients send e.g. `user`, `cache_salt`).
+    model_config = ConfigDict(extra="ignore")
+
+
+# ----- chat-style inputs (`messages`) -----
+class ImageURL(OpenAIBaseModel):
+    url: NonEmptyStr = Field(description="http(s)://, data:image/...;base64,... or file:// URL of the image.")
+    detail: str | None = None
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(OpenAIBaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: StrictStr
+    content: Union[StrictStr, list[ContentPart]]
+
+
+# ----- shared request fields -----
+class _PoolingOptions(OpenAIBaseModel):
+    model: str | None = Field(None, description="Must name the served model when given.")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Keep only the last k tokens of each prompt; -1 means the model's context length.")
+    use_activation: bool | None = Field(
+        None, description="Normalize (embed/token_embed) or apply the head's activation (token_classify). "
+                          "Default: the model's.")
+    normalize: bool | None = Field(None, description="Old name of `use_activation` (accepted as an alias).")
+    request_id: str | None = Field(None, description="Echoed in the response id.")
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1,
+                          description="Only 0 is accepted: this server schedules first come, first served.")
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _alias(self):
+        if self.normalize is not None:
+            if self.use_activation is not None and self.use_activation != self.normalize:
+                raise ValueError("`normalize` is an alias of `use_activation`; give one of them.")
+            self.use_activation = self.normalize
+        return self
+
+
+class _Encoding(OpenAIBaseModel):
+    encoding_format: EncodingFormat = Field(
+        "float", description="float: nested JSON lists; base64: raw bytes of each item (with its `shape`); "
+                             "bytes: the concatenated raw arrays as the body, a `metadata` header describes them; "
+                             "bytes_only: the same without the header.")
+    embed_dtype: EmbedDType = Field("float32", description="Element type of base64/bytes encodings.")
+    endianness: Endianness = Field("native", description="Byte order of base64/bytes encodings.")
+
+
+class _Inputs(OpenAIBaseModel):
+    input: PromptInput | None = Field(
+        None, description="A string, a list of strings, a list of token ids or a list of lists of token ids.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
+        None, description="Chat-style input (one prompt); image parts need an image model.")
+    add_special_tokens: bool | None = Field(
+        None, description="Add the tokenizer's special tokens (default: true for `input`, false for `messages`).")
+    mm_processor_kwargs: dict | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of `input` or `messages`.")
+        return self
+
+
+# ----- requests -----
+class PoolingRequest(_Inputs, _Encoding, _PoolingOptions):
+    """POST /pooling (vLLM)."""
+
+    task: PoolingTask | None = Field(
+        None, description="embed | token_embed | token_classify; default token_embed when the model has it.")
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka truncation (embed only).")
+
+
+class EmbeddingRequest(_Inputs, _Encoding, _PoolingOptions):
+    """POST /v1/embeddings (OpenAI); always the `embed` task."""
+
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka truncation of the embedding.")
+
+
+class ScoreRequest(_PoolingOptions):
+    """POST /score, /v1/score: 1 x N, N x 1 or N x N (pairwise) scores."""
+
+    text_1: TextOrTexts | None = None
+    text_2: TextOrTexts | None = None
+    data_1: TextOrTexts | None = Field(None, description="Alias of text_1.")
+    data_2: TextOrTexts | None = Field(None, description="Alias of text_2.")
+    queries: TextOrTexts | None = Field(None, description="Alias of text_1.")
+    documents: TextOrTexts | None = Field(None, description="Alias of text_2.")
+    task: ScoreTask | None = Field(
+        None, description="embed: cosine of pooled embeddings (default when the model has it); token_embed: "
+                          "late interaction, MaxSim = sum over query tokens of the best dot product.")
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _sides(self):
+        for side, names in ((1, ("text_1", "data_1", "queries")), (2, ("text_2", "data_2", "documents"))):
+            given = [n for n in names if getattr(self, n) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of {', '.join(names)} (got {len(given)}).")
+        return self
+
+    def left(self) -> list[str]:
+        value = self.text_1 if self.text_1 is not None else self.data_1 if self.data_1 is not None else self.queries
+        return [value] if isinstance(value, str) else list(value)
+
+    def right(self) -> list[str]:
+        value = self.text_2 if self.text_2 is not None else self.data_2 if self.data_2 is not None else self.documents
+        return [value] if isinstance(value, str) else list(value)
+
+
+class RerankRequest(_PoolingOptions):
+    """POST /rerank, /v1/rerank: documents sorted by relevance to the query."""
+
+    query: NonEmptyStr
+    documents: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    top_n: int = Field(0, ge=0, description="Return only the best n (0: all).")
+    return_documents: bool = True
+    task: ScoreTask | None = Field(None, description="As in /score: embed (cosine) or token_embed (MaxSim).")
+    add_special_tokens: bool = True
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = Field(None, description="Default: true for `prompt`, false for `messages`.")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`.")
+        return self
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class BgeM3Request(_Encoding, _PoolingOptions):
+    """POST /v1/bge_m3: dense + sparse + multi-vector outputs of each input from one call (BGE-M3 models)."""
+
+    input: PromptInput
+    add_special_tokens: bool = True
+    return_dense: bool = True
+    return_sparse: bool = True
+    return_colbert_vecs: bool = True
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: JSON lists; base64: raw bytes of each array (see `*_shape`).")
+
+
+# ----- responses (documentation of the dicts the routes send) -----
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: dict | None = None
+
+
+class PoolingResponseData(BaseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[list[float]] | list[float] | str
+    shape: list[int] | None = Field(None, description="Shape of the item (base64 only; a tokenpool extension).")
+
+
+class PoolingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[PoolingResponseData]
+    usage: UsageInfo
+
+
+class EmbeddingResponseData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    shape: list[int] | None = None
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingResponseData]
+    usage: UsageInfo
+
+
+class ScoreResponseData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreResponseData]
+    usage: UsageInfo
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument | None = None
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tokenpool"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class LexicalWeight(BaseModel):
+    token_id: int
+    token: str
+    weight: float
+
+
+class BgeM3ResponseData(BaseModel):
+    index: int
+    object: Literal["bge_m3"] = "bge_m3"
+    dense_vecs: list[float] | str | None = Field(None, description="CLS embedding, normalized: [dim].")
+    dense_shape: list[int] | None = None
+    lexical_weights: list[LexicalWeight] | None = Field(
+        None, description="Sparse weights by token id (special tokens and zeros dropped, max over repeats), "
+                          "in order of first appearance.")
+    colbert_vecs: list[list[float]] | str | None = Field(
+        None, description="Multi-vector: one normalized row per token but the first: [num_tokens - 1, dim].")
+    colbert_shape: list[int] | None = None
+
+
+class BgeM3Response(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[BgeM3ResponseData]
+    usage: UsageInfo
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

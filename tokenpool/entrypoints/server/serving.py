@@ -1,0 +1,192 @@
+"""What every route shares: the async engine, the served names, the model's tasks and output sizes.
+
+`ServingState` turns validated requests into engine work: model-name and task checks, tokenization on the
+tokenizer thread, engine calls that are dropped when the client disconnects, usage counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from tokenpool.engine.async_engine import AsyncLLMEngine
+from tokenpool.entrypoints.server.errors import APIError, ClientDisconnected
+from tokenpool.entrypoints.server.media import MediaPolicy, parse_messages
+from tokenpool.entrypoints.server.metrics import ServerMetrics
+from tokenpool.entrypoints.server.protocol import ChatMessage
+from tokenpool.loader.model_files import DEFAULT_MODEL
+from tokenpool.outputs import PoolingRequestOutput
+from tokenpool.pooling_params import PoolingParams
+
+# Tasks requests may name; "all" is the engine's combined BGE-M3 task (dense + sparse + colbert in one
+# pass), used by /v1/bge_m3 only.
+PUBLIC_TASKS = ("embed", "token_embed", "token_classify", "classify")
+COMBINED_TASK = "all"
+
+
+@dataclass
+class ServerConfig:
+    """Options of `tokenpool serve` beyond the engine arguments."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: list[str] | None = None
+    api_key: str | None = None
+    max_concurrent_requests: int | None = None
+    max_request_body_bytes: int | None = 64 * 1024 * 1024
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] = field(default_factory=list)
+
+
+class ServingState:
+    """Shared by the routes of one app (stored as `app.state.serving`)."""
+
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, metrics: ServerMetrics,
+                 default_task: str | None = None):
+        core = engine.engine
+        self.engine = engine
+        self.core = core
+        self.config = config
+        self.metrics = metrics
+        self.media = MediaPolicy.create(config.allowed_local_media_path, config.allowed_media_domains)
+        model = core.args.model or DEFAULT_MODEL
+        self.served_names = list(config.served_model_name or []) or [model]
+        self.model_name = self.served_names[0]
+        self.model_root = str(core.model_dir)
+        self.created = int(time.time())
+        self.max_model_len = core.max_model_len
+        self.tasks = tuple(t for t in core.supported_tasks if t in PUBLIC_TASKS)
+        self.has_combined_task = COMBINED_TASK in core.supported_tasks
+        self.lexical_head = bool(getattr(core.model, "lexical_head", False))
+        self.supports_images = bool(getattr(core.inputs, "supports_images", False))
+        tokenizer = core.tokenizer
+        # The ids FlagEmbedding drops from lexical weights (as the core does for token_classify).
+        self.special_ids = frozenset(
+            tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[name])
+            for name in ("cls_token", "eos_token", "pad_token", "unk_token") if name in tokenizer.special_tokens_map)
+        if default_task is not None and default_task in self.tasks:
+            self.default_task = default_task
+        else:
+            self.default_task = "token_embed" if "token_embed" in self.tasks else self.tasks[0]
+        self.output_dims = self._probe_output_dims()
+
+    def _probe_output_dims(self) -> dict[str, int]:
+        """Run one tiny prompt per task on the core (also warms it up); the width of each task's output."""
+        core = self.core
+        ids = core.inputs(["warm up"])[0]
+        dims: dict[str, int] = {}
+        for n, task in enumerate(self.tasks):
+            core.add_request(f"warmup-{n}", ids, task, PoolingParams())
+            outputs: list[PoolingRequestOutput] = []
+            while core.has_unfinished_requests():
+                outputs += core.step()
+            data = outputs[0].outputs.data
+            dims[task] = int(data.shape[-1]) if data.ndim else 0
+        return dims
+
+    # ----- checks -----
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_names:
+            raise APIError(f"The model `{name}` does not exist.", status=404, param="model")
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise APIError(f"Task {task!r} is not supported by this model ({self.model_name}). "
+                           f"Supported tasks: {', '.join(self.tasks)}.", param="task")
+
+    def require_task(self, task: str, api: str) -> None:
+        """A whole API the model cannot serve (501)."""
+        if task not in self.tasks:
+            raise APIError(f"The model `{self.model_name}` does not support the {api} "
+                           f"(needs the {task!r} task; it has {', '.join(self.tasks)}).", status=501)
+
+    def check_common(self, priority: int) -> None:
+        if priority != 0:
+            raise APIError("priority must be 0: this server schedules first come, first served.", param="priority")
+
+    def pooling_params(self, task: str, use_activation: bool | None, dimensions: int | None) -> PoolingParams:
+        if dimensions is not None:
+            if task != "embed":
+                raise APIError("`dimensions` applies to the 'embed' task only.", param="dimensions")
+            width = self.output_dims.get("embed", 0)
+            if dimensions > width:
+                raise APIError(f"dimensions={dimensions} is larger than the embedding size ({width}).",
+                               param="dimensions")
+        return PoolingParams(use_activation=use_activation, dimensions=dimensions, task=task)
+
+    # ----- tokenization (tokenizer thread) -----
+    async def tokenize(self, prompts: list[Any], truncate_prompt_tokens: int | None,
+                       add_special_tokens: bool) -> list[list[int]]:
+        """Validate and tokenize prompts (str or {"prompt_token_ids": [...]}); 400 on bad input."""
+        try:
+            return await self.engine.run_in_tokenizer_thread(
+                self.core.inputs, prompts, truncate_prompt_tokens, add_special_tokens)
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e), param="input") from e
+
+    async def tokenize_input(self, input_value: Any, messages: list[ChatMessage] | None,
+                             truncate_prompt_tokens: int | None, add_special_tokens: bool | None) -> list[list[int]]:
+        """`input` (str | list[str] | list[int] | list[list[int]]) or `messages` -> token ids per prompt."""
+        if messages is not None:
+            tokenizer = self.core.tokenizer
+            chat = await self.engine.run_in_tokenizer_thread(
+                parse_messages, messages, self.media, self.supports_images, tokenizer)
+            # A chat template adds the special tokens itself; without one the text is tokenized as `input`.
+            default = not getattr(tokenizer, "chat_template", None)
+            add = default if add_special_tokens is None else add_special_tokens
+            return await self.tokenize([chat.text], truncate_prompt_tokens, add)
+        add = True if add_special_tokens is None else add_special_tokens
+        if isinstance(input_value, str):
+            prompts: list[Any] = [input_value]
+        elif isinstance(input_value[0], int):
+            prompts = [{"prompt_token_ids": input_value}]
+        elif isinstance(input_value[0], str):
+            prompts = input_value
+        else:
+            prompts = [{"prompt_token_ids": ids} for ids in input_value]
+        return await self.tokenize(prompts, truncate_prompt_tokens, add)
+
+    # ----- engine -----
+    async def encode(self, raw_request: Request, token_ids: list[list[int]], task: str,
+                     params: PoolingParams | list[PoolingParams]) -> list[PoolingRequestOutput]:
+        """Run the prompts; if the client disconnects first, drop its queued work and raise ClientDisconnected."""
+        work = asyncio.ensure_future(self.engine.encode(token_ids, task, params))
+        watch = asyncio.ensure_future(_disconnected(raw_request))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+            watch.cancel()
+        if not work.done() or work.cancelled():
+            raise ClientDisconnected()
+        try:
+            outputs = work.result()
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e)) from e
+        self.metrics.prompts.labels(task).inc(len(outputs))
+        return outputs
+
+    def count_tokens(self, route: str, outputs: list[PoolingRequestOutput]) -> int:
+        return self.add_prompt_tokens(route, sum(len(o.prompt_token_ids) for o in outputs))
+
+    def add_prompt_tokens(self, route: str, n: int) -> int:
+        self.metrics.prompt_tokens.labels(route).inc(n)
+        return n
+
+    @staticmethod
+    def response_id(prefix: str, request_id: str | None) -> str:
+        return f"{prefix}-{request_id or uuid.uuid4().hex}"
+
+
+async def _disconnected(raw_request: Request) -> None:
+    """Returns when the client has gone away (the body has been read already)."""
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
