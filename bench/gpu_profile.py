@@ -29,7 +29,9 @@ def main() -> None:
     passages = corpus(args.passages, shape["vocab_size"], shape["max_position_embeddings"] - 2)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in passages]
     tokens = sum(map(len, passages))
-    print(f"torch threads {torch.get_num_threads()}")
+    import os
+
+    print(f"torch threads {torch.get_num_threads()}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(shape, Path(tmp), "cuda")
         llm = LLM(tmp, dtype="bfloat16", skip_tokenizer_init=True, max_num_batched_tokens=args.budget, max_num_seqs=4096)
@@ -82,6 +84,7 @@ def main() -> None:
         mb = pooled.flat.numel() * 4 / 1e6
         print(f"D2H {mb:.0f} MB fp32: pageable {t_d2h:.1f} ms, pinned {d2h[2]:.1f} ms ({mb / d2h[2]:.1f} GB/s); "
               f"bf16 pinned {d2h[1]:.1f} ms")
+        host.clone()
         t0 = time.perf_counter()
         host.clone()
         t_clone = (time.perf_counter() - t0) * 1e3

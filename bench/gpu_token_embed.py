@@ -7,7 +7,7 @@ Needs only torch, transformers, safetensors, numpy (no server dependencies). A r
 the real configuration is saved in Hugging Face layout (so tokenpool loads it through its real loader),
 and both systems run token_embed over the same pre-tokenized corpus: 20,000 passages with lognormal
 lengths (median 200, sigma 0.5, clipped to 16..512, seed 0), outputs normalized per token and copied to
-the host as float32 (what `LLM.encode` returns). transformers runs length-sorted padded batches with the
+the host as float32 (what `LLM.encode` returns; both systems copy through a pinned staging buffer). transformers runs length-sorted padded batches with the
 best of its attention implementations (probed on a slice of the corpus).
 
 MFU = tokens/s x FLOPs per token / measured bf16 matmul rate, with
@@ -103,6 +103,19 @@ class TransformersBaseline:
             self.head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device, dtype)
             self.head.load_state_dict(state)
         self.device, self.pad = device, (1 if shape["kind"] == "xlm-roberta" else 0)
+        self._staging: torch.Tensor | None = None
+
+    def _to_host(self, out: torch.Tensor) -> torch.Tensor:
+        """The same host copy tokenpool makes (pinned staging + copy out); `.cpu()` into pageable memory
+        is several times slower on some machines and would handicap the baseline."""
+        if out.device.type != "cuda":
+            return out
+        if self._staging is None or self._staging.numel() < out.numel():
+            self._staging = torch.empty(int(out.numel() * 1.25), dtype=out.dtype, pin_memory=True)
+        staging = self._staging[: out.numel()]
+        staging.copy_(out.reshape(-1), non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return staging.clone().view(out.shape)
 
     @torch.inference_mode()
     def run(self, passages: list[list[int]], batch_tokens: int) -> list[torch.Tensor]:
@@ -124,7 +137,7 @@ class TransformersBaseline:
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
             if self.head is not None:
                 hidden = self.head(hidden[:, 1:])
-            out = F.normalize(hidden.float(), dim=-1).cpu()
+            out = self._to_host(F.normalize(hidden.float(), dim=-1))
             skip = 1 if self.head is not None else 0
             for row, k in enumerate(idx):
                 results[k] = out[row, : len(passages[k]) - skip]

@@ -102,15 +102,21 @@ class AsyncLLMEngine:
     """Runs an `LLMEngine` in a background thread; `await encode(...)` from any asyncio task.
 
     Args:
-        engine: the loaded synchronous engine (owned by this object from now on: only the engine thread
-            calls its `add_request` / `step` / `abort_requests`).
+        engine: a loaded `LLMEngine`, or a function that builds one. Prefer the function (e.g.
+            `lambda: LLMEngine(args)`): the engine is then built, warmed up and run on the engine thread,
+            so one thread does all of torch's work. (With OpenMP, every thread that runs parallel torch
+            ops gets its own worker team; two teams on a small CPU oversubscribe it and a short forward
+            pass takes ~50% longer.) Either way only the engine thread calls `add_request` / `step` /
+            `abort_requests` once started.
         on_step: called on the engine thread after each step with a `StepStats` (metrics hook).
         max_consecutive_failures: internal (non-input) errors in a row after which the engine is dead.
     """
 
-    def __init__(self, engine: LLMEngine, *, on_step: Callable[[StepStats], None] | None = None,
-                 max_consecutive_failures: int = 8):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], *,
+                 on_step: Callable[[StepStats], None] | None = None, max_consecutive_failures: int = 8):
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # type: ignore[assignment]
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.on_step = on_step
         self.max_consecutive_failures = max_consecutive_failures
         self.counters = _Counters()
@@ -124,14 +130,20 @@ class AsyncLLMEngine:
         # mutable state): every tokenizer call goes through this one thread. Its Rust code releases the
         # GIL, so tokenizing the next requests overlaps the forward pass of the current batch.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenpool-tokenizer")
-        self._thread = threading.Thread(target=self._run, name="tokenpool-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="tokenpool-engine", daemon=True)
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self._started = False
 
     # ----- lifecycle -----
     def start(self) -> "AsyncLLMEngine":
+        """Start the engine thread; returns once the engine is built and warmed up (re-raises its errors)."""
         if not self._started:
             self._started = True
             self._thread.start()
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -196,6 +208,33 @@ class AsyncLLMEngine:
             raise EngineDeadError("The engine has not been started.")
 
     # ----- engine thread -----
+    def _main(self) -> None:
+        try:
+            if self._factory is not None:
+                self.engine = self._factory()
+            self.output_shapes = self._warm_up()
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._start_error = e
+            self._dead = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._run()
+
+    def _warm_up(self) -> dict[str, tuple[int, ...]]:
+        """Run one tiny prompt per task (first-call costs paid here); each task's output shape for it."""
+        engine = self.engine
+        ids = engine.inputs.tokenize(["warm up"])[0]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for n, task in enumerate(engine.supported_tasks):
+            engine.add_request(f"warmup-{n}", ids, task, PoolingParams())
+            outputs: list[PoolingRequestOutput] = []
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+            data = outputs[0].outputs.data
+            shapes[task] = tuple(data.shape) if hasattr(data, "shape") else ()
+        return shapes
+
     def _run(self) -> None:
         try:
             while True:

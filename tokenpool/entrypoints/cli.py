@@ -81,6 +81,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # Before numpy loads: score math on the event loop thread must not start OpenBLAS worker threads
+        # that would compete with the engine thread's OpenMP team for the cores.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     args = make_parser().parse_args(argv)
     args.func(args)

@@ -6,6 +6,8 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tokenpool.inputs.data import PromptType
 
 
@@ -89,7 +91,8 @@ class InputProcessor:
             packed = array("q", ids)
         except (TypeError, OverflowError):
             raise TypeError(f"Prompt {index}: prompt_token_ids must be a list of ints.") from None
-        if packed and (min(packed) < 0 or max(packed) >= self.vocab_size):
+        # One unsigned max catches both ends: negative ids wrap around to huge values.
+        if packed and int(np.frombuffer(packed, dtype=np.uint64).max()) >= self.vocab_size:
             bad = next(t for t in packed if t < 0 or t >= self.vocab_size)
             raise ValueError(f"Prompt {index}: token id {bad} is out of the vocabulary (size {self.vocab_size}).")
         ids = ids if type(ids) is list else list(ids)

@@ -26,9 +26,9 @@ Every task the model supports is served: `/pooling` picks it with `task`. Errors
 
 
 def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, default_task: str | None = None) -> FastAPI:
-    """An app serving `engine` (not started yet: the app's lifespan starts and stops its thread).
+    """An app serving `engine`; starts the engine (build + warm-up on its thread) if it is not running yet.
 
-    Builds the serving state first, which runs one warm-up prompt per task on the engine.
+    The app's lifespan stops the engine thread at shutdown.
     """
     config = config or ServerConfig()
     metrics = ServerMetrics()
@@ -38,7 +38,6 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, def
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
         try:
             yield
         finally:

@@ -1,4 +1,7 @@
-"""Output tensors -> wire formats, without Python lists of floats.
+"""Output tensors -> wire formats, without Python lists of floats and without torch ops.
+
+(Everything here runs on the event loop thread with numpy only: a torch op big enough to go parallel would
+start a second OpenMP worker team beside the engine thread's and slow the engine down.)
 
 - float: numpy arrays inside the response dict, serialized by orjson (OPT_SERIALIZE_NUMPY) straight from
   the buffers; float32 values print as the shortest string that reads back to the same float32.
@@ -22,18 +25,31 @@ from starlette.responses import Response
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
-def to_array(tensor: torch.Tensor, embed_dtype: str = "float32", endianness: str = "native") -> np.ndarray:
-    """A C-contiguous numpy view (or converted copy) of a float32 CPU tensor in the wire dtype/byte order.
+def as_float32(tensor: torch.Tensor) -> np.ndarray:
+    """The engine's float32 CPU output as a C-contiguous numpy array (a view when it already is one)."""
+    array = tensor.numpy() if tensor.dtype == torch.float32 else tensor.detach().cpu().float().numpy()
+    return np.ascontiguousarray(array)
 
-    bfloat16 has no numpy dtype: its bits travel as 16-bit integers (the bytes are what matter).
-    """
-    if embed_dtype == "float32":
-        array = tensor.float().contiguous().numpy()
-    elif embed_dtype == "float16":
-        array = tensor.to(torch.float16).contiguous().numpy()
+
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does (NaN -> 0x7FC0)."""
+    bits = array.view(np.uint32)
+    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+    rounded = rounded.astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def to_array(tensor: torch.Tensor, embed_dtype: str = "float32", endianness: str = "native") -> np.ndarray:
+    """The item in the wire dtype and byte order (bfloat16 travels as its 16-bit patterns)."""
+    array = as_float32(tensor)
+    if embed_dtype == "float16":
+        array = array.astype(np.float16)
     elif embed_dtype == "bfloat16":
-        array = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    else:
+        array = bfloat16_bits(array)
+    elif embed_dtype != "float32":
         raise ValueError(f"Unknown embed_dtype {embed_dtype!r}; use float32, float16 or bfloat16.")
     if endianness not in ("native", sys.byteorder):
         array = array.byteswap()
@@ -49,10 +65,11 @@ def b64(array: np.ndarray) -> str:
     return base64.b64encode(raw_bytes(array)).decode("ascii")
 
 
-def encode_item(tensor: torch.Tensor, encoding_format: str, embed_dtype: str, endianness: str) -> tuple[Any, list[int] | None]:
+def encode_item(tensor: torch.Tensor, encoding_format: str, embed_dtype: str,
+                endianness: str) -> tuple[Any, list[int] | None]:
     """(value for the JSON body, shape or None) of one item for `float` or `base64`."""
     if encoding_format == "float":
-        return to_array(tensor), None
+        return as_float32(tensor), None
     return b64(to_array(tensor, embed_dtype, endianness)), list(tensor.shape)
 
 
@@ -61,7 +78,7 @@ def json_response(body: dict, status: int = 200) -> Response:
 
 
 def bytes_response(tensors: list[torch.Tensor], embed_dtype: str, endianness: str, meta: dict | None) -> Response:
-    """The `bytes` encoding: raw arrays back to back; `meta` (without `data`) plus items goes to the header."""
+    """The `bytes` encoding: raw arrays back to back; `meta` plus the items' layout goes to the header."""
     chunks, items, offset = [], [], 0
     for index, tensor in enumerate(tensors):
         chunk = raw_bytes(to_array(tensor, embed_dtype, endianness))

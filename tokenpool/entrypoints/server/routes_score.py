@@ -19,7 +19,7 @@ from tokenpool.entrypoints.server.errors import APIError
 from tokenpool.entrypoints.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from tokenpool.entrypoints.server.routes_pooling import WORK_ERRORS, error_responses
 from tokenpool.entrypoints.server.serving import ServingState
-from tokenpool.scoring import cosine, maxsim
+from tokenpool.entrypoints.server.scores import cosine, maxsim
 
 router = APIRouter()
 SCORE_ERRORS = {**WORK_ERRORS, **error_responses(501)}

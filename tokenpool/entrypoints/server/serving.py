@@ -48,6 +48,7 @@ class ServingState:
 
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, metrics: ServerMetrics,
                  default_task: str | None = None):
+        engine.start()  # builds and warms up the engine on its thread, if not done yet
         core = engine.engine
         self.engine = engine
         self.core = core
@@ -73,21 +74,11 @@ class ServingState:
             self.default_task = default_task
         else:
             self.default_task = "token_embed" if "token_embed" in self.tasks else self.tasks[0]
-        self.output_dims = self._probe_output_dims()
+        self.output_dims = self._output_dims()
 
-    def _probe_output_dims(self) -> dict[str, int]:
-        """Run one tiny prompt per task on the core (also warms it up); the width of each task's output."""
-        core = self.core
-        ids = core.inputs(["warm up"])[0]
-        dims: dict[str, int] = {}
-        for n, task in enumerate(self.tasks):
-            core.add_request(f"warmup-{n}", ids, task, PoolingParams())
-            outputs: list[PoolingRequestOutput] = []
-            while core.has_unfinished_requests():
-                outputs += core.step()
-            data = outputs[0].outputs.data
-            dims[task] = int(data.shape[-1]) if data.ndim else 0
-        return dims
+    def _output_dims(self) -> dict[str, int]:
+        """The width (last dimension) of each task's output, from the engine's warm-up."""
+        return {task: shape[-1] if shape else 0 for task, shape in self.engine.output_shapes.items()}
 
     # ----- checks -----
     def check_model(self, name: str | None) -> None:
