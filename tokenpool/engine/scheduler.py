@@ -26,9 +26,11 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
+        self.num_waiting_tokens = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        self.num_waiting_tokens += request.num_tokens
 
     def abort(self, request_ids: set[str]) -> None:
         """Drop queued requests (e.g. their client went away)."""
@@ -36,6 +38,7 @@ class Scheduler:
         for request in self.waiting:
             if request.request_id in request_ids:
                 request.status = RequestStatus.ABORTED
+                self.num_waiting_tokens -= request.num_tokens
             else:
                 kept.append(request)
         self.waiting = kept
@@ -53,6 +56,7 @@ class Scheduler:
             if picked and tokens + request.num_tokens > self.max_num_batched_tokens:
                 break
             self.waiting.popleft()
+            self.num_waiting_tokens -= request.num_tokens
             request.status = RequestStatus.RUNNING
             picked.append(request)
             tokens += request.num_tokens

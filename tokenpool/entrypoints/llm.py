@@ -21,6 +21,8 @@ from tokenpool.outputs import (
 from tokenpool.pooling_params import PoolingParams
 from tokenpool.scoring import cosine, maxsim
 
+# Prompts tokenized and queued at a time (see LLM._run).
+_CHUNK = 512
 _TOKENIZATION_KEYS = {"truncate_prompt_tokens", "add_special_tokens", "truncation", "max_length"}
 
 
@@ -68,8 +70,7 @@ class LLM:
         prompt_list = _as_list(prompts)
         params_list = self._params_list(pooling_params, len(prompt_list), pooling_task)
         truncate, add_special = self._tokenization(tokenization_kwargs, truncate_prompt_tokens)
-        token_ids = self._tokenize(prompt_list, params_list, truncate, add_special)
-        return self._run(token_ids, params_list, pooling_task, use_tqdm)
+        return self._run(prompt_list, params_list, pooling_task, truncate, add_special, use_tqdm)
 
     def embed(
         self,
@@ -165,26 +166,35 @@ class LLM:
             truncate = kwargs.get("max_length", -1)
         return truncate, bool(kwargs.get("add_special_tokens", True))
 
-    def _tokenize(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool) -> list[list[int]]:
+    def _tokenize(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool,
+                  first_index: int = 0) -> list[list[int]]:
         limits = [p.truncate_prompt_tokens if p.truncate_prompt_tokens is not None else truncate for p in params]
-        if len(set(limits)) <= 1:
-            return self.llm_engine.inputs(prompts, limits[0] if limits else None, add_special)
         result: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
         for limit in set(limits):
             idx = [i for i, lim in enumerate(limits) if lim == limit]
-            for i, ids in zip(idx, self.llm_engine.inputs([prompts[i] for i in idx], limit, add_special)):
+            group = prompts if len(idx) == len(prompts) else [prompts[i] for i in idx]
+            for i, ids in zip(idx, self.llm_engine.inputs(group, limit, add_special, first_index)):
                 result[i] = ids
         return result
 
-    def _run(self, token_ids: list[list[int]], params: list[PoolingParams], task: str, use_tqdm: bool):
+    def _run(self, prompts: list, params: list[PoolingParams], task: str, truncate: int | None,
+             add_special: bool, use_tqdm: bool) -> list[PoolingRequestOutput]:
+        """Tokenize and queue prompts chunk by chunk while the engine runs, so that input processing
+        overlaps the device's work; keep about two batches queued ahead."""
         engine = self.llm_engine
-        ids = [str(next(self._ids)) for _ in token_ids]
-        for rid, tokens, p in zip(ids, token_ids, params):
-            engine.add_request(rid, tokens, task, p)
+        ids = [str(next(self._ids)) for _ in prompts]
         finished: dict[str, PoolingRequestOutput] = {}
+        ahead = 2 * engine.scheduler.max_num_batched_tokens
+        queued = 0
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             try:
-                while engine.has_unfinished_requests():
+                while queued < len(prompts) or engine.has_unfinished_requests():
+                    while queued < len(prompts) and engine.scheduler.num_waiting_tokens < ahead:
+                        end = min(queued + _CHUNK, len(prompts))
+                        token_ids = self._tokenize(prompts[queued:end], params[queued:end], truncate, add_special, queued)
+                        for rid, tokens, p in zip(ids[queued:end], token_ids, params[queued:end]):
+                            engine.add_request(rid, tokens, task, p)
+                        queued = end
                     step_outputs = engine.step()
                     for out in step_outputs:
                         finished[out.request_id] = out

@@ -31,20 +31,22 @@ class InputProcessor:
             tokenizer.model_max_length = 1 << 40
 
     def __call__(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
-                 add_special_tokens: bool = True) -> list[list[int]]:
+                 add_special_tokens: bool = True, first_index: int = 0) -> list[list[int]]:
+        """Token ids of each prompt. `first_index` numbers the prompts in error messages."""
         limit = self._truncation_limit(truncate_prompt_tokens)
         texts: dict[int, str] = {}
         result: list[list[int] | None] = [None] * len(prompts)
-        for i, prompt in enumerate(prompts):
+        for j, prompt in enumerate(prompts):
+            i = first_index + j
             if isinstance(prompt, str):
-                texts[i] = prompt
+                texts[j] = prompt
             elif isinstance(prompt, dict):
                 if "multi_modal_data" in prompt and prompt["multi_modal_data"] and not self.supports_images:
                     raise ValueError("This model does not accept multimodal inputs (multi_modal_data was given).")
                 if "prompt_token_ids" in prompt:
-                    result[i] = self._check_ids(prompt["prompt_token_ids"], i, limit)
+                    result[j] = self._check_ids(prompt["prompt_token_ids"], i, limit)
                 elif "prompt" in prompt and isinstance(prompt["prompt"], str):
-                    texts[i] = prompt["prompt"]
+                    texts[j] = prompt["prompt"]
                 else:
                     raise ValueError(
                         f"Prompt {i} is a dict without 'prompt' (str) or 'prompt_token_ids' (list[int]): "
@@ -55,10 +57,10 @@ class InputProcessor:
                     f"Prompt {i} has type {type(prompt).__name__}; expected str, TextPrompt or TokensPrompt."
                 )
         if texts:
-            for i, ids in zip(texts, self.tokenize(list(texts.values()), limit, add_special_tokens)):
-                result[i] = ids
-        for i, ids in enumerate(result):
-            self.check_length(ids, i)  # type: ignore[arg-type]
+            for j, ids in zip(texts, self.tokenize(list(texts.values()), limit, add_special_tokens)):
+                result[j] = ids
+        for j, ids in enumerate(result):
+            self.check_length(ids, first_index + j)  # type: ignore[arg-type]
         return result  # type: ignore[return-value]
 
     def tokenize(self, texts: list[str], limit: int | None = None, add_special_tokens: bool = True) -> list[list[int]]:

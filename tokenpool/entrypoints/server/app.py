@@ -13,6 +13,7 @@ from tokenpool.entrypoints.server import routes_misc, routes_pooling, routes_sco
 from tokenpool.entrypoints.server.errors import install_error_handlers
 from tokenpool.entrypoints.server.metrics import ServerMetrics
 from tokenpool.entrypoints.server.middleware import PUBLIC_PATHS, GuardMiddleware
+from tokenpool.entrypoints.server.openapi import install_openapi
 from tokenpool.entrypoints.server.serving import ServerConfig, ServingState
 from tokenpool.version import __version__
 
@@ -54,26 +55,5 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, def
     app.add_middleware(GuardMiddleware, metrics=metrics, known_paths=known, limited_paths=LIMITED_PATHS,
                        api_key=config.api_key, max_body_bytes=config.max_request_body_bytes,
                        max_concurrent=config.max_concurrent_requests)
-    if config.api_key:
-        _document_api_key(app)
+    install_openapi(app, state, PUBLIC_PATHS)
     return app
-
-
-def _document_api_key(app: FastAPI) -> None:
-    """Add the Bearer scheme to the published schema (every route but /health needs it)."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()
-        schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
-            "type": "http", "scheme": "bearer", "description": "The server's --api-key."}
-        schema["security"] = [{"bearer": []}]
-        for path in PUBLIC_PATHS:
-            for operation in schema.get("paths", {}).get(path, {}).values():
-                operation["security"] = []
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -73,7 +73,9 @@ def format_validation_error(exc: RequestValidationError) -> tuple[str, str | Non
         return ("`input` must be a non-empty string, a non-empty list of non-empty strings, a non-empty list of "
                 f"token ids (non-negative integers) or a non-empty list of such lists; got {_describe(first)}.",
                 "input")
-    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+    if not loc and first.get("type") == "missing":
+        return "The request body is empty: send a JSON object.", None
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
         if isinstance(first.get("input"), (bytes, bytearray)):
             return "The request body must be a JSON object sent with `Content-Type: application/json`.", None
         return "The request body must be a JSON object.", None
@@ -120,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"Not Found: no route {request.method} {request.url.path}."
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "Malformed request body: it could not be read as JSON."
+            message = "Malformed JSON body: it could not be decoded."
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineDeadError)

@@ -31,8 +31,25 @@ TextOrTexts = Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1
 
 
 class OpenAIBaseModel(BaseModel):
-    # Unknown fields are ignored, as vLLM and OpenAI do (clients send e.g. `user`, `cache_salt`).
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as vLLM and OpenAI do (clients send e.g. `user`, `cache_salt`). Strict
+    # types: the schema says boolean / integer, so "true" or 5.0 are refused rather than coerced.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def optional(description: str | None = None, **kwargs):
+    """A field that may be left out but not sent as null (one of several alternatives, see `one_of`)."""
+    return Field(None, description=description, json_schema_extra=_no_default, **kwargs)
+
+
+def one_of(*groups: tuple[str, ...]) -> ConfigDict:
+    """Schema: for each group, exactly one of its fields is present (the validators enforce the same)."""
+    rules = [{"oneOf": [{"required": [name]} for name in group]} for group in groups]
+    return ConfigDict(extra="ignore", strict=True,
+                      json_schema_extra=rules[0] if len(rules) == 1 else {"allOf": rules})
 
 
 # ----- chat-style inputs (`messages`) -----
@@ -92,10 +109,12 @@ class _Encoding(OpenAIBaseModel):
 
 
 class _Inputs(OpenAIBaseModel):
-    input: PromptInput | None = Field(
-        None, description="A string, a list of strings, a list of token ids or a list of lists of token ids.")
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
-        None, description="Chat-style input (one prompt); image parts need an image model.")
+    model_config = one_of(("input", "messages"))
+
+    input: PromptInput = optional(
+        "A string, a list of strings, a list of token ids or a list of lists of token ids.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = optional(
+        "Chat-style input (one prompt); image parts need an image model.")
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (default: true for `input`, false for `messages`).")
     mm_processor_kwargs: dict | None = None
@@ -125,12 +144,14 @@ class EmbeddingRequest(_Inputs, _Encoding, _PoolingOptions):
 class ScoreRequest(_PoolingOptions):
     """POST /score, /v1/score: 1 x N, N x 1 or N x N (pairwise) scores."""
 
-    text_1: TextOrTexts | None = None
-    text_2: TextOrTexts | None = None
-    data_1: TextOrTexts | None = Field(None, description="Alias of text_1.")
-    data_2: TextOrTexts | None = Field(None, description="Alias of text_2.")
-    queries: TextOrTexts | None = Field(None, description="Alias of text_1.")
-    documents: TextOrTexts | None = Field(None, description="Alias of text_2.")
+    model_config = one_of(("text_1", "data_1", "queries"), ("text_2", "data_2", "documents"))
+
+    text_1: TextOrTexts = optional("The left side: one text or a list.")
+    text_2: TextOrTexts = optional("The right side: one text or a list.")
+    data_1: TextOrTexts = optional("Alias of text_1.")
+    data_2: TextOrTexts = optional("Alias of text_2.")
+    queries: TextOrTexts = optional("Alias of text_1.")
+    documents: TextOrTexts = optional("Alias of text_2.")
     task: ScoreTask | None = Field(
         None, description="embed: cosine of pooled embeddings (default when the model has it); token_embed: "
                           "late interaction, MaxSim = sum over query tokens of the best dot product.")
@@ -165,9 +186,11 @@ class RerankRequest(_PoolingOptions):
 
 
 class TokenizeRequest(OpenAIBaseModel):
+    model_config = one_of(("prompt", "messages"))
+
     model: str | None = None
-    prompt: StrictStr | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt: StrictStr = optional("The text to tokenize.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = optional("Chat-style input.")
     add_special_tokens: bool | None = Field(None, description="Default: true for `prompt`, false for `messages`.")
     return_token_strs: bool = False
 
