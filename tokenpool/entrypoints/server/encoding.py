@@ -46,7 +46,8 @@ def to_array(tensor: torch.Tensor, embed_dtype: str = "float32", endianness: str
     """The item in the wire dtype and byte order (bfloat16 travels as its 16-bit patterns)."""
     array = as_float32(tensor)
     if embed_dtype == "float16":
-        array = array.astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond float16's range -> inf, as torch converts
+            array = array.astype(np.float16)
     elif embed_dtype == "bfloat16":
         array = bfloat16_bits(array)
     elif embed_dtype != "float32":

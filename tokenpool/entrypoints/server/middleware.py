@@ -26,15 +26,40 @@ class _BodyTooLarge(Exception):
     pass
 
 
+LOAD_KEY = "tokenpool.load"  # scope key: {"submitted": bool} of a model request
+
+
+class Load:
+    """Model requests in flight (`active`) and those of them that have queued their work in the engine
+    (`submitted`; `mark_submitted` from the route, undone by the middleware when the answer is sent).
+    Their difference, the requests still being read or tokenized, is the engine's hint of what is coming."""
+
+    __slots__ = ("active", "submitted")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.submitted = 0
+
+    def expected(self) -> int:
+        return self.active - self.submitted
+
+    def mark_submitted(self, scope: Scope) -> None:
+        mark = scope.get(LOAD_KEY)
+        if mark is not None and not mark["submitted"]:
+            mark["submitted"] = True
+            self.submitted += 1
+
+
 class GuardMiddleware:
     """Checks, in order: API key (401), declared body size (413), concurrency (429); counts bytes as the
     body streams in (413 past the limit); records per-route metrics for every answer.
 
-    limited_paths: the routes that do model work; only they count against `max_concurrent_requests`.
+    limited_paths: the routes that do model work; only they count against `max_concurrent_requests` (and
+        in `load.active`).
     known_paths: route labels for metrics (anything else is labelled "other").
     """
 
-    def __init__(self, app: Callable, *, metrics: ServerMetrics, known_paths: frozenset[str],
+    def __init__(self, app: Callable, *, metrics: ServerMetrics, load: Load, known_paths: frozenset[str],
                  limited_paths: frozenset[str], api_key: str | None = None,
                  max_body_bytes: int | None = None, max_concurrent: int | None = None):
         self.app = app
@@ -44,7 +69,7 @@ class GuardMiddleware:
         self.expected_auth = ("Bearer " + api_key).encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.max_concurrent = max_concurrent
-        self.active = 0
+        self.load = load
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +95,7 @@ class GuardMiddleware:
 
         limited = path in self.limited_paths
         counted = False
+        mark: dict = {}
         metrics = self.metrics
         metrics.in_flight.inc()
         try:
@@ -85,15 +111,16 @@ class GuardMiddleware:
                     await _send_error(send, 413, self._too_large_message(declared))
                     return
                 receive = self._limited_receive(receive, state)
-            if limited and self.max_concurrent is not None:
-                if self.active >= self.max_concurrent:
+            if limited:
+                if self.max_concurrent is not None and self.load.active >= self.max_concurrent:
                     state["status"] = 429
                     await _send_error(send, 429, f"Too many concurrent requests: this server serves at most "
                                                  f"{self.max_concurrent} at once. Retry later.",
                                       {"retry-after": "1"})
                     return
-                self.active += 1
+                self.load.active += 1
                 counted = True
+                scope[LOAD_KEY] = mark = {"submitted": False}  # set by the route once it has queued its work
             try:
                 await self.app(scope, receive, send_wrapper)
             except _BodyTooLarge:
@@ -102,7 +129,9 @@ class GuardMiddleware:
                     await _send_error(send, 413, self._too_large_message())
         finally:
             if counted:
-                self.active -= 1
+                self.load.active -= 1
+                if mark["submitted"]:
+                    self.load.submitted -= 1
             metrics.in_flight.dec()
             metrics.requests.labels(route, method, str(state["status"])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -168,12 +168,13 @@ async def _bge_m3_parts(s: ServingState, raw_request: Request, token_ids: list[l
         outputs = await s.encode(raw_request, token_ids, COMBINED_TASK, params)
         parts = []
         for ids, out in zip(token_ids, outputs):
-            both: dict[str, torch.Tensor] = out.outputs.data
+            combined: dict[str, torch.Tensor] = out.outputs.data
             weights = out.outputs.lexical_weights
             if weights is None:
-                weights = lexical_weights(ids[1:-1], both["token_classify"], s.special_ids)
-            parts.append({"embed": PoolingOutput(both["embed"]), "token_embed": PoolingOutput(both["token_embed"]),
-                          "token_classify": PoolingOutput(both["token_classify"], weights)})
+                weights = lexical_weights(ids[1:-1], combined["token_classify"], s.special_ids)
+            parts.append({"embed": PoolingOutput(combined["embed"]),
+                          "token_embed": PoolingOutput(combined["token_embed"]),
+                          "token_classify": PoolingOutput(combined["token_classify"], weights)})
         return parts
     n = len(token_ids)
     tasks = [task for task in wanted for _ in range(n)]

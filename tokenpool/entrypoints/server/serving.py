@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from tokenpool.engine.async_engine import AsyncLLMEngine
 from tokenpool.entrypoints.server.errors import APIError, ClientDisconnected
 from tokenpool.entrypoints.server.media import MediaPolicy, parse_messages
 from tokenpool.entrypoints.server.metrics import ServerMetrics
+from tokenpool.entrypoints.server.middleware import Load
 from tokenpool.entrypoints.server.protocol import ChatMessage
 from tokenpool.loader.model_files import DEFAULT_MODEL
 from tokenpool.outputs import PoolingRequestOutput
@@ -47,13 +49,14 @@ class ServingState:
     """Shared by the routes of one app (stored as `app.state.serving`)."""
 
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, metrics: ServerMetrics,
-                 default_task: str | None = None):
+                 default_task: str | None = None, load: Load | None = None):
         engine.start()  # builds and warms up the engine on its thread, if not done yet
         core = engine.engine
         self.engine = engine
         self.core = core
         self.config = config
         self.metrics = metrics
+        self.load = load or Load()
         self.media = MediaPolicy.create(config.allowed_local_media_path, config.allowed_media_domains)
         model = core.args.model or DEFAULT_MODEL
         self.served_names = list(config.served_model_name or []) or [model]
@@ -143,24 +146,32 @@ class ServingState:
         return await self.tokenize(prompts, truncate_prompt_tokens, add)
 
     # ----- engine -----
-    async def encode(self, raw_request: Request, token_ids: list[list[int]], task: str,
+    async def encode(self, raw_request: Request, token_ids: list[list[int]], task: str | list[str],
                      params: PoolingParams | list[PoolingParams]) -> list[PoolingRequestOutput]:
         """Run the prompts; if the client disconnects first, drop its queued work and raise ClientDisconnected."""
-        work = asyncio.ensure_future(self.engine.encode(token_ids, task, params))
+        # The watcher first: after `submit` the engine thread starts at once, and on a small CPU any work
+        # left on this thread competes with the forward pass.
         watch = asyncio.ensure_future(_disconnected(raw_request))
         try:
-            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():
-                work.cancel()
+            ticket = self.engine.submit(token_ids, task, params)
+        except BaseException:
             watch.cancel()
-        if not work.done() or work.cancelled():
+            raise
+        self.load.mark_submitted(raw_request.scope)
+        try:
+            await asyncio.wait((ticket.future, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not ticket.future.done():  # the client went away (or the server is stopping)
+                self.engine.cancel(ticket)
+        if ticket.future.cancelled():
             raise ClientDisconnected()
         try:
-            outputs = work.result()
+            outputs = ticket.future.result()
         except (ValueError, TypeError) as e:
             raise APIError(str(e)) from e
-        self.metrics.prompts.labels(task).inc(len(outputs))
+        for name, count in Counter([task] * len(outputs) if isinstance(task, str) else task).items():
+            self.metrics.prompts.labels(name).inc(count)
         return outputs
 
     def count_tokens(self, route: str, outputs: list[PoolingRequestOutput]) -> int:
