@@ -80,6 +80,7 @@ def serve(args: list[str], env: dict[str, str] | None = None) -> Iterator[Server
         yield server
     finally:
         server.stop()
+    server.log_path.unlink(missing_ok=True)  # (a server that fails to start puts its log in the error)
 
 
 class InProcessServer:

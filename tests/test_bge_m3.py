@@ -32,7 +32,7 @@ def reference(tiny_bge_m3):
 
 
 def test_heads_detected_from_folder(llm):
-    assert set(llm.supported_tasks) == {"embed", "token_embed", "token_classify"}
+    assert set(llm.supported_tasks) == {"embed", "token_embed", "token_classify", "all"}
 
 
 def test_dense(llm, reference):
@@ -93,3 +93,26 @@ def test_one_model_all_tasks_one_batch(llm):
         alone = llm.encode([text], pooling_task=tasks[i % 3], use_tqdm=False)[0]
         assert torch.allclose(results[f"mix-{i}"].outputs.data, alone.outputs.data, atol=ATOL)
     assert np.isfinite(np.concatenate([r.outputs.data.numpy().ravel() for r in results.values()])).all()
+
+
+def test_all_task_is_one_forward_pass_with_three_outputs(llm):
+    """task "all": dense + colbert + sparse (+ lexical weights) for each prompt from one forward pass."""
+    calls = []
+    backbone_forward = llm.llm_engine.model.backbone.forward
+
+    def counting_forward(*args):
+        calls.append(1)
+        return backbone_forward(*args)
+
+    llm.llm_engine.model.backbone.forward = counting_forward
+    try:
+        combined = llm.encode(TEXTS, pooling_task="all", use_tqdm=False)
+    finally:
+        llm.llm_engine.model.backbone.forward = backbone_forward
+    assert len(calls) == 1
+    for task in ("embed", "token_embed", "token_classify"):
+        alone = llm.encode(TEXTS, pooling_task=task, use_tqdm=False)
+        for c, a in zip(combined, alone):
+            assert torch.allclose(c.outputs.data[task], a.outputs.data, atol=ATOL)
+            if task == "token_classify":
+                assert c.outputs.lexical_weights.keys() == a.outputs.lexical_weights.keys()

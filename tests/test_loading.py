@@ -97,7 +97,7 @@ def test_pooler_config_overrides_pooling_type(tmp_path, minilm_path):
 
 def test_hf_overrides_bge_m3_architecture(tiny_bge_m3):
     llm = LLM(str(tiny_bge_m3), hf_overrides={"architectures": ["BgeM3EmbeddingModel"]})
-    assert set(llm.supported_tasks) == {"embed", "token_embed", "token_classify"}
+    assert set(llm.supported_tasks) == {"embed", "token_embed", "token_classify", "all"}
 
 
 def test_bge_m3_architecture_without_heads_is_an_error(tmp_path, tiny_bge_m3):

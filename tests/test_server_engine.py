@@ -74,7 +74,7 @@ def test_engine_is_built_and_run_on_its_own_thread(tiny_bge_m3):
     engine = AsyncLLMEngine(build).start()
     try:
         assert threads == ["tokenpool-engine"]
-        assert engine.is_healthy and set(engine.output_shapes) == {"embed", "token_embed", "token_classify"}
+        assert engine.is_healthy and set(engine.output_shapes) == {"embed", "token_embed", "token_classify", "all"}
         ids = engine.engine.inputs(["hello world"])[0]
         out = asyncio.run(engine.encode([ids, ids], ["embed", "token_embed"], PARAMS))
         assert out[0].outputs.data.shape == (64,) and out[1].outputs.data.shape == (len(ids) - 1, 64)
@@ -221,66 +221,21 @@ def test_numpy_wire_conversions_equal_torch():
     assert swapped.tobytes() == values[:4].astype(">f4").tobytes()
 
 
-class CombinedTaskEngine:
-    """An `LLMEngine` that also offers the combined BGE-M3 task "all" (the core hook /v1/bge_m3 uses when
-    present): `outputs.data` = {"embed", "token_embed", "token_classify"}, `lexical_weights` set. Built
-    here from three requests per prompt; the real hook computes them from one forward pass."""
-
-    def __init__(self, engine: LLMEngine):
-        self._engine = engine
-        self._parts: dict[str, dict] = {}
-        self.submitted: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    @property
-    def supported_tasks(self):
-        return (*self._engine.supported_tasks, "all")
-
-    def add_request(self, request_id, prompt_token_ids, task, params):
-        self.submitted.append(task)
-        if task != "all":
-            return self._engine.add_request(request_id, prompt_token_ids, task, params)
-        self._parts[request_id] = {}
-        for sub in ("embed", "token_embed", "token_classify"):
-            self._engine.add_request(f"{request_id}|{sub}", prompt_token_ids, sub,
-                                     PoolingParams(use_activation=params.use_activation, task=sub))
-
-    def abort_requests(self, request_ids):
-        ids = list(request_ids)
-        for rid in ids:
-            self._parts.pop(rid, None)
-        self._engine.abort_requests(ids + [f"{r}|{s}" for r in ids for s in ("embed", "token_embed", "token_classify")])
-
-    def step(self):
-        from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
-
-        finished = []
-        for out in self._engine.step():
-            if "|" not in out.request_id:
-                finished.append(out)
-                continue
-            rid, sub = out.request_id.split("|")
-            parts = self._parts.get(rid)
-            if parts is None:
-                continue
-            parts[sub] = out
-            if len(parts) == 3:
-                del self._parts[rid]
-                data = {k: v.outputs.data for k, v in parts.items()}
-                weights = parts["token_classify"].outputs.lexical_weights
-                finished.append(PoolingRequestOutput(rid, PoolingOutput(data, weights), out.prompt_token_ids))
-        return finished
-
-
 def test_bge_m3_route_uses_the_combined_task_when_the_core_has_it(tiny_bge_m3):
     from tokenpool import LLM
 
     holder = []
 
     def build():
-        holder.append(CombinedTaskEngine(LLMEngine(EngineArgs(model=str(tiny_bge_m3)))))
+        holder.append(LLMEngine(EngineArgs(model=str(tiny_bge_m3))))
+        real_add = holder[0].add_request
+        holder[0].submitted = []
+
+        def add_request(request_id, prompt_token_ids, task, params):
+            holder[0].submitted.append(task)
+            return real_add(request_id, prompt_token_ids, task, params)
+
+        holder[0].add_request = add_request
         return holder[0]
 
     engine = AsyncLLMEngine(build)

@@ -13,7 +13,7 @@ import torch
 
 logger = logging.getLogger("tokenpool")
 
-TASKS = ("embed", "token_embed", "token_classify", "classify")
+TASKS = ("embed", "token_embed", "token_classify", "classify", "all")
 
 _DTYPES = {
     "float32": torch.float32,

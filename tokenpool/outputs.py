@@ -12,13 +12,15 @@ import torch
 class PoolingOutput:
     """What a pooling task produced for one request.
 
-    `data` is `[dim]` for embed, `[num_tokens, dim]` for token_embed, `[num_tokens]` for token_classify.
+    `data` is `[dim]` for embed, `[num_tokens, dim]` for token_embed, `[num_tokens]` for token_classify,
+    and for the combined task "all" (models with a sparse head, i.e. BGE-M3) a dict of those three, computed
+    from one forward pass.
     `lexical_weights` is set for sparse heads (BGE-M3 token_classify): the weight of each token id in the
     prompt, special tokens dropped, max over repeated ids, only weights > 0 (FlagEmbedding's format, with
     int keys).
     """
 
-    data: torch.Tensor
+    data: torch.Tensor | dict[str, torch.Tensor]
     lexical_weights: dict[int, float] | None = None
 
 

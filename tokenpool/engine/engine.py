@@ -15,6 +15,7 @@ from tokenpool.inputs.preprocess import InputProcessor
 from tokenpool.loader.model_files import resolve_model_dir
 from tokenpool.loader.st_config import read_st_config
 from tokenpool.models.bge_m3 import lexical_weights
+from tokenpool.models.pooling_model import ALL_TASKS
 from tokenpool.models.registry import build_model
 from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
 from tokenpool.pooling_params import PoolingParams
@@ -146,7 +147,8 @@ class LLMEngine:
             request.status = RequestStatus.FINISHED
             self._requests.pop(request.request_id, None)
             weights = None
-            if request.task == "token_classify" and self.model.lexical_head:
-                weights = lexical_weights(request.prompt_token_ids[1:-1], data, self._special_ids)
+            if self.model.lexical_head and request.task in ("token_classify", ALL_TASKS):
+                sparse = data["token_classify"] if request.task == ALL_TASKS else data
+                weights = lexical_weights(request.prompt_token_ids[1:-1], sparse, self._special_ids)
             outputs.append(PoolingRequestOutput(request.request_id, PoolingOutput(data, weights), request.prompt_token_ids))
         return outputs
