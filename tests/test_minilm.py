@@ -97,3 +97,11 @@ def test_score_cosine_and_maxsim(llm):
     expected = [(mats[0] @ m.T).max(dim=1).values.sum().item() for m in mats[1:]]
     assert maxsim == pytest.approx(expected, rel=REL)
     assert maxsim[0] > maxsim[1]
+
+
+def test_cpu_bf16_mixed_precision_close_to_reference(minilm_path, st_model):
+    """bf16 on the CPU (oneDNN GEMMs in bf16, fp32 residual stream): cosine >= 0.999 per token."""
+    bf16 = LLM(str(minilm_path), dtype="bfloat16", device="cpu")
+    ref = st_model.encode(TEXTS, output_value="token_embeddings")
+    for r, o in zip(ref, bf16.encode(TEXTS, pooling_task="token_embed", use_tqdm=False)):
+        assert F.cosine_similarity(o.outputs.data, r.float(), dim=1).min().item() >= 0.999

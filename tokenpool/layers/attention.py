@@ -40,7 +40,31 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
             window_size=(-1, 0) if meta.causal else (-1, -1),
         )
+    if q.device.type == "cpu" and not meta.causal:
+        return _per_sequence_cpu(q, k, v, meta)
     return _per_sequence_sdpa(q, k, v, meta)
+
+
+def _per_sequence_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """CPU path: per sequence, fp32 scores -> in-place softmax -> weighted sum of values (two bmm).
+
+    Faster on the CPU than the fused SDPA kernel for MiniLM-sized heads (head_dim 32: 14-17 vs 16-22 us per
+    token over 6 layers on 2 Zen 5 cores), and the scores and softmax are fp32 whatever the activation dtype
+    (bf16 scores cost ~0.001 of cosine to the fp32 model).
+    """
+    out = torch.empty_like(q)
+    out_heads = out.transpose(0, 1)  # [H, T, D] view of the output
+    scale = q.shape[-1] ** -0.5
+    start = 0
+    for length in meta.seq_lens:
+        end = start + length
+        qs, ks, vs = (t[start:end].transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
+        scores = torch.bmm(qs, ks.transpose(1, 2))  # [H, L, L]
+        scores.mul_(scale)
+        torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: no second [H, L, L] buffer
+        out_heads[:, start:end].copy_(torch.bmm(scores, vs))
+        start = end
+    return out
 
 
 def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -14,14 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.linear import Linear
 from tokenpool.layers.norm import add_layer_norm
 
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+# config.hidden_act -> `Linear` activation (fused into the FFN-in GEMM on the CPU)
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
 class BertEmbeddings(nn.Module):
@@ -45,23 +42,25 @@ class BertLayer(nn.Module):
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attn_out = nn.Linear(hidden, hidden)
-        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.ffn_in = nn.Linear(hidden, config.intermediate_size)
-        self.ffn_out = nn.Linear(config.intermediate_size, hidden)
-        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         try:
-            self.act = _ACTIVATIONS[config.hidden_act]
+            act = _ACTIVATIONS[config.hidden_act]
         except KeyError:
             raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}") from None
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.attn_out = Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_in = Linear(hidden, config.intermediate_size, activation=act)
+        self.ffn_out = Linear(config.intermediate_size, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
+        # The GEMMs run in the weights' dtype; the residual stream x may be wider (fp32 under bf16 on the CPU).
+        gemm_dtype = self.qkv.weight.dtype
+        q, k, v = self.qkv(x.to(gemm_dtype)).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
         ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
         x = add_layer_norm(self.attn_out(ctx), x, self.attn_norm)
-        return add_layer_norm(self.ffn_out(self.act(self.ffn_in(x))), x, self.ffn_norm)
+        return add_layer_norm(self.ffn_out(self.ffn_in(x.to(gemm_dtype))), x, self.ffn_norm)
 
 
 class BertModel(nn.Module):
