@@ -23,3 +23,14 @@ def maxsim(query: torch.Tensor, doc: torch.Tensor) -> float:
 def colbert_score(query: torch.Tensor, doc: torch.Tensor) -> float:
     """BGE-M3's own colbert score (FlagEmbedding): MaxSim divided by the number of query tokens."""
     return maxsim(query, doc) / query.shape[0]
+
+
+def pair_inputs(left: list, right: list) -> list[tuple]:
+    """Score pairs from 1 x N, N x 1 or N x N (pairwise) inputs, as vLLM's score API pairs them."""
+    if len(left) == 1 and len(right) > 1:
+        left = left * len(right)
+    elif len(right) == 1 and len(left) > 1:
+        right = right * len(left)
+    if len(left) != len(right):
+        raise ValueError(f"Scoring needs 1 x N, N x 1 or N x N inputs; got {len(left)} and {len(right)}.")
+    return list(zip(left, right))

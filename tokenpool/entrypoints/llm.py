@@ -19,7 +19,7 @@ from tokenpool.outputs import (
     ScoringRequestOutput,
 )
 from tokenpool.pooling_params import PoolingParams
-from tokenpool.scoring import cosine, maxsim
+from tokenpool.scoring import cosine, maxsim, pair_inputs
 
 # Prompts tokenized and queued at a time (see LLM._run).
 _CHUNK = 512
@@ -113,15 +113,10 @@ class LLM:
             pooling_task = "embed" if "embed" in self.supported_tasks else "token_embed"
         if pooling_task not in ("embed", "token_embed"):
             raise ValueError(f"score uses 'embed' (cosine) or 'token_embed' (MaxSim), not {pooling_task!r}.")
-        left, right = _as_list(data_1), _as_list(data_2)
-        if len(left) == 1 and len(right) > 1:
-            left = left * len(right)
-        elif len(right) == 1 and len(left) > 1:
-            right = right * len(left)
-        if len(left) != len(right):
-            raise ValueError(f"score needs 1 x N, N x 1 or N x N inputs, got {len(left)} and {len(right)}.")
-        if not left:
+        pairs = pair_inputs(_as_list(data_1), _as_list(data_2))
+        if not pairs:
             raise ValueError("score got no inputs.")
+        left, right = [a for a, _ in pairs], [b for _, b in pairs]
         outputs = self.encode(left + right, pooling_params, use_tqdm=use_tqdm, pooling_task=pooling_task,
                               tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         fn = cosine if pooling_task == "embed" else maxsim

@@ -20,6 +20,7 @@ from tokenpool.entrypoints.server.protocol import RerankRequest, RerankResponse,
 from tokenpool.entrypoints.server.routes_pooling import WORK_ERRORS, error_responses
 from tokenpool.entrypoints.server.serving import ServingState
 from tokenpool.entrypoints.server.scores import cosine, maxsim
+from tokenpool.scoring import pair_inputs
 
 router = APIRouter()
 SCORE_ERRORS = {**WORK_ERRORS, **error_responses(501)}
@@ -47,13 +48,10 @@ async def _encode_texts(s: ServingState, raw_request: Request, texts: list[str],
 
 
 def _pairs(left: list[str], right: list[str]) -> list[tuple[str, str]]:
-    if len(left) == 1 and len(right) > 1:
-        left = left * len(right)
-    elif len(right) == 1 and len(left) > 1:
-        right = right * len(left)
-    if len(left) != len(right):
-        raise APIError(f"Scoring needs 1 x N, N x 1 or N x N inputs; got {len(left)} and {len(right)}.")
-    return list(zip(left, right))
+    try:
+        return pair_inputs(left, right)
+    except ValueError as e:
+        raise APIError(str(e)) from None
 
 
 @router.post("/score", response_model=ScoreResponse, responses=SCORE_ERRORS, summary="Score pairs of texts")
