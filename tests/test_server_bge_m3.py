@@ -32,13 +32,13 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def server(tiny_bge_m3):
-    with serve([str(tiny_bge_m3), "--served-model-name", SERVED_NAME]) as s:
+    with serve([str(tiny_bge_m3), "--served-model-name", SERVED_NAME, "--dtype", "float32"]) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_bge_m3):
-    return LLM(str(tiny_bge_m3))
+    return LLM(str(tiny_bge_m3), dtype="float32")
 
 
 def offline(llm, texts, task):

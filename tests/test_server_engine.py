@@ -29,7 +29,7 @@ def make_engine(tiny_bge_m3):
     engines: list[AsyncLLMEngine] = []
 
     def make(step_delay: float = 0.0, **kwargs) -> AsyncLLMEngine:
-        engine = AsyncLLMEngine(lambda: LLMEngine(EngineArgs(model=str(tiny_bge_m3))), **kwargs).start()
+        engine = AsyncLLMEngine(lambda: LLMEngine(EngineArgs(model=str(tiny_bge_m3), dtype="float32")), **kwargs).start()
         if step_delay:
             slow_down(engine, step_delay)
         engines.append(engine)
@@ -69,7 +69,7 @@ def test_engine_is_built_and_run_on_its_own_thread(tiny_bge_m3):
 
     def build():
         threads.append(threading.current_thread().name)
-        return LLMEngine(EngineArgs(model=str(tiny_bge_m3)))
+        return LLMEngine(EngineArgs(model=str(tiny_bge_m3), dtype="float32"))
 
     engine = AsyncLLMEngine(build).start()
     try:
@@ -227,7 +227,7 @@ def test_bge_m3_route_uses_the_combined_task_when_the_core_has_it(tiny_bge_m3):
     holder = []
 
     def build():
-        holder.append(LLMEngine(EngineArgs(model=str(tiny_bge_m3))))
+        holder.append(LLMEngine(EngineArgs(model=str(tiny_bge_m3), dtype="float32")))
         real_add = holder[0].add_request
         holder[0].submitted = []
 
@@ -246,7 +246,7 @@ def test_bge_m3_route_uses_the_combined_task_when_the_core_has_it(tiny_bge_m3):
         holder[0].submitted.clear()
         body = requests.post(server.url("/v1/bge_m3"), json={"input": texts}, timeout=30).json()
     assert holder[0].submitted == ["all", "all"]  # one request per input
-    llm = LLM(str(tiny_bge_m3))
+    llm = LLM(str(tiny_bge_m3), dtype="float32")
     for item, text in zip(body["data"], texts):
         dense, colbert, sparse = (llm.encode([text], pooling_task=t, use_tqdm=False)[0]
                                   for t in ("embed", "token_embed", "token_classify"))

@@ -19,13 +19,13 @@ DEFAULT_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def server(minilm_path):
-    with serve([]) as s:  # no MODEL: the built-in default
+    with serve(["--dtype", "float32"]) as s:  # no MODEL: the built-in default
         yield s
 
 
 @pytest.fixture(scope="module")
 def llm(minilm_path):
-    return LLM(str(minilm_path))
+    return LLM(str(minilm_path), dtype="float32")
 
 
 @pytest.fixture(scope="module")
