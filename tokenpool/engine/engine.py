@@ -60,8 +60,13 @@ class LLMEngine:
         self.scheduler = Scheduler(budget, args.max_num_seqs or seqs)
         pooler_cfg = args.pooler_config
         self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None)
-        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.vocab_size,
-                                     do_lower_case=st_config.do_lower_case)
+        image_processor = None
+        if getattr(self.model.backbone, "visual", None) is not None and self.tokenizer is not None:
+            from tokenpool.multimodal.inputs import ImagePromptProcessor
+
+            image_processor = ImagePromptProcessor(self.model_dir, self.hf_config)
+        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.get_text_config().vocab_size,
+                                     do_lower_case=st_config.do_lower_case, image_processor=image_processor)
         self._special_ids = self._lexical_skip_ids()
         self._requests: dict[str, Request] = {}
         self._inflight: InFlight | None = None

@@ -6,6 +6,7 @@ import enum
 from array import array
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenpool.pooling_params import PoolingParams
 
@@ -29,10 +30,14 @@ class Request:
     tokens: array = field(default_factory=lambda: array("q"))
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
+    # Preprocessed images (tokenpool.multimodal.inputs.ImageInputs); taken from the ids when they carry them.
+    images: Any = None
 
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = array("q", self.prompt_token_ids)
+        if self.images is None:
+            self.images = getattr(self.prompt_token_ids, "images", None)
 
     @property
     def num_tokens(self) -> int:

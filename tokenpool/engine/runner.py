@@ -20,12 +20,14 @@ from tokenpool.models.pooling_model import PooledBatch, PoolingModel
 
 @dataclass(slots=True)
 class ModelInput:
-    """The packed batch: `input_ids` and `positions` are `[total_tokens]`."""
+    """The packed batch: `input_ids` `[total_tokens]`; `positions` `[total_tokens]`, or `[3, total_tokens]`
+    multimodal rotary positions when the batch has images; `images`: each image prompt's `ImageInputs`."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
     slots: list[PoolingSlot]
+    images: list | None = None
 
 
 @dataclass(slots=True)
@@ -62,8 +64,15 @@ class ModelRunner:
         cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=self.device)
         torch.cumsum(lens, 0, out=cu_seqlens[1:])
         # Position of each token inside its sequence, computed on the device (no sync: output_size given).
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
-        positions = torch.arange(total, device=self.device) - starts
+        images = [r.images for r in requests if r.images is not None]
+        if images:
+            # Text-only prompts count 0..n-1 on all three rotary axes; image prompts bring their own ids.
+            rows = [r.images.positions if r.images is not None else np.broadcast_to(np.arange(n), (3, n))
+                    for r, n in zip(requests, seq_lens)]
+            positions = torch.from_numpy(np.concatenate(rows, axis=1)).to(self.device, non_blocking=True)
+        else:
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
+            positions = torch.arange(total, device=self.device) - starts
         slots, start = [], 0
         for r, n in zip(requests, seq_lens):
             use_activation = r.params.use_activation
@@ -72,13 +81,13 @@ class ModelRunner:
             slots.append(PoolingSlot(start, n, r.task, use_activation, r.params.dimensions))
             start += n
         attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))
-        return ModelInput(input_ids, positions, attn, slots)
+        return ModelInput(input_ids, positions, attn, slots, images or None)
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> InFlight:
         """Queue the forward pass and the pooling of `batch` (returns at once on CUDA)."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.images)
         pooled = self.model.pool(hidden, inputs.slots)
         if not self._cuda:
             return InFlight(batch, pooled)

@@ -19,12 +19,13 @@ class InputProcessor:
     """
 
     def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int, do_lower_case: bool = False,
-                 supports_images: bool = False):
+                 image_processor: Any = None):
         self.tokenizer = tokenizer
+        self.image_processor = image_processor  # tokenpool.multimodal.inputs.ImagePromptProcessor
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.do_lower_case = do_lower_case
-        self.supports_images = supports_images
+        self.supports_images = image_processor is not None
         if tokenizer is not None:
             tokenizer.truncation_side = "left"
             # Lengths are checked here, with vLLM's message; silence the tokenizer's own warning.
@@ -35,18 +36,26 @@ class InputProcessor:
         """Token ids of each prompt. `first_index` numbers the prompts in error messages."""
         limit = self._truncation_limit(truncate_prompt_tokens)
         texts: dict[int, str] = {}
+        images: dict[int, tuple[list, dict | None]] = {}
         result: list[list[int] | None] = [None] * len(prompts)
         for j, prompt in enumerate(prompts):
             i = first_index + j
             if isinstance(prompt, str):
                 texts[j] = prompt
             elif isinstance(prompt, dict):
-                if "multi_modal_data" in prompt and prompt["multi_modal_data"] and not self.supports_images:
-                    raise ValueError("This model does not accept multimodal inputs (multi_modal_data was given).")
+                if prompt.get("multi_modal_data"):
+                    if not self.supports_images:
+                        raise ValueError("This model does not accept multimodal inputs (multi_modal_data was given).")
+                    from tokenpool.multimodal.inputs import as_image_list
+
+                    images[j] = (as_image_list(prompt["multi_modal_data"], i), prompt.get("mm_processor_kwargs"))
                 if "prompt_token_ids" in prompt:
-                    result[j] = self._check_ids(prompt["prompt_token_ids"], i, limit)
+                    result[j] = self._check_ids(prompt["prompt_token_ids"], i, None if j in images else limit)
                 elif "prompt" in prompt and isinstance(prompt["prompt"], str):
-                    texts[j] = prompt["prompt"]
+                    if j not in images:
+                        texts[j] = prompt["prompt"]
+                    else:
+                        result[j] = self.tokenize([prompt["prompt"]], None, add_special_tokens)[0]
                 else:
                     raise ValueError(
                         f"Prompt {i} is a dict without 'prompt' (str) or 'prompt_token_ids' (list[int]): "
@@ -60,7 +69,15 @@ class InputProcessor:
             for j, ids in zip(texts, self.tokenize(list(texts.values()), limit, add_special_tokens)):
                 result[j] = ids
         for j, ids in enumerate(result):
-            self.check_length(ids, first_index + j)  # type: ignore[arg-type]
+            i = first_index + j
+            if j in images:
+                ids = result[j] = self.image_processor(ids, *images[j], i)
+                if limit is not None and len(ids) > limit:
+                    raise ValueError(f"Prompt {i} has {len(ids)} tokens with its images expanded; prompts with images "
+                                     f"are not truncated (truncate_prompt_tokens={limit}).")
+            elif self.image_processor is not None:
+                self.image_processor.check_text_only(ids, i)
+            self.check_length(ids, i)  # type: ignore[arg-type]
         return result  # type: ignore[return-value]
 
     def tokenize(self, texts: list[str], limit: int | None = None, add_special_tokens: bool = True) -> list[list[int]]:

@@ -34,7 +34,10 @@ class PoolingModel(nn.Module):
         # "all": every pooler's output from one forward pass (BGE-M3: dense + colbert + sparse).
         return (*self.poolers.keys(), ALL_TASKS) if self.lexical_head else tuple(self.poolers.keys())
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                images: list | None = None) -> torch.Tensor:
+        if images:
+            return self.backbone(input_ids, positions, meta, images)
         return self.backbone(input_ids, positions, meta)
 
     def pool(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> "PooledBatch":

@@ -14,6 +14,7 @@ from tokenpool.loader.weights import checkpoint_files, iterate_weights
 from tokenpool.models.bert import BertModel, position_offset_for
 from tokenpool.models.bge_m3 import build_bge_m3_poolers, has_bge_m3_heads
 from tokenpool.models.pooling_model import PoolingModel
+from tokenpool.models.qwen2_5_vl import Qwen2_5_VLModel, RMSNorm
 
 logger = logging.getLogger("tokenpool")
 
@@ -27,6 +28,8 @@ ARCHITECTURES = {
     "XLMRobertaModel": BertModel,
     "XLMRobertaForMaskedLM": BertModel,
     "BgeM3EmbeddingModel": BertModel,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLModel,
+    "Qwen2_5_VLModel": Qwen2_5_VLModel,
 }
 
 _POOLING_TYPE_TO_MODE = {"CLS": "cls", "MEAN": "mean", "LAST": "lasttoken", "MAX": "max"}
@@ -46,9 +49,11 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
             f"Model architecture {architectures or '(none in config.json)'} is not supported. "
             f"Supported: {', '.join(supported_architectures())}."
         )
-    offset = position_offset_for(hf_config)
+    backbone_cls = ARCHITECTURES[arch]
+    decoder = getattr(backbone_cls, "causal", False)
+    offset = 0 if decoder else position_offset_for(hf_config)
     with torch.device("meta"):
-        backbone = ARCHITECTURES[arch](hf_config, position_offset=offset)
+        backbone = backbone_cls(hf_config, position_offset=offset)
     backbone = backbone.to(dtype)
     hidden_dtype = dtype
     if device.type == "cpu" and dtype != torch.float32:
@@ -56,7 +61,7 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
         # adds, LayerNorms) in fp32. Free on the CPU, and it keeps every token's cosine to the fp32 model
         # >= 0.999 (bf16 residuals: min 0.998 on bench/cpu_token_embed.py's corpus).
         for module in backbone.modules():
-            if isinstance(module, (torch.nn.LayerNorm, torch.nn.Embedding)):
+            if isinstance(module, (torch.nn.LayerNorm, RMSNorm, torch.nn.Embedding)):
                 module.float()
         hidden_dtype = torch.float32
     backbone = backbone.to_empty(device=device)
@@ -70,21 +75,22 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
         logger.info("BGE-M3 heads found in %s: embed (dense), token_embed (colbert), token_classify (sparse)", model_dir)
         poolers = build_bge_m3_poolers(model_dir)
     else:
-        poolers = _sentence_transformer_poolers(st_config)
+        # Without a pooling config, vLLM pools encoders by CLS and decoders by their last token.
+        poolers = _sentence_transformer_poolers(st_config, "lasttoken" if decoder else "cls")
     if pooler_config is not None and pooler_config.pooling_type is not None and "embed" in poolers:
         poolers["embed"].modes = [_POOLING_TYPE_TO_MODE[pooler_config.pooling_type]]
     for pooler in poolers.values():
         pooler.to(device)
         if isinstance(pooler, TokenPooler) and pooler.proj is not None:
             pooler.proj.to(hidden_dtype)  # per-token heads run in the precision of the hidden states
-    max_model_len = hf_config.max_position_embeddings - offset
+    max_model_len = hf_config.get_text_config().max_position_embeddings - offset
     model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch)
     return model.eval().requires_grad_(False)
 
 
-def _sentence_transformer_poolers(st: SentenceTransformerConfig) -> dict:
+def _sentence_transformer_poolers(st: SentenceTransformerConfig, default_mode: str = "cls") -> dict:
     """embed follows modules.json (pooling, Dense, Normalize); token_embed = normalized hidden states."""
-    modes = st.pooling_modes or ["cls"]
+    modes = st.pooling_modes or [default_mode]
     dense = [spec.build() for spec in st.dense]
     # Without modules.json vLLM normalizes by default; with it, the folder's Normalize module decides.
     normalize = st.normalize if st.has_modules else True

@@ -1,0 +1,410 @@
+"""Qwen2.5-VL (jina-embeddings-v4's backbone) over packed variable-length batches.
+
+Text: the Qwen2 decoder (RMSNorm, causal attention with grouped KV heads, SwiGLU MLP) with multimodal
+rotary positions: every token has three position ids (temporal, height, width); the rotary frequencies are
+split into `mrope_section` groups, each rotated by one of the three. Text tokens have three equal ids
+(plain 1-D rotary); image tokens get (t, row, column) of their merged patch, offset by the text before them.
+
+Vision: a ViT over 14-px patches (the patch embedding is a linear map of the flattened `[C, T, 14, 14]`
+pixels), 2-D rotary positions (row, column) of each patch, blocks attending inside windows of
+`window_size` px except the `fullatt_block_indexes` blocks that attend over the whole image, and a merger that
+concatenates each 2x2 group of patches and projects it to the text width. The image processor emits patches
+grouped by 2x2 merge unit; the tower reorders merge units window by window (so each window is a contiguous
+run for varlen attention) and restores the order after the merger.
+
+The image embeddings replace the `<|image_pad|>` tokens' embeddings; the backbone returns the final-norm
+hidden state of every token, image tokens included (`[total_tokens, hidden]`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.linear import Linear
+from tokenpool.multimodal.inputs import ImageInputs
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(nn.Module):
+    """`weight * x / rms(x)`, computed in fp32 and rounded to the input dtype before the weight (as Qwen2)."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of `[T, heads, D]` by per-token `[T, D]` cos/sin, in fp32."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+def _gqa_kwargs() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """varlen attention with grouped KV heads: KV heads are repeated for the query heads that share them."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return varlen_attention(q, k, v, meta)
+
+
+# ----------------------------------------------------------------------------- text decoder
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = hidden // self.num_heads
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = (q, kv, kv)
+        self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.qkv = Linear(hidden, q + 2 * kv, bias=True)
+        self.o_proj = Linear(q, hidden, bias=False)
+        self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.gate_up = Linear(hidden, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, hidden, bias=False)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        dtype = self.qkv.weight.dtype
+        h = self.input_layernorm(x).to(dtype)
+        q, k, v = self.qkv(h).split(self.sizes, dim=-1)
+        q = _rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = _rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        x = x + self.o_proj(_attention(q, k, v, meta).reshape(tokens, -1))
+        gate, up = self.gate_up(self.post_attention_layernorm(x).to(dtype)).chunk(2, dim=-1)
+        return x + self.down_proj(self.act(gate) * up)
+
+
+class Qwen2TextModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        rope = _rope_parameters(cfg)
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise ValueError(f"Qwen2.5-VL rope_type {rope.get('rope_type')!r} is not supported (only the default).")
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))
+        self.mrope_section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
+        if sum(self.mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {head_dim // 2}.")
+        self.theta, self.head_dim = theta, head_dim
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[T, head_dim]` for 1-D positions `[T]` or multimodal positions `[3, T]`."""
+        inv_freq = _inverse_frequencies(self.theta, self.head_dim, positions.device)
+        if positions.dim() == 1:
+            freqs = positions.float()[:, None] * inv_freq
+        else:
+            # Frequency group i (of mrope_section) is rotated by axis i % 3: temporal, height, width.
+            axis = torch.repeat_interleave(torch.arange(len(self.mrope_section)) % 3,
+                                           torch.tensor(self.mrope_section)).to(positions.device)
+            per_freq = positions.index_select(0, axis).T  # [T, head_dim/2]: each frequency's position id
+            freqs = per_freq.float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- vision tower
+class VisionBlock(nn.Module):
+    def __init__(self, vcfg):
+        super().__init__()
+        dim = vcfg.hidden_size
+        self.num_heads = vcfg.num_heads
+        self.head_dim = dim // self.num_heads
+        self.norm1 = RMSNorm(dim)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
+        self.proj = Linear(dim, dim, bias=True)
+        self.norm2 = RMSNorm(dim)
+        self.gate_up = Linear(dim, 2 * vcfg.intermediate_size, bias=True)
+        self.down_proj = Linear(vcfg.intermediate_size, dim, bias=True)
+        self.act = _ACTIVATIONS[vcfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        dtype = self.qkv.weight.dtype
+        q, k, v = self.qkv(self.norm1(x).to(dtype)).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        ctx = varlen_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, meta)
+        x = x + self.proj(ctx.reshape(tokens, -1))
+        gate, up = self.gate_up(self.norm2(x).to(dtype)).chunk(2, dim=-1)
+        return x + self.down_proj(self.act(gate) * up)
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, out_dim: int, context_dim: int, merge: int):
+        super().__init__()
+        self.width = context_dim * merge * merge
+        self.ln_q = RMSNorm(context_dim)
+        self.fc1 = Linear(self.width, self.width, bias=True, activation="gelu")
+        self.fc2 = Linear(self.width, out_dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(self.ln_q(x).to(self.fc1.weight.dtype).view(-1, self.width)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, vcfg, out_dim: int):
+        super().__init__()
+        self.patch = vcfg.patch_size
+        self.merge = vcfg.spatial_merge_size
+        self.window = vcfg.window_size
+        self.full_blocks = frozenset(vcfg.fullatt_block_indexes)
+        dim = vcfg.hidden_size
+        patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * self.patch * self.patch
+        self.patch_embed = Linear(patch_dim, dim, bias=False)  # the Conv3d with stride = kernel, as a GEMM
+        self.blocks = nn.ModuleList(VisionBlock(vcfg) for _ in range(vcfg.depth))
+        self.merger = PatchMerger(out_dim, dim, self.merge)
+        head_dim = dim // vcfg.num_heads
+        theta = (getattr(vcfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        self.theta, self.rotary_dim = theta, head_dim // 2  # rows rotate one half of each head, columns the other
+
+    def layout(self, grid_thw: list[tuple[int, int, int]]):
+        """Host-side index work for a batch of images: merge-unit order by window, each patch's (row, col),
+        and the cu_seqlens of windows and of whole frames (both in window order)."""
+        m, unit = self.merge, self.merge * self.merge
+        ws = self.window // self.merge // self.patch  # window side in merge units
+        order, rows, cols, windows, frames = [], [], [], [0], [0]
+        base = 0
+        for t, h, w in grid_thw:
+            lh, lw = h // m, w // m
+            # Patch (row, col) in the processor's order: merge unit by merge unit, 2x2 inside each.
+            r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+            r = r.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+            c = c.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+            nh, nw = -(-lh // ws), -(-lw // ws)
+            for f in range(t):
+                grid = np.arange(lh * lw).reshape(lh, lw) + base + f * lh * lw
+                for wi in range(nh):
+                    for wj in range(nw):
+                        block = grid[wi * ws:(wi + 1) * ws, wj * ws:(wj + 1) * ws].reshape(-1)
+                        order.append(block)
+                        windows.append(windows[-1] + block.size * unit)
+                frames.append(frames[-1] + lh * lw * unit)
+                rows.append(r)
+                cols.append(c)
+            base += t * lh * lw
+        order = np.concatenate(order)
+        return order, np.concatenate(rows), np.concatenate(cols), windows, frames
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        device = pixel_values.device
+        unit = self.merge * self.merge
+        order, rows, cols, windows, frames = self.layout(grid_thw)
+        patch_order = torch.from_numpy((order[:, None] * unit + np.arange(unit)).reshape(-1)).to(device)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).index_select(0, patch_order)
+        pos = torch.from_numpy(np.stack([rows, cols], 1)).to(device).index_select(0, patch_order)
+        freqs = pos.float()[:, :, None] * _inverse_frequencies(self.theta, self.rotary_dim, device)  # [N, 2, head_dim/4]
+        freqs = freqs.flatten(1)  # rows' frequencies, then columns'
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if x.device.type == "cpu" and x.dtype != torch.float32:
+            x = x.float()  # the CPU's mixed precision: fp32 residual stream, GEMMs in the weights' dtype
+        window_meta = _meta(windows, device)
+        frame_meta = _meta(frames, device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, frame_meta if i in self.full_blocks else window_meta)
+        merged = self.merger(x)
+        restore = torch.from_numpy(np.argsort(order)).to(device)
+        return merged.index_select(0, restore)
+
+
+def _inverse_frequencies(theta: float, dim: int, device: torch.device) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/dim), i < dim/2 (computed per call: the module is built on the meta device)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
+
+
+def _meta(cu: list[int], device: torch.device) -> AttentionMetadata:
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    return AttentionMetadata(torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), lens, max(lens))
+
+
+# ----------------------------------------------------------------------------- the backbone
+class Qwen2_5_VLModel(nn.Module):
+    """Token ids (+ images) -> the last hidden state of every token, `[T, hidden]`."""
+
+    uses_mrope = True
+    causal = True
+
+    def __init__(self, config, position_offset: int = 0):
+        super().__init__()
+        self.config = config
+        self.text_config = config.get_text_config()
+        self.text = Qwen2TextModel(self.text_config)
+        self.visual = VisionTransformer(config.vision_config, self.text_config.hidden_size)
+        self.image_token_id = config.image_token_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                images: list[ImageInputs] | None = None) -> torch.Tensor:
+        x = self.text.embed_tokens(input_ids)
+        if images:
+            pixels = torch.cat([im.pixel_values for im in images]).to(x.device, non_blocking=True)
+            grids = [g for im in images for g in im.grid_thw]
+            embeds = self.visual(pixels, grids).to(x.dtype)
+            slots = (input_ids == self.image_token_id).nonzero().squeeze(1)
+            if slots.numel() != embeds.shape[0]:
+                raise ValueError(f"{slots.numel()} image tokens in the batch but {embeds.shape[0]} image embeddings.")
+            x = x.index_copy(0, slots, embeds)
+        meta = AttentionMetadata(meta.cu_seqlens, meta.seq_lens, meta.max_seqlen, causal=True)
+        return self.text(x, positions, meta)
+
+    # ----- weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load a `Qwen2_5_VLForConditionalGeneration` checkpoint (old `model.layers` / `visual` names or
+        transformers 5's `model.language_model` / `model.visual`); q/k/v and gate/up are stacked."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target, shard = _map_name(name)
+            if target is None:
+                continue
+            if target not in params:
+                raise ValueError(f"Unexpected weight {name!r} in checkpoint (no parameter {target!r}).")
+            param = params[target]
+            if target == "visual.patch_embed.weight":
+                tensor = tensor.reshape(tensor.shape[0], -1)
+            with torch.no_grad():
+                if shard is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+                    param.copy_(tensor)
+                else:
+                    index, sizes = shard
+                    start = sum(sizes(self, target)[:index])
+                    param[start:start + tensor.shape[0]].copy_(tensor)
+            loaded.add(target if shard is None else f"{target}#{shard[0]}")
+        expected = set()
+        for n in params:
+            module = n.rsplit(".", 2)[-2]
+            parts = 2 if module == "gate_up" else 3 if module == "qkv" and n.startswith("text.") else 0
+            expected |= {f"{n}#{i}" for i in range(parts)} if parts else {n}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"Checkpoint is missing {len(missing)} weight(s), e.g. {missing[:4]}.")
+
+
+def _qkv_sizes(model: Qwen2_5_VLModel, target: str) -> tuple[int, ...]:
+    if target.startswith("text."):
+        return model.text.layers[0].sizes
+    dim = model.config.vision_config.hidden_size
+    return (dim, dim, dim)
+
+
+def _gate_up_sizes(model: Qwen2_5_VLModel, target: str) -> tuple[int, ...]:
+    cfg = model.text_config if target.startswith("text.") else model.config.vision_config
+    return (cfg.intermediate_size, cfg.intermediate_size)
+
+
+# Hugging Face sub-module names -> ours (shard index into a stacked parameter).
+_RENAMES = {
+    "self_attn.q_proj": ("qkv", (0, _qkv_sizes)),
+    "self_attn.k_proj": ("qkv", (1, _qkv_sizes)),
+    "self_attn.v_proj": ("qkv", (2, _qkv_sizes)),
+    "self_attn.o_proj": ("o_proj", None),
+    "mlp.gate_proj": ("gate_up", (0, _gate_up_sizes)),
+    "mlp.up_proj": ("gate_up", (1, _gate_up_sizes)),
+    "mlp.down_proj": ("down_proj", None),
+    "attn.qkv": ("qkv", None),
+    "attn.proj": ("proj", None),
+    "patch_embed.proj": ("patch_embed", None),
+    "merger.mlp.0": ("merger.fc1", None),
+    "merger.mlp.2": ("merger.fc2", None),
+}
+
+
+def _map_name(name: str):
+    """Checkpoint key -> (our parameter name, shard) or (None, None) for weights we do not use."""
+    if name.startswith("lm_head."):
+        return None, None
+    for prefix, ours in (("model.language_model.", "text."), ("model.visual.", "visual."), ("visual.", "visual."),
+                         ("language_model.model.", "text."), ("model.", "text.")):
+        if name.startswith(prefix):
+            name = ours + name[len(prefix):]
+            break
+    else:
+        return name, None
+    for hf, (new, shard) in _RENAMES.items():
+        marker = f".{hf}."
+        if marker in name or name.startswith(f"visual.{hf}."):
+            return name.replace(hf, new, 1), shard
+    return name, None
+
+
+def _rope_parameters(cfg) -> dict:
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    legacy = getattr(cfg, "rope_scaling", None) or {}
+    for key in ("mrope_section", "rope_type"):
+        if key not in rope and key in legacy:
+            rope[key] = legacy[key]
+    if rope.get("rope_type") == "mrope":
+        rope["rope_type"] = "default"
+    return rope
+
+
+def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge: int) -> np.ndarray:
+    """Multimodal rotary position ids `[3, len(ids)]` of one prompt whose image tokens are expanded.
+
+    Text tokens count up from where the last span ended (all three ids equal); an image's tokens get
+    (start, start + row, start + column) of their merged patch, and the text after it resumes at
+    start + max(merged rows, merged columns).
+    """
+    arr = np.asarray(ids, dtype=np.int64)
+    out = np.empty((3, arr.size), dtype=np.int64)
+    is_image = arr == image_token_id
+    pos, i, n = 0, 0, arr.size
+    images = iter(grids)
+    while i < n:
+        if not is_image[i]:
+            j = i
+            while j < n and not is_image[j]:
+                j += 1
+            out[:, i:j] = np.arange(pos, pos + j - i)
+            pos += j - i
+            i = j
+            continue
+        t, h, w = next(images)
+        lh, lw = h // merge, w // merge
+        count = t * lh * lw
+        out[0, i:i + count] = pos + np.repeat(np.arange(t), lh * lw)
+        out[1, i:i + count] = pos + np.tile(np.repeat(np.arange(lh), lw), t)
+        out[2, i:i + count] = pos + np.tile(np.arange(lw), t * lh)
+        pos += max(lh, lw)
+        i += count
+    return out
