@@ -61,7 +61,7 @@ class LLMEngine:
         pooler_cfg = args.pooler_config
         self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None)
         image_processor = None
-        if getattr(self.model.backbone, "visual", None) is not None and self.tokenizer is not None:
+        if getattr(self.model.backbone, "visual", None) is not None:
             from tokenpool.multimodal.inputs import ImagePromptProcessor
 
             image_processor = ImagePromptProcessor(self.model_dir, self.hf_config)

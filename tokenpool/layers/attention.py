@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 
 try:  # PyTorch >= 2.10: FlashAttention's varlen kernel (CUDA, fp16/bf16).
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    _VARLEN_GQA = "enable_gqa" in inspect.signature(_varlen_attn).parameters
 except ImportError:  # pragma: no cover - older torch
-    _varlen_attn = None
+    _varlen_attn, _VARLEN_GQA = None, False
 
 
 @dataclass
@@ -34,12 +36,21 @@ class AttentionMetadata:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """Attention of each sequence to itself. q, k, v: `[T, heads, head_dim]` -> `[T, heads, head_dim]`."""
+    """Attention of each sequence to itself. q: `[T, heads, head_dim]`, k, v: `[T, kv_heads, head_dim]` (grouped
+    KV heads: kv_heads divides heads) -> `[T, heads, head_dim]`."""
+    groups = q.shape[1] // k.shape[1]
     if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        kwargs = {}
+        if groups > 1 and _VARLEN_GQA:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return _varlen_attn(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            window_size=(-1, 0) if meta.causal else (-1, -1),
+            window_size=(-1, 0) if meta.causal else (-1, -1), **kwargs,
         )
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if q.device.type == "cpu" and not meta.causal:
         return _per_sequence_cpu(q, k, v, meta)
     return _per_sequence_sdpa(q, k, v, meta)

@@ -18,8 +18,9 @@ hidden state of every token, image tokens included (`[total_tokens, hidden]`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
+
+import os
 
 import numpy as np
 import torch
@@ -30,7 +31,6 @@ from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
 from tokenpool.multimodal.inputs import ImageInputs
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):
@@ -42,8 +42,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * y
+        return _rms_norm(x, self.weight, self.eps)
+
+
+# Chains of elementwise ops, written as plain functions so that on CUDA each runs as one fused Triton kernel
+# (torch.compile, dynamic token count) instead of 4-10 passes over the activations. Same math either way.
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _add_rms_norm(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: returns (x + delta, rms_norm(x + delta) in the GEMM dtype)."""
+    x = x + delta
+    return x, _rms_norm(x, weight, eps).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -54,21 +66,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
 
 
-def _gqa_kwargs() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-        return "enable_gqa" in inspect.signature(varlen_attn).parameters
-    except ImportError:  # pragma: no cover
-        return False
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """varlen attention with grouped KV heads: KV heads are repeated for the query heads that share them."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return varlen_attention(q, k, v, meta)
+def _fused(fn):
+    """`fn`, compiled into one kernel for CUDA tensors (TOKENPOOL_COMPILE=0 keeps eager PyTorch)."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if not (_COMPILE and args[0].is_cuda):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+
+    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    return run
+
+
+_COMPILE = os.environ.get("TOKENPOOL_COMPILE", "1") != "0"
+rms_norm, add_rms_norm, rotate, silu_mul = (_fused(f) for f in (_rms_norm, _add_rms_norm, _rotate, _silu_mul))
 
 
 # ----------------------------------------------------------------------------- text decoder
@@ -87,19 +107,26 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.gate_up = Linear(hidden, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, hidden, bias=False)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
+        _check_silu(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (residual stream, this layer's MLP output): the caller adds the two in the next norm."""
         tokens = x.shape[0]
         dtype = self.qkv.weight.dtype
-        h = self.input_layernorm(x).to(dtype)
+        norm = self.input_layernorm
+        if delta is None:
+            h = rms_norm(x, norm.weight, norm.eps).to(dtype)
+        else:
+            x, h = add_rms_norm(delta, x, norm.weight, norm.eps, dtype)
         q, k, v = self.qkv(h).split(self.sizes, dim=-1)
-        q = _rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = _rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q = rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        x = x + self.o_proj(_attention(q, k, v, meta).reshape(tokens, -1))
-        gate, up = self.gate_up(self.post_attention_layernorm(x).to(dtype)).chunk(2, dim=-1)
-        return x + self.down_proj(self.act(gate) * up)
+        ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(self.o_proj(ctx), x, norm.weight, norm.eps, dtype)
+        return x, self.down_proj(silu_mul(self.gate_up(h)))
 
 
 class Qwen2TextModel(nn.Module):
@@ -134,9 +161,10 @@ class Qwen2TextModel(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cos, sin = self.rotary(positions)
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
-        return self.norm(x)
+            x, delta = layer(x, delta, cos, sin, meta)
+        return add_rms_norm(delta, x, self.norm.weight, self.norm.eps, x.dtype)[1]
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -152,16 +180,16 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.gate_up = Linear(dim, 2 * vcfg.intermediate_size, bias=True)
         self.down_proj = Linear(vcfg.intermediate_size, dim, bias=True)
-        self.act = _ACTIVATIONS[vcfg.hidden_act]
+        _check_silu(vcfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         dtype = self.qkv.weight.dtype
-        q, k, v = self.qkv(self.norm1(x).to(dtype)).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        ctx = varlen_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, meta)
-        x = x + self.proj(ctx.reshape(tokens, -1))
-        gate, up = self.gate_up(self.norm2(x).to(dtype)).chunk(2, dim=-1)
-        return x + self.down_proj(self.act(gate) * up)
+        q, k, v = self.qkv(rms_norm(x, self.norm1.weight, self.norm1.eps).to(dtype)).view(
+            tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        ctx = varlen_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, meta)
+        x, h = add_rms_norm(self.proj(ctx.reshape(tokens, -1)), x, self.norm2.weight, self.norm2.eps, dtype)
+        return x + self.down_proj(silu_mul(self.gate_up(h)))
 
 
 class PatchMerger(nn.Module):
@@ -240,6 +268,11 @@ class VisionTransformer(nn.Module):
         merged = self.merger(x)
         restore = torch.from_numpy(np.argsort(order)).to(device)
         return merged.index_select(0, restore)
+
+
+def _check_silu(cfg) -> None:
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"Qwen2.5-VL with hidden_act={cfg.hidden_act!r} is not supported (only silu).")
 
 
 def _inverse_frequencies(theta: float, dim: int, device: torch.device) -> torch.Tensor:
