@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-# Image sides beyond this are refused before preprocessing (PIL's own decompression-bomb limit is ~179 MP).
-MAX_IMAGE_SIDE = 16384
+from tokenpool.multimodal.utils import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+
 _PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 
 
@@ -60,8 +60,9 @@ def as_image_list(data: Any, index: int) -> list:
         width, height = image.size
         if width < 1 or height < 1:
             raise ValueError(f"Prompt {index}: an image has zero size ({width}x{height}).")
-        if max(width, height) > MAX_IMAGE_SIDE:
-            raise ValueError(f"Prompt {index}: an image is {width}x{height} px; the largest side allowed is {MAX_IMAGE_SIDE}.")
+        if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"Prompt {index}: an image is {width}x{height} px; at most {MAX_IMAGE_SIDE} px a side "
+                             f"and {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
         out.append(image if image.mode == "RGB" else image.convert("RGB"))
     return out
 
@@ -75,6 +76,8 @@ class ImagePromptProcessor:
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.image_token_id = hf_config.image_token_id
         self.merge = hf_config.vision_config.spatial_merge_size
+        # How a chat message's image part is written into the prompt text.
+        self.placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __call__(self, ids: list[int], images: list, kwargs: dict | None, index: int) -> MultiModalTokens:
         from tokenpool.models.qwen2_5_vl import mrope_positions

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 _MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def fetch_image(url: str, *, timeout: float = 10.0) -> Any:
@@ -24,6 +26,16 @@ def fetch_image(url: str, *, timeout: float = 10.0) -> Any:
     data = _read_bytes(url, timeout)
     try:
         image = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ValueError(f"Could not decode an image from {url[:80]!r}: {e}") from e
+    # The header gives the size: refuse oversized images before decoding them.
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"The image at {url[:80]!r} has zero size ({width}x{height}).")
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"The image at {url[:80]!r} is {width}x{height} px; at most {MAX_IMAGE_SIDE} px a side and "
+                         f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
+    try:
         image.load()
     except Exception as e:
         raise ValueError(f"Could not decode an image from {url[:80]!r}: {e}") from e

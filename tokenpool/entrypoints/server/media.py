@@ -87,11 +87,12 @@ class ChatPrompt:
 
 
 def parse_messages(messages: list[ChatMessage], policy: MediaPolicy, supports_images: bool,
-                   tokenizer=None) -> ChatPrompt:
+                   tokenizer=None, image_placeholder: str = "") -> ChatPrompt:
     """Check every image URL against the policy, refuse images on a text-only model, build the prompt text.
 
-    With a chat template in the tokenizer the conversation is rendered through it; otherwise the text
-    parts are joined with newlines (encoder tokenizers have no chat template).
+    With a chat template in the tokenizer the conversation is rendered through it (image parts become
+    `{"type": "image"}` entries, which Qwen2-VL's template turns into its image placeholder); otherwise the
+    parts are joined with newlines, each image part written as `image_placeholder`.
     """
     urls: list[str] = []
     texts: list[str] = []
@@ -103,19 +104,35 @@ def parse_messages(messages: list[ChatMessage], policy: MediaPolicy, supports_im
             if isinstance(part, ImagePart):
                 policy.check_url(part.image_url.url)
                 urls.append(part.image_url.url)
+                texts.append(image_placeholder)
             else:
                 texts.append(part.text)
     if urls and not supports_images:
         raise APIError(f"This model accepts text only; the request has {len(urls)} image input(s) "
                        "(image_url parts).", param="messages")
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if template and not urls:
+    if template:
         rendered = tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-              "".join(p.text for p in m.content if not isinstance(p, ImagePart))} for m in messages],
+              [{"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in m.content]}
+             for m in messages],
             tokenize=False)
-        return ChatPrompt(rendered, ())
+        if not urls or rendered.count(image_placeholder) == len(urls):
+            return ChatPrompt(rendered, tuple(urls))
     text = "\n".join(texts)
-    if not text:
+    if not text.strip():
         raise APIError("`messages` has no text.", param="messages")
     return ChatPrompt(text, tuple(urls))
+
+
+def load_images(urls: tuple[str, ...]) -> list:
+    """The images behind already-checked URLs; unreadable or undecodable images are 400s."""
+    from tokenpool.multimodal.utils import fetch_image
+
+    images = []
+    for url in urls:
+        try:
+            images.append(fetch_image(url))
+        except (ValueError, OSError) as e:
+            raise APIError(str(e), param="messages") from e
+    return images

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from tokenpool.engine.async_engine import AsyncLLMEngine
 from tokenpool.entrypoints.server.errors import APIError, ClientDisconnected
-from tokenpool.entrypoints.server.media import MediaPolicy, parse_messages
+from tokenpool.entrypoints.server.media import MediaPolicy, load_images, parse_messages
 from tokenpool.entrypoints.server.metrics import ServerMetrics
 from tokenpool.entrypoints.server.middleware import Load
 from tokenpool.entrypoints.server.protocol import ChatMessage
@@ -68,6 +68,8 @@ class ServingState:
         self.has_combined_task = COMBINED_TASK in core.supported_tasks
         self.lexical_head = bool(getattr(core.model, "lexical_head", False))
         self.supports_images = bool(getattr(core.inputs, "supports_images", False))
+        image_processor = getattr(core.inputs, "image_processor", None)
+        self.image_placeholder = getattr(image_processor, "placeholder", "")
         tokenizer = core.tokenizer
         # The ids FlagEmbedding drops from lexical weights (as the core does for token_classify).
         self.special_ids = frozenset(
@@ -129,11 +131,15 @@ class ServingState:
         if messages is not None:
             tokenizer = self.core.tokenizer
             chat = await self.engine.run_in_tokenizer_thread(
-                parse_messages, messages, self.media, self.supports_images, tokenizer)
+                parse_messages, messages, self.media, self.supports_images, tokenizer, self.image_placeholder)
             # A chat template adds the special tokens itself; without one the text is tokenized as `input`.
             default = not getattr(tokenizer, "chat_template", None)
             add = default if add_special_tokens is None else add_special_tokens
-            return await self.tokenize([chat.text], truncate_prompt_tokens, add)
+            prompt: Any = chat.text
+            if chat.image_urls:
+                images = await self.engine.run_in_tokenizer_thread(load_images, chat.image_urls)
+                prompt = {"prompt": chat.text, "multi_modal_data": {"image": images}}
+            return await self.tokenize([prompt], truncate_prompt_tokens, add)
         add = True if add_special_tokens is None else add_special_tokens
         if isinstance(input_value, str):
             prompts: list[Any] = [input_value]
