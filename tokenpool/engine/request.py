@@ -36,8 +36,10 @@ class Request:
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = array("q", self.prompt_token_ids)
-        if self.images is None:
+        if self.images is None and type(self.prompt_token_ids) is not list:
             self.images = getattr(self.prompt_token_ids, "images", None)
+            if self.images is not None:  # outputs show a plain list
+                self.prompt_token_ids = list(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
