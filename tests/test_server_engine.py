@@ -306,3 +306,21 @@ def test_load_hint_counts_requests_not_yet_queued(make_engine):
         assert load.active == 0 and load.submitted == 0 and load.expected() == 0
     assert max(submitted for _, submitted in seen) >= 1
     assert all(active >= submitted for active, submitted in seen)
+
+
+def test_tiny_tokenizer_calls_run_inline_only_when_the_tokenizer_is_free(make_engine):
+    engine = make_engine()
+    where = lambda: threading.current_thread().name  # noqa: E731
+
+    async def run():
+        inline = await engine.run_in_tokenizer_thread(where, inline=True)
+        queued = await engine.run_in_tokenizer_thread(where)
+        with engine._tokenizer_lock:  # the tokenizer thread is busy: the tiny call queues behind it
+            busy = asyncio.ensure_future(engine.run_in_tokenizer_thread(where, inline=True))
+            await asyncio.sleep(0.05)
+            assert not busy.done()
+        return inline, queued, await busy
+
+    inline, queued, busy = asyncio.run(run())
+    assert inline == threading.current_thread().name
+    assert queued.startswith("tokenpool-tokenizer") and busy.startswith("tokenpool-tokenizer")

@@ -7,9 +7,9 @@ tokenizer thread, engine calls that are dropped when the client disconnects, usa
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +121,7 @@ class ServingState:
         """Validate and tokenize prompts (str or {"prompt_token_ids": [...]}); 400 on bad input."""
         try:
             return await self.engine.run_in_tokenizer_thread(
-                self.core.inputs, prompts, truncate_prompt_tokens, add_special_tokens)
+                self.core.inputs, prompts, truncate_prompt_tokens, add_special_tokens, inline=_tiny(prompts))
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param="input") from e
 
@@ -189,7 +189,26 @@ class ServingState:
 
     @staticmethod
     def response_id(prefix: str, request_id: str | None) -> str:
-        return f"{prefix}-{request_id or uuid.uuid4().hex}"
+        # 128 random bits as uuid4().hex has, from Python's generator: os.urandom releases the GIL and, under
+        # load, waited ~0.1 ms to get it back from the engine thread. (Ids, not secrets.)
+        return f"{prefix}-{request_id or format(random.getrandbits(128), '032x')}"
+
+
+# Inputs this small are tokenized inline on the event loop when the tokenizer is free (~10-20 us of work:
+# less than the hand-off to the tokenizer thread and back).
+_TINY_INPUT = 256
+
+
+def _tiny(prompts: list[Any]) -> bool:
+    size = 0
+    for p in prompts:
+        if isinstance(p, str):
+            size += len(p)
+        elif isinstance(p, dict) and len(p) == 1 and isinstance(p.get("prompt_token_ids"), list):
+            size += len(p["prompt_token_ids"])
+        else:
+            return False
+    return size <= _TINY_INPUT
 
 
 async def _disconnected(raw_request: Request) -> None:
