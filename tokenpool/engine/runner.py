@@ -14,7 +14,7 @@ import torch
 
 from tokenpool.engine.scheduler import Batch
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import PoolingSlot
+from tokenpool.layers.pooler import PoolingSlots
 from tokenpool.models.pooling_model import PooledBatch, PoolingModel
 
 
@@ -26,7 +26,7 @@ class ModelInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
-    slots: list[PoolingSlot]
+    slots: PoolingSlots
     images: list | None = None
 
 
@@ -54,9 +54,12 @@ class ModelRunner:
     def prepare(self, batch: Batch) -> ModelInput:
         requests = batch.requests
         seq_lens = [r.num_tokens for r in requests]
-        total = sum(seq_lens)
-        ids = np.concatenate([np.frombuffer(r.tokens, dtype=np.int64) for r in requests])
-        host_ids, host_lens = torch.from_numpy(ids), torch.tensor(seq_lens, dtype=torch.int32)
+        lens_np = np.array(seq_lens, dtype=np.int64)
+        ends = np.cumsum(lens_np)
+        total = int(ends[-1])
+        # One copy of every request's int64 ids into one buffer (a bytearray: writable, for torch).
+        ids = np.frombuffer(bytearray().join([r.tokens for r in requests]), dtype=np.int64)
+        host_ids, host_lens = torch.from_numpy(ids), torch.from_numpy(lens_np.astype(np.int32))
         if self._cuda:
             host_ids, host_lens = host_ids.pin_memory(), host_lens.pin_memory()
         input_ids = host_ids.to(self.device, non_blocking=True)
@@ -73,13 +76,15 @@ class ModelRunner:
         else:
             starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
             positions = torch.arange(total, device=self.device) - starts
-        slots, start = [], 0
-        for r, n in zip(requests, seq_lens):
-            use_activation = r.params.use_activation
-            if use_activation is None:
-                use_activation = self.default_activation
-            slots.append(PoolingSlot(start, n, r.task, use_activation, r.params.dimensions))
-            start += n
+        # The pooling slots as columns (no per-request objects).
+        params = [r.params for r in requests]
+        default = self.default_activation
+        acts = [p.use_activation for p in params]
+        if default is not None and None in acts:
+            acts = [default if a is None else a for a in acts]
+        dims = [p.dimensions for p in params]
+        slots = PoolingSlots(ends - lens_np, lens_np, [r.task for r in requests], acts,
+                             None if dims.count(None) == len(dims) else dims)
         attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))
         return ModelInput(input_ids, positions, attn, slots, images or None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenpool.engine.request import Request, RequestStatus
@@ -32,6 +33,11 @@ class Scheduler:
         self.waiting.append(request)
         self.num_waiting_tokens += request.num_tokens
 
+    def add_many(self, requests: Iterable[Request], num_tokens: int) -> None:
+        """Queue `requests` (in order) whose token counts sum to `num_tokens`."""
+        self.waiting.extend(requests)
+        self.num_waiting_tokens += num_tokens
+
     def abort(self, request_ids: set[str]) -> None:
         """Drop queued requests (e.g. their client went away)."""
         kept = deque()
@@ -47,17 +53,21 @@ class Scheduler:
         return bool(self.waiting)
 
     def schedule(self) -> Batch | None:
-        if not self.waiting:
+        waiting = self.waiting
+        if not waiting:
             return None
+        budget, cap = self.max_num_batched_tokens, self.max_num_seqs
         picked: list[Request] = []
+        append, popleft = picked.append, waiting.popleft
         tokens = 0
-        while self.waiting and len(picked) < self.max_num_seqs:
-            request = self.waiting[0]
-            if picked and tokens + request.num_tokens > self.max_num_batched_tokens:
+        while waiting and len(picked) < cap:
+            n = waiting[0].num_tokens
+            if picked and tokens + n > budget:
                 break
-            self.waiting.popleft()
-            self.num_waiting_tokens -= request.num_tokens
-            request.status = RequestStatus.RUNNING
-            picked.append(request)
-            tokens += request.num_tokens
+            append(popleft())
+            tokens += n
+        self.num_waiting_tokens -= tokens
+        running = RequestStatus.RUNNING
+        for request in picked:
+            request.status = running
         return Batch(picked)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from tokenpool.config import EngineArgs
 from tokenpool.engine.engine import LLMEngine
+from tokenpool.engine.request import Request
 from tokenpool.inputs.data import PromptType
 from tokenpool.outputs import (
     EmbeddingRequestOutput,
@@ -36,7 +37,7 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.llm_engine = LLMEngine(self.engine_args)
-        self._ids = itertools.count()
+        self._next_id = 0  # request ids: str(0), str(1), ...
 
     # ----- public API -----
     @property
@@ -162,43 +163,78 @@ class LLM:
         return truncate, bool(kwargs.get("add_special_tokens", True))
 
     def _tokenize(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool,
-                  first_index: int = 0) -> list[list[int]]:
+                  first_index: int = 0) -> tuple[list[list[int]], list | None]:
+        """Token ids of each prompt, and their int64 arrays where the input processor made them (else None)."""
+        process = self.llm_engine.inputs.process
+        first = params[0]
+        if params.count(first) == len(params):  # the usual case: one PoolingParams for all (identity first)
+            limit = first.truncate_prompt_tokens if first.truncate_prompt_tokens is not None else truncate
+            return process(prompts, limit, add_special, first_index)
         limits = [p.truncate_prompt_tokens if p.truncate_prompt_tokens is not None else truncate for p in params]
         result: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
-        for limit in set(limits):
+        arrays: list | None = [None] * len(prompts)
+        for limit in dict.fromkeys(limits):
             idx = [i for i, lim in enumerate(limits) if lim == limit]
             group = prompts if len(idx) == len(prompts) else [prompts[i] for i in idx]
-            for i, ids in zip(idx, self.llm_engine.inputs(group, limit, add_special, first_index)):
-                result[i] = ids
-        return result
+            ids, packed = process(group, limit, add_special, first_index)
+            for k, i in enumerate(idx):
+                result[i] = ids[k]
+            if packed is None:
+                arrays = None
+            elif arrays is not None:
+                for k, i in enumerate(idx):
+                    arrays[i] = packed[k]
+        return result, arrays
+
+    def _add(self, request_ids: list[str], token_ids: list[list[int]], arrays: list | None, task: str,
+             params: list[PoolingParams]) -> None:
+        """Queue one chunk of prompts. Prompts validated into int64 arrays (plain token-id prompts: no
+        images, lengths checked, the task checked by `encode`) skip `LLMEngine.add_request`'s per-request
+        checks: their `Request`s are made here, with those arrays, and queued in one call."""
+        engine = self.llm_engine
+        if arrays is None:
+            for rid, tokens, p in zip(request_ids, token_ids, params):
+                engine.add_request(rid, tokens, task, p)
+            return
+        known = engine._requests
+        for rid in request_ids:
+            if rid in known:
+                raise ValueError(f"Duplicate request id {rid!r}.")
+        requests = list(map(Request, request_ids, token_ids, itertools.repeat(task), params, arrays))
+        known.update(zip(request_ids, requests))
+        engine.scheduler.add_many(requests, sum(map(len, token_ids)))
 
     def _run(self, prompts: list, params: list[PoolingParams], task: str, truncate: int | None,
              add_special: bool, use_tqdm: bool) -> list[PoolingRequestOutput]:
         """Tokenize and queue prompts chunk by chunk while the engine runs, so that input processing
         overlaps the device's work; keep about two batches queued ahead."""
         engine = self.llm_engine
-        ids = [str(next(self._ids)) for _ in prompts]
+        scheduler = engine.scheduler
+        n = len(prompts)
+        first_id = self._next_id
+        self._next_id += n
+        ids = list(map(str, range(first_id, first_id + n)))
         finished: dict[str, PoolingRequestOutput] = {}
-        ahead = 2 * engine.scheduler.max_num_batched_tokens
+        ahead = 2 * scheduler.max_num_batched_tokens
         queued = 0
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+        with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             try:
-                while queued < len(prompts) or engine.has_unfinished_requests():
-                    while queued < len(prompts) and engine.scheduler.num_waiting_tokens < ahead:
-                        end = min(queued + _CHUNK, len(prompts))
-                        token_ids = self._tokenize(prompts[queued:end], params[queued:end], truncate, add_special, queued)
-                        for rid, tokens, p in zip(ids[queued:end], token_ids, params[queued:end]):
-                            engine.add_request(rid, tokens, task, p)
+                while queued < n or engine.has_unfinished_requests():
+                    while queued < n and scheduler.num_waiting_tokens < ahead:
+                        end = min(queued + _CHUNK, n)
+                        chunk_params = params[queued:end]
+                        token_ids, arrays = self._tokenize(prompts[queued:end], chunk_params, truncate, add_special, queued)
+                        self._add(ids[queued:end], token_ids, arrays, task, chunk_params)
                         queued = end
                     step_outputs = engine.step()
                     for out in step_outputs:
                         finished[out.request_id] = out
-                    bar.update(len(step_outputs))
+                    if use_tqdm:
+                        bar.update(len(step_outputs))
             except BaseException:
                 engine.abort_requests(ids)
                 raise
-        return [finished[rid] for rid in ids]
-
+        return list(map(finished.__getitem__, ids))
 
 def _as_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):

@@ -34,7 +34,51 @@ class InputProcessor:
     def __call__(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
                  add_special_tokens: bool = True, first_index: int = 0) -> list[list[int]]:
         """Token ids of each prompt. `first_index` numbers the prompts in error messages."""
+        return self.process(prompts, truncate_prompt_tokens, add_special_tokens, first_index)[0]
+
+    def process(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+                add_special_tokens: bool = True, first_index: int = 0) -> tuple[list[list[int]], list[array] | None]:
+        """Token ids of each prompt, and when the prompts were all plain `TokensPrompt`s, the same ids as
+        int64 arrays (made to validate them; the engine packs batches from them), else None."""
         limit = self._truncation_limit(truncate_prompt_tokens)
+        if self.image_processor is None:
+            fast = self._token_prompts(prompts, limit)
+            if fast is not None:
+                return fast
+        return self._process(prompts, limit, add_special_tokens, first_index), None
+
+    def _token_prompts(self, prompts: Sequence[PromptType], limit: int | None) -> tuple[list[list[int]], list[array]] | None:
+        """The fast path for lists of `{"prompt_token_ids": list}` prompts: one conversion of the ids to int64
+        per prompt, one range check for all. None when any prompt is something else or fails a check: the
+        general path then handles them, and raises its errors."""
+        lists: list[list[int]] = []
+        append = lists.append
+        try:
+            for prompt in prompts:
+                if type(prompt) is not dict or len(prompt) != 1:
+                    return None
+                ids = prompt["prompt_token_ids"]
+                if type(ids) is not list:
+                    return None
+                append(ids)
+            packed = [array("q", ids) for ids in lists]
+        except (KeyError, TypeError, OverflowError):
+            return None
+        joined = b"".join(packed)
+        # One unsigned max catches both ends: negative ids wrap around to huge values.
+        if joined and int(np.frombuffer(joined, dtype=np.uint64).max()) >= self.vocab_size:
+            return None
+        if limit is not None:
+            for j, ids in enumerate(lists):
+                if len(ids) > limit:
+                    lists[j], packed[j] = ids[-limit:], packed[j][-limit:]
+        lengths = list(map(len, lists))
+        if lengths and (min(lengths) == 0 or max(lengths) > self.max_model_len):
+            return None
+        return lists, packed
+
+    def _process(self, prompts: Sequence[PromptType], limit: int | None, add_special_tokens: bool,
+                 first_index: int) -> list[list[int]]:
         texts: dict[int, str] = {}
         images: dict[int, tuple[list, dict | None]] = {}
         result: list[list[int] | None] = [None] * len(prompts)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import PoolingSlot
+from tokenpool.layers.pooler import PoolingSlot, PoolingSlots, RowShapes, as_slots, split_views
 
 
 class PoolingModel(nn.Module):
@@ -32,7 +31,8 @@ class PoolingModel(nn.Module):
     @property
     def supported_tasks(self) -> tuple[str, ...]:
         # "all": every pooler's output from one forward pass (BGE-M3: dense + colbert + sparse).
-        return (*self.poolers.keys(), ALL_TASKS) if self.lexical_head else tuple(self.poolers.keys())
+        tasks = tuple(self.poolers.keys())
+        return (*tasks, ALL_TASKS) if self.lexical_head else tasks
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 images: list | None = None) -> torch.Tensor:
@@ -40,64 +40,88 @@ class PoolingModel(nn.Module):
             return self.backbone(input_ids, positions, meta, images)
         return self.backbone(input_ids, positions, meta)
 
-    def pool(self, hidden: torch.Tensor, slots: list[PoolingSlot]) -> "PooledBatch":
+    def pool(self, hidden: torch.Tensor, slots: PoolingSlots | Sequence[PoolingSlot]) -> "PooledBatch":
         """Every slot's output, packed into one flat float32 tensor on the model's device.
 
         A slot of task "all" is pooled once per task over the same rows; it unpacks to a dict.
         """
-        expanded: list[PoolingSlot] = []
-        owners: list[tuple[int, str | None]] = []
-        for i, slot in enumerate(slots):
-            if slot.task == ALL_TASKS:
-                for task in self.poolers:
-                    expanded.append(replace(slot, task=task))
-                    owners.append((i, task))
-            else:
-                expanded.append(slot)
-                owners.append((i, None))
-        by_task: dict[str, list[int]] = defaultdict(list)
-        for i, slot in enumerate(expanded):
-            by_task[slot.task].append(i)
-        flats = []
-        places: list[tuple[int, tuple[int, ...]]] = [(0, ())] * len(expanded)
-        offset = 0
-        for task, indices in by_task.items():
-            flat, shapes = self.poolers[task](hidden, [expanded[i] for i in indices])
-            for i, shape in zip(indices, shapes):
-                places[i] = (offset, shape)
-                offset += math.prod(shape)
+        slots = as_slots(slots)
+        tasks = slots.tasks
+        num = len(tasks)
+        first = tasks[0]
+        if first != ALL_TASKS and tasks.count(first) == num:  # one task: one pooler call, in order
+            flat, shapes = self.poolers[first](hidden, slots)
+            return PooledBatch(flat, [_Segment(0, flat.numel(), shapes)], num)
+        # Slots grouped by pooler task in order of first appearance, "all" slots expanded to every task.
+        groups: dict[str, tuple[list[int], list[str | None]]] = {}
+        for i, task in enumerate(tasks):
+            for sub, key in ([(t, t) for t in self.poolers] if task == ALL_TASKS else [(task, None)]):
+                indices, keys = groups.setdefault(sub, ([], []))
+                indices.append(i)
+                keys.append(key)
+        has_all = ALL_TASKS in tasks
+        flats, segments, offset = [], [], 0
+        for task, (indices, keys) in groups.items():
+            flat, shapes = self.poolers[task](hidden, slots.select(indices, task))
+            segments.append(_Segment(offset, flat.numel(), shapes, indices, keys if has_all else None))
+            offset += flat.numel()
             flats.append(flat)
         flat = flats[0] if len(flats) == 1 else torch.cat(flats)
-        return PooledBatch(flat, places, owners if len(expanded) != len(slots) else None, len(slots))
+        return PooledBatch(flat, segments, num, tuple(self.poolers) if has_all else None)
 
 
 ALL_TASKS = "all"
 
 
 @dataclass(slots=True)
-class PooledBatch:
-    """All outputs of a batch in one flat tensor; `places[i]` = (offset, shape) of pooled slot i.
+class _Segment:
+    """The output of one pooler call: `numel` values at `offset` of the flat tensor, laid out as `shapes`.
 
-    owners: for batches with "all" slots, (request index, task) of each pooled slot; None otherwise.
+    indices: the request each pooled slot belongs to (None: requests 0..n-1 in order); keys: for batches
+    with "all" requests, the task of each pooled slot of such a request (None for the other requests).
+    """
+
+    offset: int
+    numel: int
+    shapes: RowShapes | list[tuple[int, ...]]
+    indices: list[int] | None = None
+    keys: list[str | None] | None = None
+
+
+@dataclass(slots=True)
+class PooledBatch:
+    """All outputs of a batch in one flat tensor, as segments (one per pooler call).
+
+    all_tasks: for batches with "all" requests, the tasks of their dicts, in order; None otherwise.
     """
 
     flat: torch.Tensor
-    places: list[tuple[int, tuple[int, ...]]]
-    owners: list[tuple[int, str | None]] | None = None
+    segments: list[_Segment]
     num_requests: int = 0
+    all_tasks: tuple[str, ...] | None = None
 
     def unpack(self, flat: torch.Tensor | None = None) -> list:
         """Per request: a view of `flat` (default: this batch's own tensor), or a dict of views for "all"."""
         flat = self.flat if flat is None else flat
-        views = [flat[o:o + math.prod(shape)].view(shape) for o, shape in self.places]
-        if self.owners is None:
-            return views
+        segments = self.segments
+        if len(segments) == 1 and segments[0].indices is None:
+            seg = segments[0]
+            return split_views(flat if seg.numel == flat.numel() else flat[:seg.numel], seg.shapes)
         results: list = [None] * self.num_requests
-        for view, (i, task) in zip(views, self.owners):
-            if task is None:
-                results[i] = view
+        if self.all_tasks is not None:
+            for seg in segments:
+                for i, key in zip(seg.indices, seg.keys):
+                    if key is not None and results[i] is None:
+                        results[i] = dict.fromkeys(self.all_tasks)
+        for seg in segments:
+            views = split_views(flat[seg.offset:seg.offset + seg.numel], seg.shapes)
+            if seg.keys is None:
+                for i, view in zip(seg.indices, views):
+                    results[i] = view
             else:
-                if results[i] is None:
-                    results[i] = {}
-                results[i][task] = view
+                for i, key, view in zip(seg.indices, seg.keys, views):
+                    if key is None:
+                        results[i] = view
+                    else:
+                        results[i][key] = view
         return results
