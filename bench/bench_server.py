@@ -10,6 +10,12 @@ Measures, and prints as one table:
      once) measured in this process just before it, while the server idles.
 Clients read every answer in full but decode only the first of each run (checked for shape): decoding JSON
 floats in Python would measure the client, and the clients share the machine with the server.
+
+For each throughput mode it also prints the server's batches (prompts, tokens, ms per engine step) and the
+CPU time per document of the server process and of the clients, and, per kept run, "noise": the cores
+that other processes kept busy meanwhile (from /proc/stat; runs above --max-noise are kept only when no
+cleaner run exists). --client-process [--client-nice 10] runs the clients in a separate, lower-priority
+process; --server-env KEY=VALUE sets variables for the server only (e.g. GOMP_SPINCOUNT experiments).
 """
 
 from __future__ import annotations
