@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch is imported, as bench/gpu_token_embed.py (and `import tokenpool`) does: host buffers on
+# transparent huge pages.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 

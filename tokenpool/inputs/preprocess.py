@@ -129,7 +129,9 @@ class InputProcessor:
             raise ValueError("This engine has no tokenizer; pass TokensPrompt(prompt_token_ids=...).")
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        kwargs: dict[str, Any] = {"add_special_tokens": add_special_tokens}
+        # Only the ids are used: no attention masks or token type ids built per text.
+        kwargs: dict[str, Any] = {"add_special_tokens": add_special_tokens, "return_attention_mask": False,
+                                  "return_token_type_ids": False}
         if limit is not None:
             kwargs.update(truncation=True, max_length=limit)
         return self.tokenizer(texts, **kwargs)["input_ids"]
