@@ -40,3 +40,24 @@ def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
         else:
             yield from load_torch_file(path).items()
+
+
+def copy_weight(param: torch.Tensor, tensor: torch.Tensor, name: str, start: int | None = None) -> None:
+    """Copy checkpoint tensor `name` into `param`, or into its rows `start:` when `param` stacks several
+    checkpoint tensors (fused q/k/v, gate/up)."""
+    with torch.no_grad():
+        if start is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+            param.copy_(tensor)
+        else:
+            rows = param[start:start + tensor.shape[0]]
+            if rows.shape != tensor.shape:
+                raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}.")
+            rows.copy_(tensor)
+
+
+def check_complete(expected: set[str], loaded: set[str]) -> None:
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"Checkpoint is missing {len(missing)} weight(s), e.g. {missing[:4]}.")

@@ -15,6 +15,7 @@ from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
+from tokenpool.loader.weights import check_complete, copy_weight
 from tokenpool.layers.norm import add_layer_norm
 
 # config.hidden_act -> `Linear` activation (fused into the FFN-in GEMM on the CPU)
@@ -98,20 +99,11 @@ class BertModel(nn.Module):
             if target not in params:
                 raise ValueError(f"Unexpected weight {name!r} in checkpoint (no parameter {target!r}).")
             param = params[target]
-            with torch.no_grad():
-                if shard is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-                    param.copy_(tensor)
-                else:
-                    size = param.shape[0] // 3
-                    param[shard * size:(shard + 1) * size].copy_(tensor)
+            copy_weight(param, tensor, name, None if shard is None else shard * (param.shape[0] // 3))
             loaded.add(target if shard is None else f"{target}#{shard}")
         expected = {n for n in params if not n.endswith("qkv.weight") and not n.endswith("qkv.bias")}
         expected |= {f"{n}#{i}" for n in params if n.endswith(("qkv.weight", "qkv.bias")) for i in range(3)}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"Checkpoint is missing {len(missing)} weight(s), e.g. {missing[:4]}.")
+        check_complete(expected, loaded)
 
     @staticmethod
     def _map_name(name: str) -> tuple[str, int | None]:

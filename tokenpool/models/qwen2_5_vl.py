@@ -29,6 +29,7 @@ from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
+from tokenpool.loader.weights import check_complete, copy_weight
 from tokenpool.multimodal.inputs import ImageInputs
 
 
@@ -333,24 +334,14 @@ class Qwen2_5_VLModel(nn.Module):
             param = params[target]
             if target == "visual.patch_embed.weight":
                 tensor = tensor.reshape(tensor.shape[0], -1)
-            with torch.no_grad():
-                if shard is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-                    param.copy_(tensor)
-                else:
-                    index, sizes = shard
-                    start = sum(sizes(self, target)[:index])
-                    param[start:start + tensor.shape[0]].copy_(tensor)
+            copy_weight(param, tensor, name, None if shard is None else sum(shard[1](self, target)[:shard[0]]))
             loaded.add(target if shard is None else f"{target}#{shard[0]}")
         expected = set()
         for n in params:
             module = n.rsplit(".", 2)[-2]
             parts = 2 if module == "gate_up" else 3 if module == "qkv" and n.startswith("text.") else 0
             expected |= {f"{n}#{i}" for i in range(parts)} if parts else {n}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"Checkpoint is missing {len(missing)} weight(s), e.g. {missing[:4]}.")
+        check_complete(expected, loaded)
 
 
 def _qkv_sizes(model: Qwen2_5_VLModel, target: str) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenpool.multimodal.utils import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from tokenpool.multimodal.utils import check_image_size
 
 _PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 
@@ -57,12 +57,7 @@ def as_image_list(data: Any, index: int) -> list:
     for image in images:
         if not isinstance(image, Image.Image):
             raise TypeError(f"Prompt {index}: images must be PIL.Image.Image, got {type(image).__name__}.")
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ValueError(f"Prompt {index}: an image has zero size ({width}x{height}).")
-        if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"Prompt {index}: an image is {width}x{height} px; at most {MAX_IMAGE_SIDE} px a side "
-                             f"and {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
+        check_image_size(*image.size, f"Prompt {index}: an image")
         out.append(image if image.mode == "RGB" else image.convert("RGB"))
     return out
 

@@ -29,17 +29,21 @@ def fetch_image(url: str, *, timeout: float = 10.0) -> Any:
     except Exception as e:
         raise ValueError(f"Could not decode an image from {url[:80]!r}: {e}") from e
     # The header gives the size: refuse oversized images before decoding them.
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValueError(f"The image at {url[:80]!r} has zero size ({width}x{height}).")
-    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"The image at {url[:80]!r} is {width}x{height} px; at most {MAX_IMAGE_SIDE} px a side and "
-                         f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
+    check_image_size(*image.size, f"The image at {url[:80]!r}")
     try:
         image.load()
     except Exception as e:
         raise ValueError(f"Could not decode an image from {url[:80]!r}: {e}") from e
     return image.convert("RGB")
+
+
+def check_image_size(width: int, height: int, what: str) -> None:
+    """Refuse empty images and images over MAX_IMAGE_SIDE px a side or MAX_IMAGE_PIXELS in all."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} has zero size ({width}x{height}).")
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{what} is {width}x{height} px; at most {MAX_IMAGE_SIDE} px a side and "
+                         f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
 
 
 def _read_bytes(url: str, timeout: float) -> bytes:
