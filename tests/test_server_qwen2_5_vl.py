@@ -102,3 +102,14 @@ def test_image_placeholder_without_image_is_400(server):
     response = requests.post(server.url("/pooling"), json={"input": f"{PLACEHOLDER} where is it?"}, timeout=60)
     assert response.status_code == 400, response.text
     assert "no image was given" in response.json()["error"]["message"]
+
+
+def test_tokenize_messages_with_image_shows_expanded_tokens(server, llm):
+    image = make_test_images()[0]
+    response = requests.post(server.url("/tokenize"), json={"messages": messages(data_url(image), "Describe.")},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    expected = llm.encode([TextPrompt(prompt=f"{PLACEHOLDER}\nDescribe.", multi_modal_data={"image": image})],
+                          pooling_task="token_embed", use_tqdm=False)[0].prompt_token_ids
+    assert response.json()["tokens"] == expected
+    assert response.json()["count"] == len(expected) > 64

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import logging
 import os
 
 import numpy as np
@@ -78,17 +79,23 @@ def _fused(fn):
 
     def run(*args):
         nonlocal compiled
-        if not (_COMPILE and args[0].is_cuda):
+        if not (_COMPILE and args[0].is_cuda) or compiled is False:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # no Triton, no compiler: the eager ops compute the same function
+            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
+            compiled = False
+            return fn(*args)
 
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__
     return run
 
 
 _COMPILE = os.environ.get("TOKENPOOL_COMPILE", "1") != "0"
+logger = logging.getLogger("tokenpool")
 rms_norm, add_rms_norm, rotate, silu_mul = (_fused(f) for f in (_rms_norm, _add_rms_norm, _rotate, _silu_mul))
 
 

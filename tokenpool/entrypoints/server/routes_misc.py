@@ -31,16 +31,19 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
     s: ServingState = raw_request.app.state.serving
     s.check_model(request.model)
     tokenizer = s.core.tokenizer
+    images = False
     if request.messages is not None:
         chat = await s.engine.run_in_tokenizer_thread(
-            parse_messages, request.messages, s.media, s.supports_images, tokenizer)
-        text, default_add = chat.text, not getattr(tokenizer, "chat_template", None)
+            parse_messages, request.messages, s.media, s.supports_images, tokenizer, s.image_placeholder)
+        text, default_add, images = chat.text, not getattr(tokenizer, "chat_template", None), bool(chat.image_urls)
     else:
         text, default_add = request.prompt, True
     add = default_add if request.add_special_tokens is None else request.add_special_tokens
+    # With images the placeholders are expanded as for pooling (the images are read and preprocessed).
+    expanded = (await s.tokenize_input(None, request.messages, None, add))[0] if images else None
 
     def run() -> tuple[list[int], list[str] | None]:
-        ids = s.core.inputs.tokenize([text], None, add)[0]
+        ids = list(expanded) if expanded is not None else s.core.inputs.tokenize([text], None, add)[0]
         return ids, tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
 
     ids, strs = await s.engine.run_in_tokenizer_thread(run)
