@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import logging
 import os
+import threading
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def _fused(fn):
 
     def run(*args):
         nonlocal compiled
-        if not (_COMPILE and args[0].is_cuda) or compiled is False:
+        if not (getattr(_compile_state, "enabled", _COMPILE) and args[0].is_cuda) or compiled is False:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -95,6 +96,8 @@ def _fused(fn):
 
 
 _COMPILE = os.environ.get("TOKENPOOL_COMPILE", "1") != "0"
+# Per thread: the model being run sets it from its `compile_fused` (False under `enforce_eager=True`).
+_compile_state = threading.local()
 logger = logging.getLogger("tokenpool")
 rms_norm, add_rms_norm, rotate, silu_mul = (_fused(f) for f in (_rms_norm, _add_rms_norm, _rotate, _silu_mul))
 
@@ -299,6 +302,7 @@ class Qwen2_5_VLModel(nn.Module):
 
     uses_mrope = True
     causal = True
+    compile_fused = _COMPILE  # fused elementwise kernels on CUDA; the engine clears it for enforce_eager
 
     def __init__(self, config, position_offset: int = 0):
         super().__init__()
@@ -314,6 +318,7 @@ class Qwen2_5_VLModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 images: list[ImageInputs] | None = None) -> torch.Tensor:
+        _compile_state.enabled = self.compile_fused
         x = self.text.embed_tokens(input_ids)
         if images:
             pixels = torch.cat([im.pixel_values for im in images]).to(x.device, non_blocking=True)
