@@ -1,5 +1,7 @@
 """CUDA-only fast paths against their exact torch forms (skipped without a GPU; run by hand on one)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -36,3 +38,30 @@ def test_varlen_attention_equals_per_sequence_sdpa():
     want = _per_sequence_sdpa(q.float(), k.float(), v.float(), meta)
     cos = torch.nn.functional.cosine_similarity(got.float().flatten(1), want.flatten(1), dim=1)
     assert cos.min().item() > 0.999
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 777, 5000])
+def test_qwen_fused_elementwise_chains_equal_eager(tokens):
+    """The torch.compile'd chains of Qwen2.5-VL (add + RMSNorm, rotary, SiLU x up) vs the same eager ops."""
+    from tokenpool.models import qwen2_5_vl as q
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(tokens, 2048, device="cuda", dtype=dt)
+    delta = torch.randn(tokens, 2048, device="cuda", dtype=dt)
+    weight = torch.rand(2048, device="cuda", dtype=dt) + 0.5
+    heads = torch.randn(tokens, 16, 128, device="cuda", dtype=dt)
+    text_model = SimpleNamespace(theta=1e6, head_dim=128, mrope_section=[16, 24, 24])  # what rotary reads
+    cos, sin = q.Qwen2TextModel.rotary(text_model, torch.randint(0, 500, (3, tokens), device="cuda"))
+    gate_up = torch.randn(tokens, 2 * 1000, device="cuda", dtype=dt)
+    pairs = [
+        (q.rms_norm(x, weight, 1e-6), q._rms_norm(x, weight, 1e-6)),
+        (q.add_rms_norm(delta, x, weight, 1e-6, dt)[1], q._add_rms_norm(delta, x, weight, 1e-6, dt)[1]),
+        (q.rotate(heads, cos, sin), q._rotate(heads, cos, sin)),
+        (q.silu_mul(gate_up), q._silu_mul(gate_up)),
+    ]
+    for got, want in pairs:
+        assert got.shape == want.shape and got.dtype == want.dtype
+        # One bf16 rounding apart at most (the fused kernel keeps fp32 between ops where eager rounds).
+        assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
