@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -119,6 +120,19 @@ class LLMEngine:
         request = Request(request_id, prompt_token_ids, task, params)
         self._requests[request_id] = request
         self.scheduler.add(request)
+
+    def add_validated_requests(self, request_ids: list[str], token_ids: list[list[int]], arrays: list,
+                               task: str, params: list[PoolingParams]) -> None:
+        """Queue a chunk of plain token-id prompts that `InputProcessor.process` has already validated into
+        int64 `arrays` (ids in the vocabulary, lengths within the context; no images), in one call: no
+        per-request checks or conversions. `task` must have been checked (`check_task`)."""
+        known = self._requests
+        for rid in request_ids:
+            if rid in known:
+                raise ValueError(f"Duplicate request id {rid!r}.")
+        requests = list(map(Request, request_ids, token_ids, itertools.repeat(task), params, arrays))
+        known.update(zip(request_ids, requests))
+        self.scheduler.add_many(requests, sum(map(len, token_ids)))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Drop requests: queued ones never run; a running one's output is discarded."""

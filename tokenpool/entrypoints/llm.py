@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +9,6 @@ from tqdm.auto import tqdm
 
 from tokenpool.config import EngineArgs
 from tokenpool.engine.engine import LLMEngine
-from tokenpool.engine.request import Request
 from tokenpool.inputs.data import PromptType
 from tokenpool.outputs import (
     EmbeddingRequestOutput,
@@ -190,21 +188,13 @@ class LLM:
 
     def _add(self, request_ids: list[str], token_ids: list[list[int]], arrays: list | None, task: str,
              params: list[PoolingParams]) -> None:
-        """Queue one chunk of prompts. Prompts validated into int64 arrays (plain token-id prompts: no
-        images, lengths checked, the task checked by `encode`) skip `LLMEngine.add_request`'s per-request
-        checks: their `Request`s are made here, with those arrays, and queued in one call."""
+        """Queue one chunk of prompts: already-validated token-id prompts in one call, others one by one."""
         engine = self.llm_engine
-        if arrays is None:
-            for rid, tokens, p in zip(request_ids, token_ids, params):
-                engine.add_request(rid, tokens, task, p)
+        if arrays is not None:
+            engine.add_validated_requests(request_ids, token_ids, arrays, task, params)
             return
-        known = engine._requests
-        for rid in request_ids:
-            if rid in known:
-                raise ValueError(f"Duplicate request id {rid!r}.")
-        requests = list(map(Request, request_ids, token_ids, itertools.repeat(task), params, arrays))
-        known.update(zip(request_ids, requests))
-        engine.scheduler.add_many(requests, sum(map(len, token_ids)))
+        for rid, tokens, p in zip(request_ids, token_ids, params):
+            engine.add_request(rid, tokens, task, p)
 
     def _run(self, prompts: list, params: list[PoolingParams], task: str, truncate: int | None,
              add_special: bool, use_tqdm: bool) -> list[PoolingRequestOutput]:
@@ -238,6 +228,7 @@ class LLM:
                 engine.abort_requests(ids)
                 raise
         return list(map(finished.__getitem__, ids))
+
 
 def _as_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):
