@@ -17,18 +17,19 @@ from tokenpool.engine.scheduler import Batch
 from tokenpool.layers.attention import AttentionMetadata
 from tokenpool.layers.pooler import PoolingSlots
 from tokenpool.models.pooling_model import PooledBatch, PoolingModel
+from tokenpool.multimodal.inputs import BatchImages
 
 
 @dataclass(slots=True)
 class ModelInput:
     """The packed batch: `input_ids` `[total_tokens]`; `positions` `[total_tokens]`, or `[3, total_tokens]`
-    multimodal rotary positions when the batch has images; `images`: each image prompt's `ImageInputs`."""
+    multimodal rotary positions when the batch has images; `images`: the batch's images, if any."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
     slots: PoolingSlots
-    images: list | None = None
+    images: BatchImages | None = None
 
 
 @dataclass(slots=True)
@@ -72,12 +73,16 @@ class ModelRunner:
         cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=self.device)
         torch.cumsum(lens, 0, out=cu_seqlens[1:])
         # Position of each token inside its sequence, computed on the device (no sync: output_size given).
-        images = [r.images for r in requests if r.images is not None]
-        if images:
+        images = None
+        if any(r.images is not None for r in requests):
             # Text-only prompts count 0..n-1 on all three rotary axes; image prompts bring their own ids.
             rows = [r.images.positions if r.images is not None else np.broadcast_to(np.arange(n), (3, n))
                     for r, n in zip(requests, seq_lens)]
             positions = torch.from_numpy(np.concatenate(rows, axis=1)).to(self.device, non_blocking=True)
+            with_images = [(r.images, start) for r, start in zip(requests, (ends - lens_np).tolist())
+                           if r.images is not None]
+            images = BatchImages([im for im, _ in with_images],
+                                 np.concatenate([im.token_index + start for im, start in with_images]))
         else:
             starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
             positions = torch.arange(total, device=self.device) - starts
@@ -91,7 +96,7 @@ class ModelRunner:
         slots = PoolingSlots(ends - lens_np, lens_np, [r.task for r in requests], acts,
                              None if dims.count(None) == len(dims) else dims)
         attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))
-        return ModelInput(input_ids, positions, attn, slots, images or None)
+        return ModelInput(input_ids, positions, attn, slots, images)
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> InFlight:

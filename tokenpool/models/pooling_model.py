@@ -10,6 +10,7 @@ from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata
 from tokenpool.layers.pooler import PoolingSlot, PoolingSlots, RowShapes, as_slots, split_views
+from tokenpool.multimodal.inputs import BatchImages
 
 
 class PoolingModel(nn.Module):
@@ -35,8 +36,8 @@ class PoolingModel(nn.Module):
         return (*tasks, ALL_TASKS) if self.lexical_head else tasks
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                images: list | None = None) -> torch.Tensor:
-        if images:
+                images: BatchImages | None = None) -> torch.Tensor:
+        if images is not None:
             return self.backbone(input_ids, positions, meta, images)
         return self.backbone(input_ids, positions, meta)
 

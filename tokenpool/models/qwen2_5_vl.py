@@ -32,7 +32,7 @@ from torch import nn
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
 from tokenpool.loader.weights import check_complete, copy_weight
-from tokenpool.multimodal.inputs import ImageInputs
+from tokenpool.multimodal.inputs import BatchImages
 
 
 
@@ -233,10 +233,10 @@ class VisionTransformer(nn.Module):
 
     def layout(self, grid_thw: list[tuple[int, int, int]]):
         """Host-side index work for a batch of images: merge-unit order by window, each patch's (row, col),
-        and the cu_seqlens of windows and of whole frames (both in window order)."""
+        and the lengths of the windows and of whole frames (both in window order)."""
         m, unit = self.merge, self.merge * self.merge
         ws = self.window // self.merge // self.patch  # window side in merge units
-        order, rows, cols, windows, frames = [], [], [], [0], [0]
+        order, rows, cols, windows, frames = [], [], [], [], []
         base = 0
         for t, h, w in grid_thw:
             lh, lw = h // m, w // m
@@ -251,8 +251,8 @@ class VisionTransformer(nn.Module):
                     for wj in range(nw):
                         block = grid[wi * ws:(wi + 1) * ws, wj * ws:(wj + 1) * ws].reshape(-1)
                         order.append(block)
-                        windows.append(windows[-1] + block.size * unit)
-                frames.append(frames[-1] + lh * lw * unit)
+                        windows.append(block.size * unit)
+                frames.append(lh * lw * unit)
                 rows.append(r)
                 cols.append(c)
             base += t * lh * lw
@@ -272,8 +272,8 @@ class VisionTransformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         if x.device.type == "cpu" and x.dtype != torch.float32:
             x = x.float()  # the CPU's mixed precision: fp32 residual stream, GEMMs in the weights' dtype
-        window_meta = _meta(windows, device)
-        frame_meta = _meta(frames, device)
+        window_meta = AttentionMetadata.from_seq_lens(windows, device)
+        frame_meta = AttentionMetadata.from_seq_lens(frames, device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, frame_meta if i in self.full_blocks else window_meta)
         merged = self.merger(x)
@@ -291,16 +291,10 @@ def _inverse_frequencies(theta: float, dim: int, device: torch.device) -> torch.
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
 
 
-def _meta(cu: list[int], device: torch.device) -> AttentionMetadata:
-    lens = [b - a for a, b in zip(cu, cu[1:])]
-    return AttentionMetadata(torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), lens, max(lens))
-
-
 # ----------------------------------------------------------------------------- the backbone
 class Qwen2_5_VLModel(nn.Module):
     """Token ids (+ images) -> the last hidden state of every token, `[T, hidden]`."""
 
-    uses_mrope = True
     causal = True
     compile_fused = _COMPILE  # fused elementwise kernels on CUDA; the engine clears it for enforce_eager
 
@@ -317,17 +311,18 @@ class Qwen2_5_VLModel(nn.Module):
         return self.text_config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                images: list[ImageInputs] | None = None) -> torch.Tensor:
+                images: BatchImages | None = None) -> torch.Tensor:
         _compile_state.enabled = self.compile_fused
         x = self.text.embed_tokens(input_ids)
-        if images:
-            pixels = torch.cat([im.pixel_values for im in images]).to(x.device, non_blocking=True)
-            grids = [g for im in images for g in im.grid_thw]
+        if images is not None:
+            pixels = torch.cat([im.pixel_values for im in images.inputs]).to(x.device, non_blocking=True)
+            grids = [g for im in images.inputs for g in im.grid_thw]
+            merge = self.visual.merge
+            expected = sum(t * h * w // (merge * merge) for t, h, w in grids)
+            if len(images.rows) != expected:
+                raise ValueError(f"{len(images.rows)} image tokens in the batch but {expected} image embeddings.")
             embeds = self.visual(pixels, grids).to(x.dtype)
-            slots = (input_ids == self.image_token_id).nonzero().squeeze(1)
-            if slots.numel() != embeds.shape[0]:
-                raise ValueError(f"{slots.numel()} image tokens in the batch but {embeds.shape[0]} image embeddings.")
-            x = x.index_copy(0, slots, embeds)
+            x = x.index_copy(0, torch.from_numpy(images.rows).to(x.device, non_blocking=True), embeds)
         meta = AttentionMetadata(meta.cu_seqlens, meta.seq_lens, meta.max_seqlen, causal=True)
         return self.text(x, positions, meta)
 

@@ -23,11 +23,21 @@ _PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 @dataclass(slots=True)
 class ImageInputs:
     """The images of one prompt, preprocessed: patches `[num_patches, C*T*P*P]`, each image's (t, h, w)
-    patch grid, and the prompt's multimodal rotary position ids `[3, num_tokens]`."""
+    patch grid, the prompt's multimodal rotary position ids `[3, num_tokens]`."""
 
     pixel_values: torch.Tensor
     grid_thw: list[tuple[int, int, int]]
     positions: np.ndarray
+    token_index: np.ndarray  # offsets of the image tokens in the prompt, in image order
+
+
+@dataclass(slots=True)
+class BatchImages:
+    """The images of a packed batch: each image prompt's inputs, and the rows of the batch that hold their
+    image tokens (known on the host, so the model scatters image embeddings without a device sync)."""
+
+    inputs: list[ImageInputs]
+    rows: np.ndarray
 
 
 class MultiModalTokens(list):
@@ -94,7 +104,8 @@ class ImagePromptProcessor:
         expanded += ids[last:]
         positions = mrope_positions(expanded, self.image_token_id, grids, self.merge)
         pixels = processed["pixel_values"].to(torch.float32).contiguous()
-        return MultiModalTokens(expanded, ImageInputs(pixels, grids, positions))
+        token_index = np.flatnonzero(np.asarray(expanded, dtype=np.int64) == self.image_token_id)
+        return MultiModalTokens(expanded, ImageInputs(pixels, grids, positions, token_index))
 
     def check_text_only(self, ids: list[int], index: int) -> None:
         """Image placeholders need images: refuse them in prompts without `multi_modal_data`."""
