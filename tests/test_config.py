@@ -42,35 +42,44 @@ import torch  # noqa: E402
 
 from tokenpool import config as config_module  # noqa: E402
 from tokenpool.config import CPU_AUTO_DTYPE_ENV, resolve_dtype  # noqa: E402
+from tokenpool.platforms import cpu as cpu_module  # noqa: E402
+from tokenpool.platforms.cpu import CpuInfo  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "amx_bf16"])
+def _fake_cpu(monkeypatch, isa_class: str, flags: str = "") -> None:
+    info = CpuInfo("test CPU", 2, frozenset(flags.split()), isa_class, isa_class, ())
+    monkeypatch.setattr(cpu_module, "cpu_info", lambda: info)
+    monkeypatch.setattr(config_module, "cpu_info", lambda: info)
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "amx"])
 def test_auto_is_bf16_on_a_cpu_with_bf16_matrix_instructions(monkeypatch, caplog, isa):
     monkeypatch.delenv(CPU_AUTO_DTYPE_ENV, raising=False)
-    monkeypatch.setattr(config_module, "cpu_bf16_matrix_isa", lambda: isa)
+    _fake_cpu(monkeypatch, isa)
     with caplog.at_level(logging.INFO, logger="tokenpool"):
         assert resolve_dtype("auto", CPU) is torch.bfloat16
     message = caplog.text
-    assert "dtype=auto resolved to bfloat16" in message and isa in message and "float32" in message
+    assert "dtype=auto resolved to bfloat16" in message and isa.upper() in message and "float32" in message
 
 
-def test_auto_is_fp32_on_a_cpu_without_them(monkeypatch, caplog):
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "none"])
+def test_auto_is_fp32_on_a_cpu_without_them(monkeypatch, caplog, isa):
     monkeypatch.delenv(CPU_AUTO_DTYPE_ENV, raising=False)
-    monkeypatch.setattr(config_module, "cpu_bf16_matrix_isa", lambda: None)
+    _fake_cpu(monkeypatch, isa)
     with caplog.at_level(logging.INFO, logger="tokenpool"):
         assert resolve_dtype("auto", CPU) is torch.float32
     assert "dtype=auto resolved to float32" in caplog.text and "no native bf16" in caplog.text
 
 
 def test_auto_cpu_choice_env_override(monkeypatch, caplog):
-    monkeypatch.setattr(config_module, "cpu_bf16_matrix_isa", lambda: "avx512_bf16")
+    _fake_cpu(monkeypatch, "avx512_bf16")
     monkeypatch.setenv(CPU_AUTO_DTYPE_ENV, "float32")
     with caplog.at_level(logging.INFO, logger="tokenpool"):
         assert resolve_dtype("auto", CPU) is torch.float32
     assert CPU_AUTO_DTYPE_ENV in caplog.text
-    monkeypatch.setattr(config_module, "cpu_bf16_matrix_isa", lambda: None)
+    _fake_cpu(monkeypatch, "avx2")
     monkeypatch.setenv(CPU_AUTO_DTYPE_ENV, "bf16")
     assert resolve_dtype("auto", CPU) is torch.bfloat16
     monkeypatch.setenv(CPU_AUTO_DTYPE_ENV, "int3")
@@ -79,32 +88,51 @@ def test_auto_cpu_choice_env_override(monkeypatch, caplog):
 
 
 def test_every_precision_is_selectable_and_explicit_wins(monkeypatch):
-    monkeypatch.setattr(config_module, "cpu_bf16_matrix_isa", lambda: "avx512_bf16")
+    _fake_cpu(monkeypatch, "avx512_bf16")
     monkeypatch.setenv(CPU_AUTO_DTYPE_ENV, "bfloat16")
     for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
         assert resolve_dtype(name, CPU) is dtype
 
 
-def test_cpu_flags_detection(monkeypatch, tmp_path):
-    """The ISA comes from /proc/cpuinfo's flags (AMX preferred); without them, from PyTorch's probes."""
-    real_open = open
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse4_2", "none"),
+    ("fpu avx avx2 fma", "avx2"),
+    ("fpu avx2 avx512f avx512bw avx512vl avx512dq", "avx512"),
+    ("fpu avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16", "avx512_bf16"),
+    ("fpu avx2 avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_tile amx_bf16", "amx"),
+    ("fpu avx2 avx512f", "avx2"),  # AVX-512 without BW/VL/DQ (Knights Landing): oneDNN treats it as AVX2
+])
+def test_isa_class_from_cpu_flags(flags, expected):
+    assert cpu_module.hardware_class(frozenset(flags.split())) == expected
 
-    def fake_cpuinfo(flags):
-        path = tmp_path / "cpuinfo"
-        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(path if f == "/proc/cpuinfo" else f, *a, **k))
 
-    fake_cpuinfo("fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16")
-    assert config_module.cpu_bf16_matrix_isa() == "amx_bf16"
-    fake_cpuinfo("fpu avx2 avx512f avx512_bf16")
-    assert config_module.cpu_bf16_matrix_isa() == "avx512_bf16"
-    fake_cpuinfo("fpu avx2 avx512f")
-    assert config_module.cpu_bf16_matrix_isa() is None
+def test_cap_variables_lower_the_class():
+    """The variables that cap PyTorch's, oneDNN's and MKL's kernels lower the class; the lowest wins."""
+    assert cpu_module.lowered_class("amx", {})[0] == "amx"
+    assert cpu_module.lowered_class("amx", cpu_module.AVX2_ENV)[0] == "avx2"
+    assert cpu_module.lowered_class("amx", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})[0] == "avx512_bf16"
+    assert cpu_module.lowered_class("amx", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})[0] == "avx512"
+    assert cpu_module.lowered_class("avx512_bf16", {"ATEN_CPU_CAPABILITY": "avx2",
+                                                    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})[0] == "avx2"
+    assert cpu_module.lowered_class("avx2", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})[0] == "avx2"  # caps never raise
+    cls, caps = cpu_module.lowered_class("amx", {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "UNRELATED": "1"})
+    assert cls == "avx2" and caps == (("MKL_ENABLE_INSTRUCTIONS", "AVX2"),)
+
+
+@pytest.mark.parametrize("isa, bf16_mode", [("avx2", "emulated"), ("avx512", "emulated"), ("avx512_bf16", "onednn"),
+                                            ("amx", "onednn")])
+def test_gemm_mode_per_class(monkeypatch, isa, bf16_mode):
+    _fake_cpu(monkeypatch, isa)
+    if not cpu_module.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN: every dtype runs through F.linear")
+    assert cpu_module.gemm_mode(torch.float32) == "onednn"
+    assert cpu_module.gemm_mode(torch.bfloat16) == bf16_mode
+    assert cpu_module.gemm_mode(torch.float16) == "emulated"
 
 
 def test_llm_auto_on_this_cpu_logs_its_choice(minilm_path, caplog, monkeypatch):
     monkeypatch.delenv(CPU_AUTO_DTYPE_ENV, raising=False)
-    expected = torch.bfloat16 if config_module.cpu_bf16_matrix_isa() and torch.backends.mkldnn.is_available() \
+    expected = torch.bfloat16 if cpu_module.cpu_info().native_bf16 and cpu_module.onednn_available() \
         else torch.float32
     with caplog.at_level(logging.INFO, logger="tokenpool"):
         llm = LLM(str(minilm_path))

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tokenpool.platforms.cpu import cpu_info, gemm_mode
+
 logger = logging.getLogger("tokenpool")
 
 TASKS = ("embed", "token_embed", "token_classify", "classify", "all")
@@ -260,41 +262,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 CPU_AUTO_DTYPE_ENV = "TOKENPOOL_CPU_AUTO_DTYPE"
 
 
-def cpu_bf16_matrix_isa() -> str | None:
-    """The CPU's native bf16 matrix instructions: "amx_bf16", "avx512_bf16", or None.
-
-    Read from the kernel's CPU flags (/proc/cpuinfo) on Linux, else from what PyTorch detects itself.
-    """
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if not flags:
-        cpu = getattr(torch, "cpu", None)
-        for name, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-            try:
-                if getattr(cpu, probe)():
-                    flags.add(name)
-            except Exception:  # noqa: BLE001 - a private probe this torch may lack
-                pass
-    for isa in ("amx_bf16", "avx512_bf16"):
-        if isa in flags:
-            return isa
-    return None
-
-
 def cpu_auto_dtype() -> tuple[torch.dtype, str]:
     """What dtype="auto" runs on the CPU, and why.
 
-    bf16 where the CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16) and oneDNN is there to
-    use it: the GEMMs run in bf16, attention scores, softmax and the residual stream stay fp32, min
-    per-token cosine 0.9996 to fp32 on all-MiniLM-L6-v2 (bench/NOTES.md), 1.4x faster. Elsewhere bf16 is
-    emulated and slower than fp32, so fp32. `$TOKENPOOL_CPU_AUTO_DTYPE` (a dtype name) overrides the choice.
+    bf16 where the CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16, after the cap variables:
+    `tokenpool.platforms.cpu`) and oneDNN is there to use it: the GEMMs run in bf16, attention scores,
+    softmax and the residual stream stay fp32, min per-token cosine 0.9995 to fp32 on all-MiniLM-L6-v2
+    (bench/NOTES.md). Elsewhere bf16 is emulated at fp32 speed, so fp32 (exact, as fast). `$TOKENPOOL_CPU_AUTO_DTYPE` (a dtype name) overrides the choice.
     """
     forced = os.environ.get(CPU_AUTO_DTYPE_ENV, "").strip().lower()
     if forced and forced != "auto":
@@ -302,10 +276,11 @@ def cpu_auto_dtype() -> tuple[torch.dtype, str]:
             return _DTYPES[forced], f"${CPU_AUTO_DTYPE_ENV}={forced}"
         except KeyError:
             raise ValueError(f"${CPU_AUTO_DTYPE_ENV}={forced!r} is not a dtype; use auto, {', '.join(_DTYPES)}.") from None
-    isa = cpu_bf16_matrix_isa()
-    if isa is None:
-        return torch.float32, "fp32 on CPU: no native bf16 matrix instructions (AMX-BF16 / AVX512-BF16)"
-    if not torch.backends.mkldnn.is_available():
-        return torch.float32, f"fp32 on CPU: {isa} present, but this PyTorch has no oneDNN to use it"
-    return torch.bfloat16, (f"bf16 on CPU: {isa} matrix instructions, GEMMs in bf16 with an fp32 residual stream; "
+    info = cpu_info()
+    if not info.native_bf16:
+        return torch.float32, (f"fp32 on CPU: {info.isa_class.upper()} class, no native bf16 matrix instructions "
+                               "(AMX-BF16 / AVX512-BF16)")
+    if gemm_mode(torch.bfloat16) != "onednn":
+        return torch.float32, f"fp32 on CPU: {info.isa_class.upper()} class, but this PyTorch has no oneDNN to use it"
+    return torch.bfloat16, (f"bf16 on CPU: {info.isa_class.upper()} class, GEMMs in bf16 with an fp32 residual stream; "
                             "pass dtype='float32' for the exact mode")

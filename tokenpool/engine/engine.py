@@ -19,6 +19,7 @@ from tokenpool.models.bge_m3 import lexical_weights
 from tokenpool.models.pooling_model import ALL_TASKS
 from tokenpool.models.registry import build_model
 from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
+from tokenpool.platforms.cpu import describe_plan
 from tokenpool.pooling_params import PoolingParams
 
 logger = logging.getLogger("tokenpool")
@@ -40,6 +41,8 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(args.model, args.revision, args.download_dir)
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        if self.device.type == "cpu":
+            logger.info(describe_plan(self.dtype))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.cuda.set_per_process_memory_fraction(args.gpu_memory_utilization, self.device)

@@ -88,10 +88,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     args = make_parser().parse_args(argv)
-    args.func(args)
+    from tokenpool.extras import MissingExtraError
+
+    try:
+        args.func(args)
+    except MissingExtraError as e:
+        sys.exit(f"tokenpool {args.command}: {e}")
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from tokenpool.extras import require
+
+    require("server")  # before the model loads: a missing package should cost no wait
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             sys.exit(f"tokenpool serve: MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one.")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenpool.extras import require
 from tokenpool.multimodal.utils import check_image_size
 
 _PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
@@ -52,6 +53,7 @@ class MultiModalTokens(list):
 
 def as_image_list(data: Any, index: int) -> list:
     """`multi_modal_data` -> a list of RGB PIL images, with clear errors for anything else."""
+    require("image")
     from PIL import Image
 
     if not isinstance(data, dict):
@@ -76,6 +78,7 @@ class ImagePromptProcessor:
     """Expands the image placeholders of tokenized prompts and preprocesses their images."""
 
     def __init__(self, model_dir: Path, hf_config):
+        require("image", "Loading a model with image inputs")
         from transformers import AutoImageProcessor
 
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)

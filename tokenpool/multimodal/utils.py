@@ -8,6 +8,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tokenpool.extras import require
+
 _MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 64_000_000
@@ -19,10 +21,9 @@ def fetch_image(url: str, *, timeout: float = 10.0) -> Any:
     Accepts ``http(s)://`` URLs, ``data:image/...;base64,...`` URLs, ``file://`` URLs and local paths.
     Raises ``ValueError`` with a clear message when the source cannot be read or is not an image.
     """
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("fetch_image needs Pillow: pip install 'tokenpool[image]'") from e
+    require("image", "fetch_image")
+    from PIL import Image
+
     data = _read_bytes(url, timeout)
     try:
         image = Image.open(io.BytesIO(data))

@@ -1,0 +1,1 @@
+"""Facts about the hardware the engine runs on."""

@@ -1,0 +1,187 @@
+"""What this CPU can do, read once: its instruction-set class and how each dtype's GEMMs run on it.
+
+x86-64 CPUs come in four classes that matter here (each includes the ones before it; "none" is anything
+else, e.g. an Arm CPU, where fp32 runs through PyTorch as usual and bf16/fp16 are emulated):
+
+- "avx2":        AVX2 + FMA only (e.g. AMD Zen 3, Intel Haswell..Comet Lake).
+- "avx512":      AVX-512 F/BW/VL/DQ (e.g. Intel Skylake-SP..Ice Lake).
+- "avx512_bf16": plus AVX512-BF16 dot products (e.g. AMD Zen 4 / Zen 5, Intel Cooper Lake).
+- "amx":         plus AMX-BF16 tiles (Intel Sapphire Rapids and later).
+
+The class is the hardware's, lowered by the variables that cap the libraries our kernels run in, so one
+machine can run (and test) another class's path:
+`ATEN_CPU_CAPABILITY=avx2` (PyTorch's own kernels), `ONEDNN_MAX_CPU_ISA=AVX2` (oneDNN),
+`MKL_ENABLE_INSTRUCTIONS=AVX2` (MKL). The lowest cap wins.
+
+How a dtype's GEMMs run (`gemm_mode`):
+- float32: oneDNN (or MKL through `F.linear` where PyTorch has no oneDNN) on every class.
+- bfloat16: oneDNN's bf16 kernels where the class has native bf16 ("avx512_bf16", "amx"). Elsewhere
+  *emulated*: the weights and each GEMM's input are rounded to bf16 (so the function is the bf16 model's),
+  and the products are summed in fp32 arithmetic (exact for bf16 x bf16, as the native kernels do): the
+  same results at fp32 speed, on every x86-64 CPU. PyTorch's own bf16 path refuses AVX2-only CPUs.
+- float16: native only with AMX-FP16 (Granite Rapids and later); emulated the same way elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+ISA_CLASSES = ("avx2", "avx512", "avx512_bf16", "amx")
+
+# The cap variables, and how their values map onto our classes (unknown values: no cap).
+_ATEN_CAPS = {"default": "none", "avx2": "avx2", "avx512": "avx512"}
+_ONEDNN_CAPS = {
+    "sse41": "none", "avx": "none", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
+    "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512_bf16",
+    "avx10_1_512": "avx512_bf16", "avx512_core_fp16": "avx512_bf16",
+    "avx10_1_512_amx": "amx", "avx512_core_amx": "amx", "avx10_1_512_amx_fp16": "amx", "avx512_core_amx_fp16": "amx",
+}
+_MKL_CAPS = {"sse4_2": "none", "avx": "none", "avx2": "avx2", "avx512": "avx512", "avx512_e1": "avx512",
+             "avx512_e2": "avx512", "avx512_e3": "avx512_bf16", "avx512_e4": "amx", "avx512_e5": "amx"}
+CAP_VARIABLES = {"ATEN_CPU_CAPABILITY": _ATEN_CAPS, "ONEDNN_MAX_CPU_ISA": _ONEDNN_CAPS,
+                 "MKL_ENABLE_INSTRUCTIONS": _MKL_CAPS}
+# The variables that lower every library to the AVX2 class (what the tests and CI use).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@dataclass(frozen=True, slots=True)
+class CpuInfo:
+    """The CPU as our kernels see it.
+
+    model: the model name; cores: logical CPUs this process may run on; flags: the kernel's CPU flags;
+    hardware_class: the class the silicon has; isa_class: that class lowered by the cap variables;
+    caps: the cap variables that are set, as given.
+    """
+
+    model: str
+    cores: int
+    flags: frozenset[str]
+    hardware_class: str
+    isa_class: str
+    caps: tuple[tuple[str, str], ...]
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.isa_class in ("avx512_bf16", "amx")
+
+    @property
+    def native_fp16(self) -> bool:
+        return self.isa_class == "amx" and "amx_fp16" in self.flags
+
+    def describe(self) -> str:
+        lowered = f", lowered from {self.hardware_class} by {' '.join(f'{k}={v}' for k, v in self.caps)}" \
+            if self.isa_class != self.hardware_class else ""
+        return f"{self.model}, {self.cores} cores, {self.isa_class.upper()} class{lowered}"
+
+
+def _read_cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "unknown CPU", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = frozenset(value.split())
+                if flags and model != "unknown CPU":
+                    break
+    except OSError:
+        pass
+    if not flags:  # not Linux: ask PyTorch's own probes
+        cpu = getattr(torch, "cpu", None)
+        probes = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
+                  "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+        found = set()
+        for flag, probe in probes.items():
+            try:
+                if getattr(cpu, probe)():
+                    found.add(flag)
+            except Exception:  # noqa: BLE001 - a private probe this torch may lack
+                pass
+        if "avx512f" in found:
+            found |= {"avx512bw", "avx512vl", "avx512dq"}
+        flags = frozenset(found)
+    return model, flags
+
+
+def hardware_class(flags: frozenset[str]) -> str:
+    """The class of a CPU with these flags ("none" below AVX2)."""
+    if "avx2" not in flags:
+        return "none"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx2"
+    if "amx_bf16" in flags and "amx_tile" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "avx512"
+
+
+def _rank(cls: str) -> int:
+    return -1 if cls == "none" else ISA_CLASSES.index(cls)
+
+
+def lowered_class(hardware: str, env: dict[str, str] | os._Environ = os.environ) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """`hardware` capped by the variables set in `env`; also returns the caps that are set."""
+    cls, caps = hardware, []
+    for name, table in CAP_VARIABLES.items():
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        caps.append((name, value))
+        cap = table.get(value.lower())
+        if cap is not None and _rank(cap) < _rank(cls):
+            cls = cap
+    return cls, tuple(caps)
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    model, flags = _read_cpuinfo()
+    hardware = hardware_class(flags)
+    isa, caps = lowered_class(hardware)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return CpuInfo(model, cores, flags, hardware, isa, caps)
+
+
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def gemm_mode(dtype: torch.dtype) -> str:
+    """How GEMMs in `dtype` run on this CPU: "onednn" (oneDNN kernels in `dtype`), "emulated" (inputs
+    rounded to `dtype`, fp32 arithmetic on oneDNN), or "aten" (`F.linear`: this PyTorch has no oneDNN)."""
+    if not onednn_available():
+        return "aten"
+    info = cpu_info()
+    if dtype == torch.float32:
+        return "onednn"
+    if dtype == torch.bfloat16:
+        return "onednn" if info.native_bf16 else "emulated"
+    if dtype == torch.float16:
+        return "onednn" if info.native_fp16 else "emulated"
+    raise ValueError(f"dtype {dtype} is not supported on the CPU; use float32, bfloat16 or float16.")
+
+
+_MODE_WORDS = {
+    "onednn": "oneDNN {dtype} kernels",
+    "emulated": "{dtype} emulated (inputs rounded to {dtype}, fp32 arithmetic: the {dtype} model's results at fp32 "
+                "speed; this CPU class has no native {dtype} matrix instructions, float32 is as fast and exact)",
+    "aten": "PyTorch's F.linear (no oneDNN in this PyTorch)",
+}
+
+
+def describe_plan(dtype: torch.dtype) -> str:
+    """One line for the log: the CPU and how the model's GEMMs will run on it."""
+    name = str(dtype).removeprefix("torch.")
+    return f"CPU: {cpu_info().describe()}; GEMMs: {_MODE_WORDS[gemm_mode(dtype)].format(dtype=name)}"
