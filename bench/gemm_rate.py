@@ -31,27 +31,68 @@ MINILM_SHAPES = {  # name: (K, N) of [M, K] x [K, N]
 }
 
 
-def native_bf16() -> str | None:
-    """The CPU's native bf16 matrix ISA from /proc/cpuinfo ("amx_bf16", "avx512_bf16") or None; None also when
-    ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA caps oneDNN below the bf16 instructions."""
-    flags: set[str] = set()
+# The CPU's instruction-set class as tokenpool sees it (mirrors tokenpool/platforms/cpu.py, standard library
+# only, so that the benchmark's parent and the peer venvs need nothing of tokenpool): the hardware class from
+# /proc/cpuinfo, lowered by the variables that cap PyTorch / oneDNN / MKL (the lowest cap wins).
+ISA_CLASSES = ("avx2", "avx512", "avx512_bf16", "amx")
+ISA_LABELS = {"none": "below AVX2", "avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX-512+BF16", "amx": "AMX"}
+_CAPS = {
+    "ATEN_CPU_CAPABILITY": {"default": "none", "avx2": "avx2", "avx512": "avx512"},
+    "ONEDNN_MAX_CPU_ISA": {
+        "sse41": "none", "avx": "none", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
+        "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512_bf16",
+        "avx10_1_512": "avx512_bf16", "avx512_core_fp16": "avx512_bf16", "avx10_1_512_amx": "amx",
+        "avx512_core_amx": "amx", "avx10_1_512_amx_fp16": "amx", "avx512_core_amx_fp16": "amx"},
+    "MKL_ENABLE_INSTRUCTIONS": {"sse4_2": "none", "avx": "none", "avx2": "avx2", "avx512": "avx512",
+                                "avx512_e1": "avx512", "avx512_e2": "avx512", "avx512_e3": "avx512_bf16",
+                                "avx512_e4": "amx", "avx512_e5": "amx"},
+}
+ISA_ENV = (*_CAPS, "DNNL_MAX_CPU_ISA", "MKL_DEBUG_CPU_TYPE", "ORT_DISABLE_AVX512")
+
+
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap and cap != "ALL" and not any(k in cap for k in ("BF16", "AMX", "FP16", "AVX10")):
-        return None
-    for isa in ("amx_bf16", "avx512_bf16"):
-        if isa in flags:
-            if isa == "amx_bf16" and cap and cap != "ALL" and "AMX" not in cap and "AVX10" not in cap:
-                continue
-            return isa
-    return None
+    return set()
+
+
+def hardware_class(flags: set[str]) -> str:
+    if "avx2" not in flags:
+        return "none"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx2"
+    if "amx_bf16" in flags and "amx_tile" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+
+
+def _rank(cls: str) -> int:
+    return -1 if cls == "none" else ISA_CLASSES.index(cls)
+
+
+def cpu_isa(env=os.environ) -> dict:
+    """{"hardware_class", "isa_class" (lowered by the cap variables), "caps" (the ones set), "native_bf16"}."""
+    hardware = hardware_class(cpu_flags())
+    cls, caps = hardware, {}
+    for name, table in _CAPS.items():
+        value = env.get(name, "").strip()
+        if value:
+            caps[name] = value
+            cap = table.get(value.lower())
+            if cap is not None and _rank(cap) < _rank(cls):
+                cls = cap
+    return {"hardware_class": hardware, "isa_class": cls, "caps": caps,
+            "native_bf16": cls in ("avx512_bf16", "amx")}
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (class AVX-512+BF16 or AMX after the caps)."""
+    return cpu_isa()["native_bf16"]
 
 
 def _rate(fn, flops: float, window: float) -> float:
@@ -90,7 +131,7 @@ def measure(threads: int, dtypes=("float32", "bfloat16"), square=(2048, 4096), r
                 res["square"][f"mm {s}^3"] = _rate(lambda: torch.mm(a, b), 2.0 * s ** 3, window)
                 if log:
                     log(f"{name} mm {s}^3: {res['square'][f'mm {s}^3']:.0f} GFLOP/s")
-                del a, b
+                a = b = None
             total_flops, total_time = 0.0, 0.0
             for label, (k, n) in MINILM_SHAPES.items():
                 x = torch.randn(rows, k, dtype=dt)
@@ -123,7 +164,8 @@ def main() -> None:
     p.add_argument("--square", default="2048,4096", help="comma-separated sizes of square matmuls")
     p.add_argument("--rows", type=int, default=4096, help="token rows M of the MiniLM layer shapes")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="auto: bf16 only where the CPU multiplies bf16 natively (AMX-BF16 / AVX512-BF16)")
+                   help="auto: bf16 only where the CPU multiplies bf16 natively (class AVX-512+BF16 or AMX, "
+                        "after ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS)")
     p.add_argument("--window", type=float, default=0.3, help="seconds per timing window")
     p.add_argument("--json-out", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -133,7 +175,7 @@ def main() -> None:
         dtypes.append("bfloat16")
     log = None if args.quiet else (lambda m: print(m, flush=True))
     res = measure(args.threads, dtypes, [int(s) for s in args.square.split(",") if s], args.rows, args.window, log)
-    res["native_bf16"] = native_bf16()
+    res["isa"] = cpu_isa()
     for name in dtypes:
         r = res[name]
         print(f"{name}: best {r['best']:.0f} GFLOP/s, MiniLM layer mix {r['layer_mix']:.0f} GFLOP/s "

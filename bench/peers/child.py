@@ -331,6 +331,173 @@ class STOnnxRunner(SentenceTransformersRunner):
         return self._load_file(work, files[best])
 
 
+class OrtRunner(Runner):
+    """onnxruntime directly (no sentence-transformers, no optimum): the BERT encoder exported by `torch.onnx.export`
+    (TorchScript exporter, dynamic batch and length), fused by `onnxruntime.transformers.optimizer` (levels:
+    O0 = the plain export, O2 = BERT fusions (attention, LayerNorm, GELU), O3 = O2 + approximate GELU; picked like
+    st-onnx), one InferenceSession on the CPU EP with `--threads` intra-op threads. Batching as sentence-
+    transformers' `encode`: text mode sorts the strings by length, tokenizes each batch of `--batch-size`
+    (padding to the longest) inside the timed region; ids mode gets the same padded batches prepared before.
+    For machines with onnxruntime but no optimum."""
+
+    packages = ("onnxruntime", "onnx", "torch", "transformers", "tokenizers")
+
+    def __init__(self, args, dtype: str = "float32"):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.batch_size = args.batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        work = _export_dir(args, "ort")
+        files, errors = self._export(work)
+        self.info = {"ort_dir": str(work), "onnx_export_errors": errors, "ort_threads": args.threads}
+        self._ort = ort
+        level = args.onnx_level
+        if level == "auto":
+            level = self._pick_level(files)
+            if args.onnx_pick_only:
+                return
+        elif level not in files:
+            raise RuntimeError(f"ONNX level {level} unavailable here: {errors.get(level, 'not made by this runner')}")
+        self.info["onnx_level"] = level
+        self.session = self._session(files[level])
+
+    def _export(self, work: Path) -> tuple[dict, dict]:
+        import torch
+        from transformers import AutoModel
+
+        files, errors = {}, {}
+        plain = work / "ort" / "model.onnx"
+        if not plain.exists():
+            plain.parent.mkdir(parents=True, exist_ok=True)
+            model = AutoModel.from_pretrained(str(work), attn_implementation="eager").eval()
+            ids = torch.ones(2, 16, dtype=torch.long)
+
+            class Encoder(torch.nn.Module):
+                def __init__(self, m):
+                    super().__init__()
+                    self.m = m
+
+                def forward(self, input_ids, attention_mask, token_type_ids):
+                    return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+
+            tmp = plain.with_suffix(f".tmp{os.getpid()}")
+            import inspect
+
+            try:
+                kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+            except (TypeError, ValueError):
+                kwargs = {}
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                    "token_type_ids": {0: "batch", 1: "seq"}, "last_hidden_state": {0: "batch", 1: "seq"}}
+            with torch.no_grad():
+                torch.onnx.export(Encoder(model), (ids, ids, torch.zeros_like(ids)), str(tmp),
+                                  input_names=["input_ids", "attention_mask", "token_type_ids"],
+                                  output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, **kwargs)
+            tmp.rename(plain)
+        files["O0"] = str(plain)
+        for level in ("O2", "O3"):
+            path = work / "ort" / f"model_{level}.onnx"
+            if not path.exists():
+                try:
+                    from onnxruntime.transformers.fusion_options import FusionOptions
+                    from onnxruntime.transformers.optimizer import optimize_model
+
+                    cfg = json.loads((work / "config.json").read_text())
+                    opts = FusionOptions("bert")
+                    opts.enable_gelu_approximation = level == "O3"
+                    m = optimize_model(str(plain), model_type="bert", num_heads=cfg["num_attention_heads"],
+                                       hidden_size=cfg["hidden_size"], optimization_options=opts, opt_level=1)
+                    m.save_model_to_file(str(path))
+                except Exception as e:  # noqa: BLE001 - e.g. no `onnx` package: that level is left out
+                    errors[level] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                    continue
+            files[level] = str(path)
+        return files, errors
+
+    def _session(self, path: str):
+        so = self._ort.SessionOptions()
+        so.intra_op_num_threads = self.args.threads
+        so.inter_op_num_threads = 1
+        return self._ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def _pick_level(self, files: dict) -> str:
+        import numpy as np
+
+        inputs = json.loads(Path(self.args.inputs).read_text())
+        ids, subset = inputs["ids"], inputs["subset"]
+        ref = _load_rows(self.args.reference) if self.args.reference else None
+        step = max(1, len(ids) // self.args.onnx_calib_passages)
+        calib = ids[::step][:self.args.onnx_calib_passages]
+        results, best = {}, None
+        for level, path in files.items():
+            self.session = self._session(path)
+            batches = self.prepare("ids", None, calib)
+            self("ids", batches)
+            walls = []
+            for _ in range(2):
+                if self.args.wait_idle > 0:
+                    wait_for_idle(self.args.wait_idle)
+                t0 = time.perf_counter()
+                self("ids", batches)
+                walls.append(time.perf_counter() - t0)
+            tps = sum(map(len, calib)) / min(walls)
+            cos = None
+            if ref is not None:
+                outs = self("ids", self.prepare("ids", None, [ids[i] for i in subset]))
+                cos = min_cosine([_to_numpy(o, np) for o in outs], [ref[str(i)] for i in subset])
+            results[level] = {"calib_tokens_per_s": round(tps), "min_cos": cos, "file": path}
+            if (cos is None or cos >= self.args.onnx_min_cos) and (
+                    best is None or tps > results[best]["calib_tokens_per_s"]):
+                best = level
+            print(f"[ort] {level}: {tps:,.0f} tok/s on {len(calib)} passages, min cos {cos}", file=sys.stderr)
+        best = best or "O0"
+        self.info |= {"onnx_level": best, "onnx_levels": results}
+        return best
+
+    def _batch(self, seqs: list[list[int]]) -> dict:
+        import numpy as np
+
+        n = max(map(len, seqs))
+        tok = np.full((len(seqs), n), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), n), dtype=np.int64)
+        for row, p in enumerate(seqs):
+            tok[row, :len(p)] = p
+            mask[row, :len(p)] = 1
+        return {"input_ids": tok, "attention_mask": mask, "token_type_ids": np.zeros_like(tok)}
+
+    def prepare(self, mode, texts, ids):
+        items = texts if mode == "text" else ids
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        batches = []
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            if mode == "text":
+                batches.append((idx, [items[i] for i in idx]))
+            else:
+                batches.append((idx, self._batch([items[i] for i in idx])))
+        return batches
+
+    def __call__(self, mode, batches):
+        import numpy as np
+
+        outputs = [None] * sum(len(b[0]) for b in batches)
+        for idx, batch in batches:
+            if mode == "text":
+                enc = self.tokenizer(batch, padding=True, truncation=True, return_tensors="np")
+                batch = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+                batch["token_type_ids"] = enc["token_type_ids"].astype(np.int64) if "token_type_ids" in enc \
+                    else np.zeros_like(batch["input_ids"])
+            hidden = self.session.run(["last_hidden_state"], batch)[0]
+            lens = batch["attention_mask"].sum(1)
+            for i, n, row in zip(idx, lens, hidden):
+                outputs[i] = row[:n]
+        return outputs
+
+
 class STOpenVINORunner(SentenceTransformersRunner):
     """sentence-transformers `backend="openvino"` (optimum-intel), with INFERENCE_PRECISION_HINT set
     explicitly (OpenVINO's CPU default is bf16 on CPUs with AMX / AVX512-BF16) and INFERENCE_NUM_THREADS."""
@@ -363,7 +530,7 @@ class STOpenVINORunner(SentenceTransformersRunner):
 RUNNERS = {
     "tp-fp32": (TokenpoolRunner, "float32"), "tp-bf16": (TokenpoolRunner, "bfloat16"),
     "st-fp32": (SentenceTransformersRunner, "float32"), "st-bf16": (SentenceTransformersRunner, "bfloat16"),
-    "st-onnx": (STOnnxRunner, "float32"),
+    "st-onnx": (STOnnxRunner, "float32"), "ort-fp32": (OrtRunner, "float32"),
     "st-openvino-fp32": (STOpenVINORunner, "float32"), "st-openvino-bf16": (STOpenVINORunner, "bfloat16"),
     "vllm-fp32": (VLLMRunner, "float32"), "vllm-bf16": (VLLMRunner, "bfloat16"),
 }
