@@ -308,7 +308,7 @@ class STOnnxRunner(SentenceTransformersRunner):
             walls = []
             for _ in range(2):
                 if self.args.wait_idle > 0:
-                    wait_for_idle(self.args.wait_idle)
+                    wait_for_idle(self.args.wait_idle, self.args.wait_idle_timeout)
                 t0 = time.perf_counter()
                 self("ids", batches)
                 walls.append(time.perf_counter() - t0)
@@ -440,7 +440,7 @@ class OrtRunner(Runner):
             walls = []
             for _ in range(2):
                 if self.args.wait_idle > 0:
-                    wait_for_idle(self.args.wait_idle)
+                    wait_for_idle(self.args.wait_idle, self.args.wait_idle_timeout)
                 t0 = time.perf_counter()
                 self("ids", batches)
                 walls.append(time.perf_counter() - t0)
@@ -608,7 +608,7 @@ def run(args) -> None:
             break
         mode = parts[1] if len(parts) > 1 else modes[0]
         gc.collect()
-        waited = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else 0.0
+        waited = wait_for_idle(args.wait_idle, args.wait_idle_timeout) if args.wait_idle > 0 else 0.0
         try:
             busy, own, t0 = busy_seconds(), own_seconds(), time.perf_counter()
             outputs = runner(mode, prepared[mode])
@@ -641,6 +641,7 @@ def main() -> None:
     p.add_argument("--modes", default="text,ids")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--wait-idle", type=float, default=0.0)
+    p.add_argument("--wait-idle-timeout", type=float, default=120.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
