@@ -42,6 +42,9 @@ class InFlight:
     host: Future | None = None
 
 
+_CPU_ROW_BUCKET = 64
+
+
 class ModelRunner:
     def __init__(self, model: PoolingModel, device: torch.device, default_activation: bool | None = None):
         self.model = model
@@ -64,7 +67,15 @@ class ModelRunner:
         ends = np.cumsum(lens_np)
         total = int(ends[-1])
         # One copy of every request's int64 ids into one buffer (a bytearray: writable, for torch).
-        ids = np.frombuffer(bytearray().join([r.tokens for r in requests]), dtype=np.int64)
+        chunks = [r.tokens for r in requests]
+        rows = total
+        if not self._cuda and not any(r.images is not None for r in requests):
+            # CPU: rows rounded up to a multiple of _CPU_ROW_BUCKET (padding ids 0, position 0, attended by no
+            # sequence, pooled by none). oneDNN builds a kernel for every new GEMM row count it sees, which
+            # doubled a bf16 layer's GEMM time for batches of unseen sizes (bench/cpu_kernels.py).
+            rows = -(-total // _CPU_ROW_BUCKET) * _CPU_ROW_BUCKET
+            chunks.append(bytes(8 * (rows - total)))
+        ids = np.frombuffer(bytearray().join(chunks), dtype=np.int64)
         host_ids, host_lens = torch.from_numpy(ids), torch.from_numpy(lens_np.astype(np.int32))
         if self._cuda:
             host_ids, host_lens = host_ids.pin_memory(), host_lens.pin_memory()
@@ -86,6 +97,8 @@ class ModelRunner:
         else:
             starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=total)
             positions = torch.arange(total, device=self.device) - starts
+            if rows > total:
+                positions = torch.cat([positions, positions.new_zeros(rows - total)])
         # The pooling slots as columns (no per-request objects).
         params = [r.params for r in requests]
         default = self.default_activation

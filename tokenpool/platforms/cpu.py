@@ -182,6 +182,31 @@ _MODE_WORDS = {
 
 
 def describe_plan(dtype: torch.dtype) -> str:
-    """One line for the log: the CPU and how the model's GEMMs will run on it."""
+    """One line for the log: the CPU and how the model's GEMMs and attention will run on it (builds the C
+    attention kernel now if it is the choice, so that the first batch does not wait for it)."""
+    from tokenpool.kernels import build_variant, varlen_attention
+
     name = str(dtype).removeprefix("torch.")
-    return f"CPU: {cpu_info().describe()}; GEMMs: {_MODE_WORDS[gemm_mode(dtype)].format(dtype=name)}"
+    kernel = attention_kernel(dtype)
+    if kernel == "fused":
+        kernel = f"fused C kernel ({build_variant()} build)" if varlen_attention.available() else \
+            "PyTorch's flash kernel per sequence (the C kernel could not be built)"
+    return (f"CPU: {cpu_info().describe()}; GEMMs: {_MODE_WORDS[gemm_mode(dtype)].format(dtype=name)}; "
+            f"attention: {kernel}")
+
+
+# Set to "fused", "flash" or "bmm" to override the CPU attention kernel (benchmarks: bench/cpu_kernels.py).
+ATTENTION_ENV = "TOKENPOOL_CPU_ATTENTION"
+_ATTENTION_KERNELS = ("fused", "flash", "bmm")
+
+
+def attention_kernel(dtype: torch.dtype) -> str:
+    """The CPU attention kernel: "fused" (tokenpool/kernels/varlen_attention.c: every sequence and head of a
+    batch in one call, fp32 arithmetic, built for this class; where it cannot be built, PyTorch's "flash"
+    kernel per sequence), "flash", or "bmm" (fp32 scores through two batched GEMMs per sequence)."""
+    forced = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if forced:
+        if forced not in _ATTENTION_KERNELS:
+            raise ValueError(f"${ATTENTION_ENV}={forced!r}: use one of {', '.join(_ATTENTION_KERNELS)}.")
+        return forced
+    return "fused"

@@ -1,0 +1,223 @@
+/* Variable-length attention over a packed batch, for the CPU: one call per layer for every sequence and head.
+ *
+ * q: [T, H, D], k / v: [T, KVH, D] (KVH divides H: grouped KV heads), out: [T, H, D]; rows of sequence s are
+ * cu[s]..cu[s+1]-1. Each row of q, k, v, out may be a row of a wider tensor (e.g. the fused QKV projection):
+ * the *_stride arguments give the elements between consecutive tokens; heads and head_dim are contiguous.
+ * Elements are fp32, or bf16 (bf16 != 0) as raw 16-bit patterns.
+ *
+ * One task per (sequence, head), spread over the OpenMP threads (torch's own runtime: libgomp is loaded
+ * once per process, by SONAME). Per task: K^T and V are unpacked once into fp32 scratch; then, R query rows
+ * at a time, S = (q * scale) K^T in fp32 FMAs, a row softmax (max-subtracted, fp32 exp), O = P V, O / sum.
+ * Every product and sum is fp32 (exact products of bf16 inputs), as in PyTorch's reference SDPA math: the fp32
+ * path equals it to ~1e-7. causal != 0: row i attends keys 0..i of its sequence.
+ *
+ * Written with GCC/Clang vector types as wide as the instruction set it is built for (8 floats for AVX2, 16 for
+ * AVX-512; see tokenpool/kernels/__init__.py), so the same source gives each CPU class its own code.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define R 4  /* query rows per block */
+#define CB 2 /* key column vectors per step: R x CB = 8 independent FMA chains */
+#ifdef __AVX512F__
+#define VL 16 /* floats per vector register */
+#else
+#define VL 8
+#endif
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+static inline __attribute__((always_inline)) vf ld(const float* p) { return *(const vfu*)p; }
+static inline __attribute__((always_inline)) void st(float* p, vf x) { *(vfu*)p = x; }
+static inline __attribute__((always_inline)) vf splat(float x) { return (vf){0} + x; }
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) {
+    vi m = a > b;
+    return (vf)(((vi)a & m) | ((vi)b & ~m));
+}
+
+static inline __attribute__((always_inline)) float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __attribute__((always_inline)) uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0, VL lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp);
+ * x < -87 gives 0. */
+static inline __attribute__((always_inline)) vf exp_nonpositive(vf x) {
+    const vi tiny = x < splat(-87.0f);
+    vf xc = vmax(x, splat(-87.0f));
+    vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    vf r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(p * (vf)e) & ~tiny);
+}
+
+static inline __attribute__((always_inline)) float hmax(vf x) {
+    float m = x[0];
+    for (int l = 1; l < VL; l++) m = x[l] > m ? x[l] : m;
+    return m;
+}
+
+static inline __attribute__((always_inline)) float hsum(vf x) {
+    float s = 0.0f;
+    for (int l = 0; l < VL; l++) s += x[l];
+    return s;
+}
+
+static inline __attribute__((always_inline)) float load(const void* base, int64_t index, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)base)[index]) : ((const float*)base)[index];
+}
+
+/* S[0..R, jb..jb+16*nb) = Q[R, D] K^T[D, jb..] for nb (1 or CB) column blocks. */
+static inline __attribute__((always_inline)) void scores(const float* qb, const float* kt, float* sb, int64_t D, int64_t lp, int64_t jb, int nb) {
+    vf acc[R][CB];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < CB; c++) acc[r][c] = splat(0.0f);
+    for (int64_t d = 0; d < D; d++) {
+        const float* kr = kt + d * lp + jb;
+        vf kv[CB];
+        for (int c = 0; c < CB; c++) kv[c] = c < nb ? ld(kr + c * VL) : splat(0.0f);
+        for (int r = 0; r < R; r++) {
+            const vf qv = splat(qb[r * D + d]);
+            for (int c = 0; c < CB; c++) acc[r][c] += qv * kv[c];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < nb; c++) st(sb + r * lp + jb + c * VL, acc[r][c]);
+}
+
+static void attend_one(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
+                       int64_t v_stride, int64_t o_stride, int64_t t0, int64_t L, int64_t h, int64_t kvh, int64_t D,
+                       float scale, int causal, int bf16, float* kt, float* vb, float* sb, float* qb) {
+    const int64_t lp = (L + VL - 1) / VL * VL, nd = D / VL;
+    /* K^T [D, lp] and V [L, D], in fp32 */
+    for (int64_t j = 0; j < L; j++) {
+        const int64_t kr = (t0 + j) * k_stride + kvh * D, vr = (t0 + j) * v_stride + kvh * D;
+        for (int64_t d = 0; d < D; d++) {
+            kt[d * lp + j] = load(k, kr + d, bf16);
+            vb[j * D + d] = load(v, vr + d, bf16);
+        }
+    }
+    for (int64_t i0 = 0; i0 < L; i0 += R) {
+        const int64_t rows = L - i0 < R ? L - i0 : R;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t d = 0; d < D; d++)
+                qb[r * D + d] = r < rows ? load(q, (t0 + i0 + r) * q_stride + h * D + d, bf16) * scale : 0.0f;
+        const int64_t jend = causal ? (i0 + rows) : L;
+        const int64_t jpad = (jend + VL - 1) / VL * VL;
+        int64_t jb = 0;
+        for (; jb + CB * VL <= jpad; jb += CB * VL) scores(qb, kt, sb, D, lp, jb, CB);
+        for (; jb < jpad; jb += VL) scores(qb, kt, sb, D, lp, jb, 1);
+        /* softmax of each row over its keys (0..i for causal rows): the others are set to -inf first, so every
+         * vector is full and they come out as exact zeros for P V */
+        float inv[R];
+        for (int64_t r = 0; r < R; r++) {
+            float* s = sb + r * lp;
+            const int64_t lim = r >= rows ? 0 : (causal ? i0 + r + 1 : L);
+            for (int64_t j = lim; j < jpad; j++) s[j] = -3.0e38f;
+            if (lim == 0) {
+                inv[r] = 0.0f;
+                continue;
+            }
+            vf m = splat(-3.0e38f);
+            for (int64_t j = 0; j < jpad; j += VL) m = vmax(m, ld(s + j));
+            const vf mx = splat(hmax(m));
+            vf sum = splat(0.0f);
+            for (int64_t j = 0; j < jpad; j += VL) {
+                const vf e = exp_nonpositive(ld(s + j) - mx);
+                st(s + j, e);
+                sum += e;
+            }
+            inv[r] = 1.0f / hsum(sum);
+        }
+        /* O = P V, two head-dim vectors at a time for R rows: 8 independent FMA chains */
+        for (int64_t c0 = 0; c0 < nd; c0 += 2) {
+            const int nc = nd - c0 >= 2 ? 2 : 1;
+            vf acc[R][2];
+            for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = splat(0.0f);
+            for (int64_t j = 0; j < jend; j++) {
+                const float* vr = vb + j * D + c0 * VL;
+                const vf v0 = ld(vr), v1 = nc == 2 ? ld(vr + VL) : splat(0.0f);
+                for (int r = 0; r < R; r++) {
+                    const vf p = splat(sb[r * lp + j]);
+                    acc[r][0] += p * v0;
+                    acc[r][1] += p * v1;
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t orow = (t0 + i0 + r) * o_stride + h * D + c0 * VL;
+                for (int c = 0; c < nc; c++) {
+                    const vf o = acc[r][c] * inv[r];
+                    if (bf16) {
+                        uint16_t* dst = (uint16_t*)out + orow + c * VL;
+                        for (int l = 0; l < VL; l++) dst[l] = f32_to_bf16(o[l]);
+                    } else {
+                        st((float*)out + orow + c * VL, o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
+                        int64_t v_stride, int64_t o_stride, const int32_t* cu, int64_t num_seqs, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, float scale, int causal, int bf16, int num_threads) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || head_dim % VL != 0) return 1;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t n = (int64_t)cu[s + 1] - cu[s];
+        if (n < 0) return 2;
+        max_len = n > max_len ? n : max_len;
+    }
+    const int64_t lp = (max_len + VL - 1) / VL * VL, D = head_dim, group = heads / kv_heads;
+    const int64_t tasks = num_seqs * heads;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float* kt = aligned_alloc(64, (size_t)((D * lp * 4 + 63) / 64 * 64) + 64);
+        float* vb = aligned_alloc(64, (size_t)((lp * D * 4 + 63) / 64 * 64) + 64);
+        float* sb = aligned_alloc(64, (size_t)((R * lp * 4 + 63) / 64 * 64) + 64);
+        float* qb = aligned_alloc(64, (size_t)((R * D * 4 + 63) / 64 * 64) + 64);
+        if (!kt || !vb || !sb || !qb) {
+#pragma omp atomic write
+            failed = 3;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < tasks; task++) {
+                const int64_t s = task / heads, h = task % heads;
+                const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
+                if (L > 0)
+                    attend_one(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D, scale,
+                               causal, bf16, kt, vb, sb, qb);
+            }
+        }
+        free(kt);
+        free(vb);
+        free(sb);
+        free(qb);
+    }
+    return failed;
+}

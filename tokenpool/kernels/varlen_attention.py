@@ -1,0 +1,56 @@
+"""Python side of varlen_attention.c: every sequence and head of a packed batch in one call."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from tokenpool.kernels import load, vector_width
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.cache
+def _kernel():
+    lib = load("varlen_attention")
+    if lib is None:
+        return None
+    fn = lib.tp_varlen_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded for this CPU (builds it on the first call)."""
+    return _kernel() is not None
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """fp32 or bf16 `[T, heads, head_dim]` views with contiguous heads, head_dim a multiple of the vector width."""
+    head_dim = q.shape[-1]
+    return (q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and head_dim % vector_width() == 0 and all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (q, k, v))
+            and q.device.type == "cpu")
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     causal: bool) -> torch.Tensor:
+    """q `[T, H, D]`, k / v `[T, KVH, D]` (KVH divides H) -> `[T, H, D]` in q's dtype; rows past the last
+    sequence (`cu_seqlens[-1]`) are zeros. Check `available()` and `supports()` first."""
+    tokens, heads, head_dim = q.shape
+    out = q.new_empty((tokens, heads, head_dim))
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous() else \
+        cu_seqlens.to(torch.int32).contiguous()
+    rc = _kernel()(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+                   heads * head_dim, cu.data_ptr(), cu.numel() - 1, heads, k.shape[1], head_dim, head_dim ** -0.5,
+                   int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"varlen_attention kernel failed (code {rc}: 1 bad shape, 2 bad cu_seqlens, 3 out of memory)")
+    used = int(cu[-1])
+    if used < tokens:
+        out[used:].zero_()
+    return out
