@@ -9,13 +9,16 @@ Prints, per dtype the class runs natively (fp32 always; bf16 on AVX512-BF16 / AM
   and the cost of a batch whose row count oneDNN has not seen yet (a new kernel per shape) vs rows rounded
   up to a bucket.
 - Attention over a packed batch of sequences of 16..256 tokens: per sequence fp32-scores `bmm` (the old
-  CPU path), `scaled_dot_product_attention`, and PyTorch's flash-attention CPU kernel; time per token and
-  the worst cosine to an fp32 reference.
+  CPU path), `scaled_dot_product_attention`, PyTorch's flash-attention CPU kernel, and our C kernel (all
+  sequences in one call); time per token and the worst cosine to an fp64 reference.
+- With `--e2e MODEL`: tokenpool's token_embed end to end with each attention kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import itertools
 import random
 import sys
 import time
@@ -25,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenpool.platforms.cpu import cpu_info  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tokenpool.kernels import build_variant  # noqa: E402
+from tokenpool.kernels import varlen_attention as fused_attention  # noqa: E402
+from tokenpool.platforms.cpu import ATTENTION_ENV, cpu_info  # noqa: E402
 
 SHAPES = {"minilm": (384, 12, 1536), "bge-m3": (1024, 16, 4096)}
 
@@ -119,7 +125,11 @@ def attention_table(hidden: int, heads: int, dtype: torch.dtype, tokens: int, re
             out[s:e] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs)[0][0].transpose(0, 1)
         return out
 
-    reference = None
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+
+    def fused():
+        return fused_attention.varlen_attention(q, k, v, cu, False)
+
     qf, kf, vf = q.float(), k.float(), v.float()
     reference = torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1).double() for t in (qf, kf, vf)))
                            .transpose(0, 1).float() for s, e in spans()])
@@ -127,11 +137,36 @@ def attention_table(hidden: int, heads: int, dtype: torch.dtype, tokens: int, re
     print(f"\n### attention, {name}, {len(lens)} sequences of 16..256 tokens ({total} tokens), {heads} heads of {head_dim}\n")
     print("| variant | us/token | min cos vs fp64 |")
     print("|---|---:|---:|")
-    for label, fn in [("bmm, fp32 scores", bmm), ("scaled_dot_product_attention", sdpa), ("flash kernel", flash)]:
+    variants = [("bmm, fp32 scores", bmm), ("scaled_dot_product_attention", sdpa), ("flash kernel", flash)]
+    if fused_attention.available() and fused_attention.supports(q, k, v):
+        variants.append((f"fused C kernel ({build_variant()} build)", fused))
+    for label, fn in variants:
         t = timed(fn, repeat)
         out = fn().float().reshape(total, -1)
         cos = F.cosine_similarity(out, reference.reshape(total, -1), dim=1).min().item()
         print(f"| {label} | {t / total * 1e6:.2f} | {cos:.6f} |")
+
+
+def e2e_table(model: str, dtype: torch.dtype, passages: int, repeat: int) -> None:
+    """tokenpool's token_embed over `passages` passages, once per attention kernel (same engine)."""
+    from corpus import CorpusSpec, make_corpus
+    from transformers import AutoTokenizer
+
+    from tokenpool import LLM, TokensPrompt
+
+    llm = LLM(model, dtype=str(dtype).removeprefix("torch."), device="cpu")
+    ids = make_corpus(AutoTokenizer.from_pretrained(llm.llm_engine.model_dir), CorpusSpec(num_passages=passages))
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
+    tokens = sum(map(len, ids))
+    name = str(dtype).removeprefix("torch.")
+    print(f"\n### tokenpool end to end, {name}, {passages} passages ({tokens} tokens)\n")
+    print("| attention | tokens/s |")
+    print("|---|---:|")
+    for kernel in ("fused", "flash", "bmm"):
+        os.environ[ATTENTION_ENV] = kernel
+        t = timed(lambda: llm.encode(prompts, pooling_task="token_embed", use_tqdm=False), repeat)
+        print(f"| {kernel} | {tokens / t:,.0f} |")
+    os.environ.pop(ATTENTION_ENV)
 
 
 def main() -> None:
@@ -141,6 +176,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--dtypes", default="auto", help="comma list (float32,bfloat16); auto: fp32 + native bf16")
+    parser.add_argument("--e2e", metavar="MODEL", default=None,
+                        help="also time tokenpool end to end on this model folder, per attention kernel")
+    parser.add_argument("--passages", type=int, default=500, help="passages of the --e2e corpus")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = cpu_info()
@@ -153,6 +191,8 @@ def main() -> None:
     for dtype in dtypes:
         gemm_table(hidden, inter, dtype, args.rows, args.repeat)
         attention_table(hidden, heads, dtype, args.rows, args.repeat)
+    for dtype in dtypes if args.e2e else []:
+        e2e_table(args.e2e, dtype, args.passages, max(1, args.repeat // 3))
 
 
 if __name__ == "__main__":

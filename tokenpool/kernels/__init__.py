@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch  # noqa: F401 - loads torch's libgomp before any kernel library
@@ -34,7 +35,8 @@ CACHE_ENV = "TOKENPOOL_CACHE_DIR"
 # Set to 0 to never build or load the C kernels (PyTorch's kernels everywhere).
 KERNELS_ENV = "TOKENPOOL_CPU_KERNELS"
 
-_COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11"]
+_COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=gnu11",
+                 "-Wno-psabi"]
 # Build per class: the widest vectors the class has (the C code sizes its vector types from __AVX512F__).
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
@@ -82,13 +84,15 @@ def load(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("C compiler %s does not run (%s): PyTorch's kernels for %s.", compiler, e, name)
         return None
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version]).encode()).hexdigest()[:16]
+    header = source.with_name("simd.h")
+    key = hashlib.sha256("\0".join([source.read_text(), header.read_text(), *flags, version]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{variant}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        proc = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([compiler, *flags, f"-I{source.parent}", str(source), "-o", tmp], capture_output=True,
+                              text=True, timeout=300)
         if proc.returncode != 0:
             os.unlink(tmp)
             logger.warning("Building the %s kernel failed (PyTorch's kernels are used instead):\n%s", name,
@@ -101,3 +105,15 @@ def load(name: str) -> ctypes.CDLL | None:
     except OSError as e:
         logger.warning("Loading %s failed (%s): PyTorch's kernels for %s.", target, e, name)
         return None
+
+
+@functools.cache
+def function(name: str, argtypes: tuple) -> Callable[..., int] | None:
+    """The C function `tp_<name>` of kernel `name` (returning an int status), or None where unavailable."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, f"tp_{name}")
+    fn.restype = ctypes.c_int
+    fn.argtypes = list(argtypes)
+    return fn

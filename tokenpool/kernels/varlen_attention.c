@@ -14,48 +14,20 @@
  * Written with GCC/Clang vector types as wide as the instruction set it is built for (8 floats for AVX2, 16 for
  * AVX-512; see tokenpool/kernels/__init__.py), so the same source gives each CPU class its own code.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define R 4  /* query rows per block */
-#define CB 2 /* key column vectors per step: R x CB = 8 independent FMA chains */
+#include "simd.h"
+
+#define CB 2 /* key column vectors per step */
 #ifdef __AVX512F__
-#define VL 16 /* floats per vector register */
+#define R 8 /* query rows per block: R x CB accumulators, 16 of the 32 vector registers */
 #else
-#define VL 8
+#define R 4 /* 8 of the 16 */
 #endif
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-
-static inline __attribute__((always_inline)) vf ld(const float* p) { return *(const vfu*)p; }
-static inline __attribute__((always_inline)) void st(float* p, vf x) { *(vfu*)p = x; }
-static inline __attribute__((always_inline)) vf splat(float x) { return (vf){0} + x; }
-static inline __attribute__((always_inline)) vf vmax(vf a, vf b) {
-    vi m = a > b;
-    return (vf)(((vi)a & m) | ((vi)b & ~m));
-}
-
-static inline __attribute__((always_inline)) float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline __attribute__((always_inline)) uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* exp(x) for x <= 0, VL lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp);
  * x < -87 gives 0. */
-static inline __attribute__((always_inline)) vf exp_nonpositive(vf x) {
+TP_INLINE vf exp_nonpositive(vf x) {
     const vi tiny = x < splat(-87.0f);
     vf xc = vmax(x, splat(-87.0f));
     vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
@@ -72,24 +44,8 @@ static inline __attribute__((always_inline)) vf exp_nonpositive(vf x) {
     return (vf)((vi)(p * (vf)e) & ~tiny);
 }
 
-static inline __attribute__((always_inline)) float hmax(vf x) {
-    float m = x[0];
-    for (int l = 1; l < VL; l++) m = x[l] > m ? x[l] : m;
-    return m;
-}
-
-static inline __attribute__((always_inline)) float hsum(vf x) {
-    float s = 0.0f;
-    for (int l = 0; l < VL; l++) s += x[l];
-    return s;
-}
-
-static inline __attribute__((always_inline)) float load(const void* base, int64_t index, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t*)base)[index]) : ((const float*)base)[index];
-}
-
-/* S[0..R, jb..jb+16*nb) = Q[R, D] K^T[D, jb..] for nb (1 or CB) column blocks. */
-static inline __attribute__((always_inline)) void scores(const float* qb, const float* kt, float* sb, int64_t D, int64_t lp, int64_t jb, int nb) {
+/* S[0..R, jb..jb+VL*nb) = Q[R, D] K^T[D, jb..] for nb (1 or CB) column blocks. */
+TP_INLINE void scores(const float* qb, const float* kt, float* sb, int64_t D, int64_t lp, int64_t jb, int nb) {
     vf acc[R][CB];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < CB; c++) acc[r][c] = splat(0.0f);
@@ -113,16 +69,18 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
     /* K^T [D, lp] and V [L, D], in fp32 */
     for (int64_t j = 0; j < L; j++) {
         const int64_t kr = (t0 + j) * k_stride + kvh * D, vr = (t0 + j) * v_stride + kvh * D;
-        for (int64_t d = 0; d < D; d++) {
-            kt[d * lp + j] = load(k, kr + d, bf16);
-            vb[j * D + d] = load(v, vr + d, bf16);
+        for (int64_t d = 0; d < D; d += VL) {
+            const vf kv = load_vec(k, kr + d, bf16);
+            for (int l = 0; l < VL; l++) kt[(d + l) * lp + j] = kv[l];
+            st(vb + j * D + d, load_vec(v, vr + d, bf16));
         }
     }
     for (int64_t i0 = 0; i0 < L; i0 += R) {
         const int64_t rows = L - i0 < R ? L - i0 : R;
         for (int64_t r = 0; r < R; r++)
-            for (int64_t d = 0; d < D; d++)
-                qb[r * D + d] = r < rows ? load(q, (t0 + i0 + r) * q_stride + h * D + d, bf16) * scale : 0.0f;
+            for (int64_t d = 0; d < D; d += VL)
+                st(qb + r * D + d, r < rows ? load_vec(q, (t0 + i0 + r) * q_stride + h * D + d, bf16) * scale
+                                            : splat(0.0f));
         const int64_t jend = causal ? (i0 + rows) : L;
         const int64_t jpad = (jend + VL - 1) / VL * VL;
         int64_t jb = 0;
@@ -150,7 +108,7 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
             }
             inv[r] = 1.0f / hsum(sum);
         }
-        /* O = P V, two head-dim vectors at a time for R rows: 8 independent FMA chains */
+        /* O = P V, two head-dim vectors at a time for R rows */
         for (int64_t c0 = 0; c0 < nd; c0 += 2) {
             const int nc = nd - c0 >= 2 ? 2 : 1;
             vf acc[R][2];
@@ -169,8 +127,7 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
                 for (int c = 0; c < nc; c++) {
                     const vf o = acc[r][c] * inv[r];
                     if (bf16) {
-                        uint16_t* dst = (uint16_t*)out + orow + c * VL;
-                        for (int l = 0; l < VL; l++) dst[l] = f32_to_bf16(o[l]);
+                        store_bf16((uint16_t*)out + orow + c * VL, o);
                     } else {
                         st((float*)out + orow + c * VL, o);
                     }

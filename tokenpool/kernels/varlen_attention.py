@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
-from tokenpool.kernels import load, vector_width
+from tokenpool.kernels import function, vector_width
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
-@functools.cache
+_ARGS = (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int,
+         ctypes.c_int, ctypes.c_int)
+
+
 def _kernel():
-    lib = load("varlen_attention")
-    if lib is None:
-        return None
-    fn = lib.tp_varlen_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    return fn
+    return function("varlen_attention", _ARGS)
 
 
 def available() -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenpool.kernels import add_layer_norm as fused_add_layer_norm
+
 try:
     import triton
     import triton.language as tl
@@ -50,6 +52,22 @@ if triton is not None:
         _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, out, cols, eps, BLOCK=block,
                                         num_warps=4 if block >= 1024 else 2)
         return out
+
+
+def add_layer_norm_cast(y: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
+                        gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(y + x)`, and the same rounded to `gemm_dtype` for the next GEMM.
+
+    On the CPU, with an fp32 residual stream, one pass of tokenpool/kernels/add_layer_norm.c that overwrites x
+    (the caller's residual, dead after this call) and writes the bf16 copy in the same pass: the unfused
+    add, LayerNorm and cast read and write the activations ~8 times.
+    """
+    if x.device.type == "cpu" and fused_add_layer_norm.supports(y, x, norm):
+        lowp = gemm_dtype if gemm_dtype in (torch.float32, torch.bfloat16) else None
+        out, out_lowp = fused_add_layer_norm.add_layer_norm_(y, x, norm, lowp)
+        return out, out_lowp if lowp is not None else out.to(gemm_dtype)
+    out = add_layer_norm(y, x, norm)
+    return out, out.to(gemm_dtype)
 
 
 def reference_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:

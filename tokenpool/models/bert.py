@@ -16,7 +16,7 @@ from torch import nn
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
 from tokenpool.loader.weights import check_complete, copy_weight
-from tokenpool.layers.norm import add_layer_norm
+from tokenpool.layers.norm import add_layer_norm_cast
 
 # config.hidden_act -> `Linear` activation (fused into the FFN-in GEMM on the CPU)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -54,14 +54,15 @@ class BertLayer(nn.Module):
         self.ffn_out = Linear(config.intermediate_size, hidden)
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_gemm: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream `[T, hidden]`, wider than the GEMMs' dtype under bf16 on the CPU (fp32);
+        x_gemm: x in the GEMMs' dtype. Returns both for the next layer (x may be updated in place)."""
         tokens = x.shape[0]
-        # The GEMMs run in the weights' dtype; the residual stream x may be wider (fp32 under bf16 on the CPU).
         gemm_dtype = self.qkv.weight.dtype
-        q, k, v = self.qkv(x.to(gemm_dtype)).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
+        q, k, v = self.qkv(x_gemm).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, heads, head_dim]
         ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
-        x = add_layer_norm(self.attn_out(ctx), x, self.attn_norm)
-        return add_layer_norm(self.ffn_out(self.ffn_in(x.to(gemm_dtype))), x, self.ffn_norm)
+        x, x_gemm = add_layer_norm_cast(self.attn_out(ctx), x, self.attn_norm, gemm_dtype)
+        return add_layer_norm_cast(self.ffn_out(self.ffn_in(x_gemm)), x, self.ffn_norm, gemm_dtype)
 
 
 class BertModel(nn.Module):
@@ -83,8 +84,9 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embeddings(input_ids, positions)
+        x_gemm = x.to(self.layers[0].qkv.weight.dtype) if len(self.layers) else x
         for layer in self.layers:
-            x = layer(x, meta)
+            x, x_gemm = layer(x, x_gemm, meta)
         return x
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
