@@ -53,9 +53,9 @@ def build_variant() -> str:
     return "avx2" if cls == "avx2" else "generic"
 
 
-def vector_width() -> int:
-    """Floats per vector in this CPU's build: head dims must be a multiple of it."""
-    return 16 if build_variant() == "avx512" else 8
+def vector_width(variant: str | None = None) -> int:
+    """Floats per vector in a build (default: this CPU's): row lengths and head dims must be multiples of it."""
+    return 16 if (variant or build_variant()) == "avx512" else 8
 
 
 def cache_dir() -> Path:
@@ -64,9 +64,15 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def buildable_variants() -> list[str]:
+    """The builds this CPU can run, widest first (the tests check each)."""
+    return {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(build_variant(), ["generic"])
+
+
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The kernel library `name` (from `name`.c beside this module) for this CPU, or None where unavailable."""
+def load(name: str, variant: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library `name` (from `name`.c beside this module) built for `variant` (default: this CPU's
+    class, `build_variant()`), or None where unavailable."""
     if os.environ.get(KERNELS_ENV, "1").strip() == "0":
         logger.info("C kernels off ($%s=0): PyTorch's CPU kernels are used.", KERNELS_ENV)
         return None
@@ -77,7 +83,7 @@ def load(name: str) -> ctypes.CDLL | None:
         logger.warning("No C compiler found (set $CC): the CPU uses PyTorch's kernels for %s (slower).", name)
         return None
     source = Path(__file__).with_name(f"{name}.c")
-    variant = build_variant()
+    variant = variant or build_variant()
     flags = [*_COMMON_FLAGS, *_ISA_FLAGS[variant]]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -108,9 +114,9 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def function(name: str, argtypes: tuple) -> Callable[..., int] | None:
+def function(name: str, argtypes: tuple, variant: str | None = None) -> Callable[..., int] | None:
     """The C function `tp_<name>` of kernel `name` (returning an int status), or None where unavailable."""
-    lib = load(name)
+    lib = load(name, variant)
     if lib is None:
         return None
     fn = getattr(lib, f"tp_{name}")

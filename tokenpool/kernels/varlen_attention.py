@@ -15,34 +15,31 @@ _ARGS = (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64,
          ctypes.c_int, ctypes.c_int)
 
 
-def _kernel():
-    return function("varlen_attention", _ARGS)
+def available(variant: str | None = None) -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call); variant: see tokenpool.kernels."""
+    return function("varlen_attention", _ARGS, variant) is not None
 
 
-def available() -> bool:
-    """Whether the kernel is built and loaded for this CPU (builds it on the first call)."""
-    return _kernel() is not None
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str | None = None) -> bool:
     """fp32 or bf16 `[T, heads, head_dim]` views with contiguous heads, head_dim a multiple of the vector width."""
     head_dim = q.shape[-1]
     return (q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and head_dim % vector_width() == 0 and all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (q, k, v))
-            and q.device.type == "cpu")
+            and head_dim % vector_width(variant) == 0 and q.device.type == "cpu"
+            and all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (q, k, v)))
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     causal: bool) -> torch.Tensor:
+                     causal: bool, variant: str | None = None) -> torch.Tensor:
     """q `[T, H, D]`, k / v `[T, KVH, D]` (KVH divides H) -> `[T, H, D]` in q's dtype; rows past the last
     sequence (`cu_seqlens[-1]`) are zeros. Check `available()` and `supports()` first."""
     tokens, heads, head_dim = q.shape
     out = q.new_empty((tokens, heads, head_dim))
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous() else \
         cu_seqlens.to(torch.int32).contiguous()
-    rc = _kernel()(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
-                   heads * head_dim, cu.data_ptr(), cu.numel() - 1, heads, k.shape[1], head_dim, head_dim ** -0.5,
-                   int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    kernel = function("varlen_attention", _ARGS, variant)
+    rc = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+                heads * head_dim, cu.data_ptr(), cu.numel() - 1, heads, k.shape[1], head_dim, head_dim ** -0.5,
+                int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"varlen_attention kernel failed (code {rc}: 1 bad shape, 2 bad cu_seqlens, 3 out of memory)")
     used = int(cu[-1])

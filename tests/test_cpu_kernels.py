@@ -1,0 +1,101 @@
+"""The C kernels (tokenpool/kernels/*.c), every build this CPU can run, against float64 references.
+
+Each build (AVX-512, AVX2, generic) is compiled and loaded here explicitly, so one machine checks the code
+that AVX2-only CPUs and other classes run. Shapes cover what the models use: head dims 32 / 64 / 80 / 128,
+grouped KV heads, causal decoders, sequences of 1 to 300 tokens (lengths that are not multiples of a vector),
+and rows of a fused QKV tensor (row strides wider than the heads).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenpool.kernels import add_layer_norm as aln
+from tokenpool.kernels import buildable_variants, vector_width
+from tokenpool.kernels import varlen_attention as va
+
+VARIANTS = buildable_variants()
+needs_kernels = pytest.mark.skipif(not va.available(), reason="the C kernels could not be built here (no C compiler?)")
+
+
+def _reference(q, k, v, lens, causal, dtype=torch.float64):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    outs, start = [], 0
+    for n in lens:
+        qs, ks, vs = (t[start:start + n].to(dtype).transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, heads, kv_heads, causal", [(32, 12, 12, False), (64, 4, 4, False),
+                                                               (80, 2, 2, False), (128, 4, 2, True), (64, 6, 1, True)])
+def test_varlen_attention_matches_sdpa(variant, dtype, head_dim, heads, kv_heads, causal):
+    rng = random.Random(head_dim * heads)
+    lens = [1, 2, 7, 16, 17, 300] + [rng.randint(1, 200) for _ in range(6)]
+    total = sum(lens)
+    padded = total + 5  # rows past the last sequence, as the runner's CPU bucketing adds
+    torch.manual_seed(0)
+    # q, k, v as column slices of one fused projection, as the models produce them
+    qkv = (torch.randn(padded, (heads + 2 * kv_heads) * head_dim) * 3).to(dtype)
+    q = qkv[:, :heads * head_dim].view(padded, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(padded, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(padded, kv_heads, head_dim)
+    assert va.supports(q, k, v, variant)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = va.varlen_attention(q, k, v, cu, causal, variant)
+    assert out.dtype == dtype and out.shape == (padded, heads, head_dim)
+    ref = _reference(q[:total], k[:total], v[:total], lens, causal)
+    got = out[:total].double()
+    # Our error to float64 is at most 1.5x PyTorch's own fp32 SDPA's on the same inputs (fp32 arithmetic either
+    # way); in bf16, PyTorch's bf16 SDPA's (which rounds its outputs to bf16 as we do).
+    torch_err = (_reference(q[:total], k[:total], v[:total], lens, causal, dtype).double() - ref).abs().max().item()
+    assert (got - ref).abs().max().item() <= 1.5 * torch_err
+    assert torch.all(out[total:] == 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_varlen_attention_refuses_what_it_cannot_do(variant):
+    width = vector_width(variant)
+    q = torch.randn(10, 2, width + 4)
+    assert not va.supports(q, q, q, variant)  # head_dim not a multiple of the vector width
+    q = torch.randn(10, 2, 32, dtype=torch.float16)
+    assert not va.supports(q, q, q, variant)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("y_dtype, lowp", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("n", [384, 1024])
+def test_add_layer_norm_matches_torch(variant, y_dtype, lowp, n):
+    torch.manual_seed(n)
+    rows = 37
+    x = torch.randn(rows, n) * 4 + 1
+    wide = torch.randn(rows, n + 64).to(y_dtype)
+    y = wide[:, :n]  # rows with a wider stride
+    norm = torch.nn.LayerNorm(n, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_(0, 0.5)
+    expected = F.layer_norm((y.double() + x.double()), (n,), norm.weight.double(), norm.bias.double(), norm.eps)
+    assert aln.supports(y, x, norm, variant)
+    out, out_lowp = aln.add_layer_norm_(y, x.clone(), norm, lowp, variant)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    if lowp is None:
+        assert out_lowp is out
+    else:
+        assert out_lowp.dtype == lowp and torch.equal(out_lowp, out.to(lowp))  # the same rounding as torch's cast
+
+
+def test_every_build_the_cpu_can_run_is_listed():
+    assert VARIANTS[-1] == "generic" and len(set(VARIANTS)) == len(VARIANTS)
