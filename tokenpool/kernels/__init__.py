@@ -39,6 +39,8 @@ _COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno
                  "-Wno-psabi"]
 # Build per class: the widest vectors the class has (the C code sizes its vector types from __AVX512F__).
 _ISA_FLAGS = {
+    "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512",
+            "-mamx-tile", "-mamx-bf16"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
@@ -46,16 +48,18 @@ _ISA_FLAGS = {
 
 
 def build_variant() -> str:
-    """Which build this CPU runs: "avx512", "avx2" or "generic"."""
+    """Which build this CPU runs: "amx", "avx512", "avx2" or "generic"."""
     cls = cpu_info().isa_class
-    if cls in ("avx512", "avx512_bf16", "amx"):
+    if cls == "amx":
+        return "amx"
+    if cls in ("avx512", "avx512_bf16"):
         return "avx512"
     return "avx2" if cls == "avx2" else "generic"
 
 
 def vector_width(variant: str | None = None) -> int:
     """Floats per vector in a build (default: this CPU's): row lengths and head dims must be multiples of it."""
-    return 16 if (variant or build_variant()) == "avx512" else 8
+    return 16 if (variant or build_variant()) in ("amx", "avx512") else 8
 
 
 def cache_dir() -> Path:
@@ -66,7 +70,8 @@ def cache_dir() -> Path:
 
 def buildable_variants() -> list[str]:
     """The builds this CPU can run, widest first (the tests check each)."""
-    return {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(build_variant(), ["generic"])
+    return {"amx": ["amx", "avx512", "avx2", "generic"], "avx512": ["avx512", "avx2", "generic"],
+            "avx2": ["avx2", "generic"]}.get(build_variant(), ["generic"])
 
 
 @functools.cache

@@ -137,6 +137,139 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
     }
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* AMX (Sapphire Rapids and later), bf16 inputs, head_dim a multiple of 32 up to 128: the two matrix products
+ * on the tile unit (TDPBF16PS: bf16 pairs, fp32 accumulation), the softmax on AVX-512 in fp32 as above.
+ * P is rounded to bf16 for P V, as PyTorch's bf16 flash kernel does. Tiles: 0 S / output, 1 K^T block,
+ * 2..5 Q chunks then output blocks, 6 P block, 7 V block; every tile 16 rows x 64 bytes. */
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_KEYS 32 /* keys per P V step: one tile row of bf16 */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static int amx_ready(void) { /* Linux hands out the tile state only on request (once per process) */
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+#define QK_CHUNK(t, dc)                                                                                     \
+    if (nd32 > dc) {                                                                                      \
+        _tile_loadd(1, kp + ((int64_t)dc * (lp / 16) + jb / 16) * 256, 64);                               \
+        _tile_dpbf16ps(0, t, 1);                                                                          \
+    }
+#define PV_BLOCK(t, g)                                                                                      \
+    if (ng > g) {                                                                                         \
+        _tile_loadd(7, vp + ((kc * nd16 + db0 + g) * 16) * 32, 64);                                       \
+        _tile_dpbf16ps(t, 6, 7);                                                                          \
+    }
+
+static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t q_stride,
+                           int64_t k_stride, int64_t v_stride, int64_t o_stride, int64_t t0, int64_t L, int64_t h,
+                           int64_t kvh, int64_t D, float scale, int causal, uint32_t* kp, uint16_t* vp, uint16_t* qa,
+                           float* sb, uint16_t* pb, float* ob) {
+    const int64_t lp = (L + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS, nd32 = D / 32, nd16 = D / 16;
+    /* K^T as VNNI blocks [D/32][lp/16][16 d-pairs][16 keys] of bf16 pairs (32 bits) */
+    for (int64_t j = 0; j < lp; j++) {
+        const uint32_t* kr = (const uint32_t*)(k + (t0 + j) * k_stride + kvh * D);
+        for (int64_t dc = 0; dc < nd32; dc++)
+            for (int64_t pr = 0; pr < 16; pr++)
+                kp[(dc * (lp / 16) + j / 16) * 256 + pr * 16 + j % 16] = j < L ? kr[dc * 16 + pr] : 0u;
+    }
+    /* V as VNNI blocks [lp/32][D/16][16 key-pairs][16 dims][2 keys] */
+    for (int64_t j = 0; j < lp; j++) {
+        const uint16_t* vr = v + (t0 + j) * v_stride + kvh * D;
+        const int64_t kc = j / AMX_KEYS, pr = (j % AMX_KEYS) / 2, e = j % 2;
+        for (int64_t d = 0; d < D; d++)
+            vp[((kc * nd16 + d / 16) * 16 + pr) * 32 + (d % 16) * 2 + e] = j < L ? vr[d] : 0;
+    }
+    for (int64_t i0 = 0; i0 < L; i0 += 16) {
+        const int64_t rows = L - i0 < 16 ? L - i0 : 16;
+        for (int64_t r = 0; r < 16; r++) {
+            if (r < rows) memcpy(qa + r * D, q + (t0 + i0 + r) * q_stride + h * D, D * 2);
+            else memset(qa + r * D, 0, D * 2);
+        }
+        const int64_t jend = causal ? i0 + rows : L;
+        const int64_t j16 = (jend + 15) / 16 * 16, j32 = (jend + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+        if (nd32 > 0) _tile_loadd(2, qa, D * 2);
+        if (nd32 > 1) _tile_loadd(3, qa + 32, D * 2);
+        if (nd32 > 2) _tile_loadd(4, qa + 64, D * 2);
+        if (nd32 > 3) _tile_loadd(5, qa + 96, D * 2);
+        for (int64_t jb = 0; jb < j16; jb += 16) { /* S[16, jb..jb+16) */
+            _tile_zero(0);
+            QK_CHUNK(2, 0)
+            QK_CHUNK(3, 1)
+            QK_CHUNK(4, 2)
+            QK_CHUNK(5, 3)
+            _tile_stored(0, sb + jb, lp * 4);
+        }
+        float inv[16];
+        for (int64_t r = 0; r < 16; r++) { /* scaled softmax per row -> P (bf16, zeros past the row's keys) */
+            float* srow = sb + r * lp;
+            uint16_t* prow = pb + r * lp;
+            const int64_t lim = r >= rows ? 0 : (causal ? i0 + r + 1 : L);
+            for (int64_t j = lim; j < j16; j++) srow[j] = -3.0e38f;
+            if (lim == 0) {
+                memset(prow, 0, j32 * 2);
+                inv[r] = 0.0f;
+                continue;
+            }
+            vf m = splat(-3.0e38f);
+            for (int64_t j = 0; j < j16; j += VL) m = vmax(m, ld(srow + j));
+            const vf mx = splat(hmax(m) * scale);
+            vf sum = splat(0.0f);
+            for (int64_t j = 0; j < j16; j += VL) {
+                const vf e = exp_nonpositive(ld(srow + j) * scale - mx);
+                sum += e;
+                store_bf16(prow + j, e);
+            }
+            for (int64_t j = j16; j < j32; j++) prow[j] = 0;
+            inv[r] = 1.0f / hsum(sum);
+        }
+        for (int64_t db0 = 0; db0 < nd16; db0 += 4) { /* O[16, 64 dims at a time] = P V */
+            const int64_t ng = nd16 - db0 < 4 ? nd16 - db0 : 4;
+            _tile_zero(2);
+            _tile_zero(3);
+            _tile_zero(4);
+            _tile_zero(5);
+            for (int64_t kc = 0; kc < j32 / AMX_KEYS; kc++) {
+                _tile_loadd(6, pb + kc * AMX_KEYS, lp * 2);
+                PV_BLOCK(2, 0)
+                PV_BLOCK(3, 1)
+                PV_BLOCK(4, 2)
+                PV_BLOCK(5, 3)
+            }
+            if (ng > 0) _tile_stored(2, ob + db0 * 16, D * 4);
+            if (ng > 1) _tile_stored(3, ob + db0 * 16 + 16, D * 4);
+            if (ng > 2) _tile_stored(4, ob + db0 * 16 + 32, D * 4);
+            if (ng > 3) _tile_stored(5, ob + db0 * 16 + 48, D * 4);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            uint16_t* orow = out + (t0 + i0 + r) * o_stride + h * D;
+            for (int64_t d = 0; d < D; d += VL) store_bf16(orow + d, ld(ob + r * D + d) * inv[r]);
+        }
+    }
+}
+#endif
+
 int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
                         int64_t v_stride, int64_t o_stride, const int32_t* cu, int64_t num_seqs, int64_t heads,
                         int64_t kv_heads, int64_t head_dim, float scale, int causal, int bf16, int num_threads) {
@@ -150,6 +283,44 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
     const int64_t lp = (max_len + VL - 1) / VL * VL, D = head_dim, group = heads / kv_heads;
     const int64_t tasks = num_seqs * heads;
     int failed = 0;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (bf16 && D % 32 == 0 && D <= 128 && amx_ready()) {
+        const int64_t lp32 = (max_len + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+#pragma omp parallel num_threads(num_threads)
+        {
+            uint32_t* kp = aligned_alloc(64, (size_t)(D * lp32 * 2 + 64) / 64 * 64);
+            uint16_t* vp = aligned_alloc(64, (size_t)(D * lp32 * 2 + 64) / 64 * 64);
+            uint16_t* qa = aligned_alloc(64, (size_t)(16 * D * 2 + 64) / 64 * 64);
+            float* sb = aligned_alloc(64, (size_t)(16 * lp32 * 4 + 64) / 64 * 64);
+            uint16_t* pb = aligned_alloc(64, (size_t)(16 * lp32 * 2 + 64) / 64 * 64);
+            float* ob = aligned_alloc(64, (size_t)(16 * D * 4 + 64) / 64 * 64);
+            if (!kp || !vp || !qa || !sb || !pb || !ob) {
+#pragma omp atomic write
+                failed = 3;
+            }
+#pragma omp barrier
+            if (!failed) {
+                amx_configure();
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < tasks; task++) {
+                    const int64_t s = task / heads, h = task % heads;
+                    const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
+                    if (L > 0)
+                        attend_one_amx(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D,
+                                       scale, causal, kp, vp, qa, sb, pb, ob);
+                }
+                _tile_release();
+            }
+            free(kp);
+            free(vp);
+            free(qa);
+            free(sb);
+            free(pb);
+            free(ob);
+        }
+        return failed;
+    }
+#endif
 #pragma omp parallel num_threads(num_threads)
     {
         float* kt = aligned_alloc(64, (size_t)((D * lp * 4 + 63) / 64 * 64) + 64);
