@@ -18,7 +18,7 @@ from tokenpool.outputs import (
     ScoringRequestOutput,
 )
 from tokenpool.pooling_params import PoolingParams
-from tokenpool.scoring import cosine, maxsim, pair_inputs
+from tokenpool.scoring import pair_inputs, score_pairs
 
 # Prompts tokenized and queued at a time (see LLM._run); prompts with images (~3 ms of preprocessing each)
 # go in smaller chunks, so the device starts early and later images are preprocessed while it runs.
@@ -117,18 +117,26 @@ class LLM:
         pairs = pair_inputs(_as_list(data_1), _as_list(data_2))
         if not pairs:
             raise ValueError("score got no inputs.")
-        left, right = [a for a, _ in pairs], [b for _, b in pairs]
-        outputs = self.encode(left + right, pooling_params, use_tqdm=use_tqdm, pooling_task=pooling_task,
+        # Every distinct prompt is encoded once (a 1 x N query: once, not N times).
+        keys: dict = {}  # key -> the first prompt with it
+        key_pairs = []
+        for a, b in pairs:
+            ka, kb = _prompt_key(a), _prompt_key(b)
+            keys.setdefault(ka, a)
+            keys.setdefault(kb, b)
+            key_pairs.append((ka, kb))
+        outputs = self.encode(list(keys.values()), pooling_params, use_tqdm=use_tqdm, pooling_task=pooling_task,
                               tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
-        fn = cosine if pooling_task == "embed" else maxsim
-        n = len(left)
+        by_key = dict(zip(keys, outputs))
+        vectors = {key: out.outputs.data for key, out in by_key.items()}
+        scores = score_pairs(key_pairs, vectors, "cosine" if pooling_task == "embed" else "maxsim")
         return [
             ScoringRequestOutput(
-                request_id=f"{a.request_id}-{b.request_id}",
-                outputs=ScoringOutput(fn(a.outputs.data, b.outputs.data)),
-                prompt_token_ids=a.prompt_token_ids + b.prompt_token_ids,
+                request_id=f"{by_key[a].request_id}-{by_key[b].request_id}",
+                outputs=ScoringOutput(score),
+                prompt_token_ids=by_key[a].prompt_token_ids + by_key[b].prompt_token_ids,
             )
-            for a, b in zip(outputs[:n], outputs[n:])
+            for (a, b), score in zip(key_pairs, scores)
         ]
 
     # ----- internals -----
@@ -228,6 +236,19 @@ class LLM:
                 engine.abort_requests(ids)
                 raise
         return list(map(finished.__getitem__, ids))
+
+
+def _prompt_key(prompt: Any) -> Any:
+    """Equal keys for prompts that encode the same: a text, or the ids / text of a plain prompt dict; any
+    other prompt (e.g. with images) is only equal to itself."""
+    if isinstance(prompt, str):
+        return ("text", prompt)
+    if isinstance(prompt, dict) and set(prompt) <= {"prompt", "prompt_token_ids"}:
+        if "prompt_token_ids" in prompt and isinstance(prompt["prompt_token_ids"], (list, tuple)):
+            return ("ids", tuple(prompt["prompt_token_ids"]), prompt.get("prompt"))
+        if isinstance(prompt.get("prompt"), str):
+            return ("text", prompt["prompt"])
+    return ("object", id(prompt))
 
 
 def _as_list(prompts: Any) -> list:

@@ -19,8 +19,7 @@ from tokenpool.entrypoints.server.errors import APIError
 from tokenpool.entrypoints.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from tokenpool.entrypoints.server.routes_pooling import WORK_ERRORS, error_responses
 from tokenpool.entrypoints.server.serving import ServingState
-from tokenpool.entrypoints.server.scores import cosine, maxsim
-from tokenpool.scoring import pair_inputs
+from tokenpool.scoring import pair_inputs, score_pairs
 
 router = APIRouter()
 SCORE_ERRORS = {**WORK_ERRORS, **error_responses(501)}
@@ -65,8 +64,8 @@ async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
     task = _score_task(s, request.task)
     pairs = _pairs(request.left(), request.right())
     vectors, lengths = await _encode_texts(s, raw_request, [t for pair in pairs for t in pair], task, request)
-    fn = cosine if task == "embed" else maxsim
-    data = [{"index": i, "object": "score", "score": fn(vectors[a], vectors[b])} for i, (a, b) in enumerate(pairs)]
+    scores = score_pairs(pairs, vectors, "cosine" if task == "embed" else "maxsim")
+    data = [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)]
     n = s.add_prompt_tokens("/score", sum(lengths.values()))
     return json_response({"id": s.response_id("score", request.request_id), "object": "list",
                           "created": int(time.time()), "model": request.model or s.model_name, "data": data,
@@ -84,9 +83,9 @@ async def create_rerank(request: RerankRequest, raw_request: Request) -> Respons
     s.check_common(request.priority)
     task = _score_task(s, request.task)
     vectors, lengths = await _encode_texts(s, raw_request, [request.query, *request.documents], task, request)
-    fn = cosine if task == "embed" else maxsim
-    query = vectors[request.query]
-    scored = sorted(((fn(query, vectors[doc]), i, doc) for i, doc in enumerate(request.documents)),
+    scores = score_pairs([(request.query, doc) for doc in request.documents], vectors,
+                         "cosine" if task == "embed" else "maxsim")
+    scored = sorted(((score, i, doc) for i, (score, doc) in enumerate(zip(scores, request.documents))),
                     key=lambda r: (-r[0], r[1]))
     if request.top_n:
         scored = scored[: request.top_n]
