@@ -65,7 +65,7 @@ def test_bad_params_and_args(llm, minilm_path):
         PoolingParams(use_activation=True, normalize=False)
     with pytest.raises(ValueError, match="dimensions"):
         PoolingParams(dimensions=0)
-    with pytest.raises(ValueError, match="larger than the embedding size"):
+    with pytest.raises(ValueError, match=r"outside 1\.\.384, the embedding size"):
         llm.embed(["hi"], PoolingParams(dimensions=1000), use_tqdm=False)
     with pytest.raises(ValueError, match="'embed' task only"):
         llm.encode(["hi"], PoolingParams(dimensions=8), pooling_task="token_embed", use_tqdm=False)

@@ -114,3 +114,36 @@ def test_default_model_is_minilm():
     llm = LLM()
     assert llm.llm_engine.hf_config.hidden_size == 384
     assert len(llm.embed("hello", use_tqdm=False)[0].outputs.embedding) == 384
+
+
+def test_pooler_config_dimensions_is_embeds_default(tmp_path, minilm_path):
+    """PoolerConfig.dimensions truncates every embed output unless the request asks otherwise."""
+    from tokenpool import PoolingParams
+
+    folder = _tiny_bert(tmp_path / "m", minilm_path, modes=["mean_tokens"])
+    full = torch.tensor([o.outputs.embedding for o in LLM(str(folder), dtype="float32").embed(TEXTS, use_tqdm=False)])
+    llm = LLM(str(folder), dtype="float32", pooler_config={"dimensions": 8})
+    short = torch.tensor([o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)])
+    assert short.shape == (len(TEXTS), 8)
+    assert torch.allclose(short, F.normalize(full[:, :8], dim=-1), atol=1e-5)
+    asked = llm.embed(TEXTS[:1], PoolingParams(dimensions=16), use_tqdm=False)[0].outputs.embedding
+    assert len(asked) == 16
+    with pytest.raises(ValueError, match="outside 1..32"):
+        LLM(str(folder), dtype="float32", pooler_config={"dimensions": 33})
+    with pytest.raises(ValueError, match="outside 1..32"):
+        llm.embed(TEXTS, PoolingParams(dimensions=64), use_tqdm=False)
+
+
+def test_pylate_layout_without_pooling_is_refused(tmp_path, minilm_path):
+    """Dense layers with no Pooling module: a ColBERT model whose projection would be skipped silently."""
+    folder = _tiny_bert(tmp_path / "colbert", minilm_path, modes=["mean_tokens"], dense=True, normalize=False)
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Pooling")]))
+    with pytest.raises(ValueError, match="ColBERT checkpoints are not supported yet"):
+        LLM(str(folder), dtype="float32")
+
+
+def test_unsupported_pooling_mode_is_refused_at_load(tmp_path, minilm_path):
+    folder = _tiny_bert(tmp_path / "wm", minilm_path, modes=["weightedmean_tokens"])
+    with pytest.raises(ValueError, match=r"pooling mode\(s\) \['weightedmean'\] are not supported"):
+        LLM(str(folder), dtype="float32")

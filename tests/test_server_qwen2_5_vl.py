@@ -62,6 +62,36 @@ def test_pooling_messages_with_data_url_image_equal_offline(server, llm):
     assert response.json()["usage"]["prompt_tokens"] == len(expected.prompt_token_ids)
 
 
+def test_mm_processor_kwargs_reach_the_image_processor(server, llm):
+    """max_pixels over HTTP shrinks the image as it does offline (fewer image tokens, the same vectors)."""
+    image = make_test_images()[0]
+    kwargs = {"max_pixels": 28 * 28 * 4}
+    body = {"messages": messages(data_url(image), "Describe the image."), "task": "token_embed",
+            "mm_processor_kwargs": kwargs}
+    response = requests.post(server.url("/pooling"), json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    got = torch.tensor(response.json()["data"][0]["data"])
+    prompt = TextPrompt(prompt=f"{PLACEHOLDER}\nDescribe the image.", multi_modal_data={"image": image},
+                        mm_processor_kwargs=kwargs)
+    expected = llm.encode([prompt], pooling_task="token_embed", use_tqdm=False)[0]
+    default = llm.encode([TextPrompt(prompt=f"{PLACEHOLDER}\nDescribe the image.", multi_modal_data={"image": image})],
+                         pooling_task="token_embed", use_tqdm=False)[0]
+    assert len(expected.prompt_token_ids) < len(default.prompt_token_ids)
+    assert got.shape == expected.outputs.data.shape
+    assert torch.allclose(got, expected.outputs.data, atol=1e-5)
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "no image here", "mm_processor_kwargs": {"max_pixels": 3136}},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "no image"}]}],
+     "mm_processor_kwargs": {"max_pixels": 3136}},
+])
+def test_mm_processor_kwargs_without_images_is_a_400(server, body):
+    response = requests.post(server.url("/pooling"), json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "mm_processor_kwargs"
+
+
 def test_embeddings_messages_with_two_images(server, llm, media_dir):
     images = make_test_images()
     body = {"messages": messages("Compare", data_url(images[2]), "with", f"file://{media_dir / 'tall.png'}"),

@@ -37,7 +37,8 @@ class PoolerConfig:
     pooling_type: CLS | MEAN | LAST | MAX for `embed` (default: the model folder's sentence-transformers
         pooling, else CLS for encoders).
     use_activation / normalize: the default of `PoolingParams.use_activation` for every task.
-    dimensions: default Matryoshka dimensions for `embed`.
+    dimensions: default Matryoshka dimensions for `embed` (a request's own `dimensions` wins); checked
+        against the embedding size when the model loads.
     task: accepted for vLLM compatibility; tokenpool serves every supported task from one model, so it
         only sets the default task of `LLM.encode` when none is given.
     """

@@ -65,7 +65,13 @@ class LLMEngine:
         budget = max(args.max_num_batched_tokens or budget, self.max_model_len)
         self.scheduler = Scheduler(budget, args.max_num_seqs or seqs)
         pooler_cfg = args.pooler_config
-        self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None)
+        self.embed_width = (self.model.poolers["embed"].width(self.model.backbone.hidden_size)
+                            if "embed" in self.model.poolers else None)
+        default_dims = pooler_cfg.dimensions if pooler_cfg else None
+        if default_dims is not None:
+            self.check_dimensions("embed", default_dims, "pooler_config.dimensions")
+        self.runner = ModelRunner(self.model, self.device, pooler_cfg.use_activation if pooler_cfg else None,
+                                  default_dims)
         image_processor = None
         if getattr(self.model.backbone, "visual", None) is not None:
             from tokenpool.multimodal.inputs import ImagePromptProcessor
@@ -113,6 +119,15 @@ class LLMEngine:
                 f"Task {task!r} is not supported by this model ({self.model.name}). "
                 f"Supported tasks: {', '.join(self.supported_tasks)}."
             )
+
+    def check_dimensions(self, task: str, dimensions: int | None, name: str = "dimensions") -> None:
+        """Matryoshka truncation: `embed` (or its part of "all") only, 1..the embedding's length."""
+        if dimensions is None:
+            return
+        if task not in ("embed", ALL_TASKS) or self.embed_width is None:
+            raise ValueError(f"{name} applies to the 'embed' task only.")
+        if not 1 <= dimensions <= self.embed_width:
+            raise ValueError(f"{name}={dimensions} is outside 1..{self.embed_width}, the embedding size.")
 
     # ----- request flow -----
     def add_request(self, request_id: str, prompt_token_ids: list[int], task: str, params: PoolingParams) -> None:

@@ -46,10 +46,12 @@ _CPU_ROW_BUCKET = 64
 
 
 class ModelRunner:
-    def __init__(self, model: PoolingModel, device: torch.device, default_activation: bool | None = None):
+    def __init__(self, model: PoolingModel, device: torch.device, default_activation: bool | None = None,
+                 default_dimensions: int | None = None):
         self.model = model
         self.device = device
         self.default_activation = default_activation
+        self.default_dimensions = default_dimensions  # PoolerConfig.dimensions: embed's default truncation
         self._cuda = device.type == "cuda"
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
@@ -106,6 +108,8 @@ class ModelRunner:
         if default is not None and None in acts:
             acts = [default if a is None else a for a in acts]
         dims = [p.dimensions for p in params]
+        if self.default_dimensions is not None:
+            dims = [self.default_dimensions if d is None else d for d in dims]
         slots = PoolingSlots(ends - lens_np, lens_np, [r.task for r in requests], acts,
                              None if dims.count(None) == len(dims) else dims)
         attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))

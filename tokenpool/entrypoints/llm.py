@@ -154,8 +154,7 @@ class LLM:
                 raise TypeError(f"pooling_params must be PoolingParams, got {type(p).__name__}.")
             if p.task is not None and p.task != task:
                 raise ValueError(f"PoolingParams.task={p.task!r} conflicts with pooling_task={task!r}.")
-            if p.dimensions is not None and task not in ("embed", "all"):
-                raise ValueError("dimensions applies to the 'embed' task only.")
+            self.llm_engine.check_dimensions(task, p.dimensions)
             p.task = task
         return params
 

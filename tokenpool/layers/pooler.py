@@ -127,12 +127,19 @@ class EmbedPooler(nn.Module):
     """`embed`: sentence-transformers pooling modes (concatenated) -> Dense layers -> Matryoshka -> normalize."""
 
     task = "embed"
+    MODES = ("cls", "lasttoken", "mean", "mean_sqrt_len", "max")
 
     def __init__(self, modes: list[str], dense: list[nn.Module] | None = None, default_activation: bool = True):
         super().__init__()
         self.modes = modes
         self.dense = nn.Sequential(*dense) if dense else None
         self.default_activation = default_activation
+
+    def width(self, hidden_size: int) -> int:
+        """The length of the pooled vector for a backbone of `hidden_size`."""
+        if self.dense is not None:
+            return [m for m in self.dense.modules() if isinstance(m, nn.Linear)][-1].out_features
+        return hidden_size * len(self.modes)
 
     def forward(self, hidden: torch.Tensor, slots: PoolingSlots | Sequence[PoolingSlot]
                 ) -> tuple[torch.Tensor, RowShapes | list[tuple[int, ...]]]:

@@ -53,6 +53,8 @@ class SentenceTransformerConfig:
     """What a sentence-transformers folder says about pooling (None fields: the folder does not say)."""
 
     pooling_modes: list[str] = field(default_factory=list)
+    # False: pooling skips the prompt (instruction) tokens sentence-transformers prepends in encode(prompt=...);
+    # tokenpool prepends none, so every token is pooled either way.
     include_prompt: bool = True
     dense: list[DenseSpec] = field(default_factory=list)
     normalize: bool = False
@@ -72,15 +74,22 @@ def read_st_config(model_dir: Path) -> SentenceTransformerConfig:
     if not modules_file.is_file():
         return cfg
     cfg.has_modules = True
+    has_pooling = False
     for module in sorted(json.loads(modules_file.read_text()), key=lambda m: m.get("idx", 0)):
         kind = module["type"].rsplit(".", 1)[-1]
         folder = model_dir / module.get("path", "")
         if kind == "Pooling":
+            has_pooling = True
             cfg.pooling_modes, cfg.include_prompt = _read_pooling(folder / "config.json")
         elif kind == "Dense":
             cfg.dense.append(_read_dense(folder))
         elif kind == "Normalize":
             cfg.normalize = True
+    if cfg.dense and not has_pooling:
+        # PyLate's ColBERT layout: the Dense layers project every token. Read as a sentence embedder, its
+        # token_embed would be the unprojected hidden states: wrong numbers, no error. Refuse it instead.
+        raise ValueError(f"{model_dir} is a token-level (ColBERT / PyLate) sentence-transformers model: Dense "
+                         "layers without a Pooling module. ColBERT checkpoints are not supported yet.")
     return cfg
 
 

@@ -91,6 +91,10 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
 def _sentence_transformer_poolers(st: SentenceTransformerConfig, default_mode: str = "cls") -> dict:
     """embed follows modules.json (pooling, Dense, Normalize); token_embed = normalized hidden states."""
     modes = st.pooling_modes or [default_mode]
+    unsupported = [m for m in modes if m not in EmbedPooler.MODES]
+    if unsupported:
+        raise ValueError(f"sentence-transformers pooling mode(s) {unsupported} are not supported; "
+                         f"supported: {', '.join(EmbedPooler.MODES)}.")
     dense = [spec.build() for spec in st.dense]
     # Without modules.json vLLM normalizes by default; with it, the folder's Normalize module decides.
     normalize = st.normalize if st.has_modules else True

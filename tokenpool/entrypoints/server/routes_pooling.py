@@ -86,7 +86,7 @@ async def create_pooling(request: PoolingRequest, raw_request: Request) -> Respo
     s.check_task(task)
     params = s.pooling_params(task, request.use_activation, request.dimensions)
     token_ids = await s.tokenize_input(request.input, request.messages, request.truncate_prompt_tokens,
-                                       request.add_special_tokens)
+                                       request.add_special_tokens, request.mm_processor_kwargs)
     outputs = await s.encode(raw_request, token_ids, task, params)
     return _list_response(s, "pooling", request, "/pooling", outputs, "pooling", "data")
 
@@ -104,7 +104,7 @@ async def create_embeddings(request: EmbeddingRequest, raw_request: Request) -> 
     s.require_task("embed", "Embeddings API")
     params = s.pooling_params("embed", request.use_activation, request.dimensions)
     token_ids = await s.tokenize_input(request.input, request.messages, request.truncate_prompt_tokens,
-                                       request.add_special_tokens)
+                                       request.add_special_tokens, request.mm_processor_kwargs)
     outputs = await s.encode(raw_request, token_ids, "embed", params)
     return _list_response(s, "embd", request, "/v1/embeddings", outputs, "embedding", "embedding")
 

@@ -126,8 +126,13 @@ class ServingState:
             raise APIError(str(e), param="input") from e
 
     async def tokenize_input(self, input_value: Any, messages: list[ChatMessage] | None,
-                             truncate_prompt_tokens: int | None, add_special_tokens: bool | None) -> list[list[int]]:
-        """`input` (str | list[str] | list[int] | list[list[int]]) or `messages` -> token ids per prompt."""
+                             truncate_prompt_tokens: int | None, add_special_tokens: bool | None,
+                             mm_processor_kwargs: dict | None = None) -> list[list[int]]:
+        """`input` (str | list[str] | list[int] | list[list[int]]) or `messages` -> token ids per prompt.
+        `mm_processor_kwargs` (e.g. max_pixels) go to the image processor: messages with images only."""
+        if mm_processor_kwargs and (messages is None or not self.supports_images):
+            raise APIError("`mm_processor_kwargs` applies to `messages` with images (on a model that reads images).",
+                           param="mm_processor_kwargs")
         if messages is not None:
             tokenizer = self.core.tokenizer
             chat = await self.engine.run_in_tokenizer_thread(
@@ -139,6 +144,11 @@ class ServingState:
             if chat.image_urls:
                 images = await self.engine.run_in_tokenizer_thread(load_images, chat.image_urls)
                 prompt = {"prompt": chat.text, "multi_modal_data": {"image": images}}
+                if mm_processor_kwargs:
+                    prompt["mm_processor_kwargs"] = mm_processor_kwargs
+            elif mm_processor_kwargs:
+                raise APIError("`mm_processor_kwargs` applies to `messages` with images; these messages have none.",
+                               param="mm_processor_kwargs")
             return await self.tokenize([prompt], truncate_prompt_tokens, add)
         add = True if add_special_tokens is None else add_special_tokens
         if isinstance(input_value, str):
