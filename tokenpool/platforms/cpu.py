@@ -19,7 +19,8 @@ How a dtype's GEMMs run (`gemm_mode`):
   *emulated*: the weights and each GEMM's input are rounded to bf16 (so the function is the bf16 model's),
   and the products are summed in fp32 arithmetic (exact for bf16 x bf16, as the native kernels do): the
   same results at fp32 speed, on every x86-64 CPU. PyTorch's own bf16 path refuses AVX2-only CPUs.
-- float16: native only with AMX-FP16 (Granite Rapids and later); emulated the same way elsewhere.
+- float16: emulated the same way on every class (oneDNN's native fp16 needs AMX-FP16, Granite Rapids, on
+  which this path has not been measured).
 """
 
 from __future__ import annotations
@@ -67,10 +68,6 @@ class CpuInfo:
     @property
     def native_bf16(self) -> bool:
         return self.isa_class in ("avx512_bf16", "amx")
-
-    @property
-    def native_fp16(self) -> bool:
-        return self.isa_class == "amx" and "amx_fp16" in self.flags
 
     def describe(self) -> str:
         lowered = f", lowered from {self.hardware_class} by {' '.join(f'{k}={v}' for k, v in self.caps)}" \
@@ -169,7 +166,7 @@ def gemm_mode(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16:
         return "onednn" if info.native_bf16 else "emulated"
     if dtype == torch.float16:
-        return "onednn" if info.native_fp16 else "emulated"
+        return "emulated"  # oneDNN's fp16 path needs AMX-FP16 (Granite Rapids), which we could not test yet
     raise ValueError(f"dtype {dtype} is not supported on the CPU; use float32, bfloat16 or float16.")
 
 
