@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tokenpool.kernels import build_variant  # noqa: E402
+from tokenpool.kernels import buildable_variants  # noqa: E402
 from tokenpool.kernels import varlen_attention as fused_attention  # noqa: E402
 from tokenpool.platforms.cpu import ATTENTION_ENV, cpu_info  # noqa: E402
 
@@ -127,8 +127,8 @@ def attention_table(hidden: int, heads: int, dtype: torch.dtype, tokens: int, re
 
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
 
-    def fused():
-        return fused_attention.varlen_attention(q, k, v, cu, False)
+    def fused(variant):
+        return lambda: fused_attention.varlen_attention(q, k, v, cu, False, variant)
 
     qf, kf, vf = q.float(), k.float(), v.float()
     reference = torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1).double() for t in (qf, kf, vf)))
@@ -138,8 +138,9 @@ def attention_table(hidden: int, heads: int, dtype: torch.dtype, tokens: int, re
     print("| variant | us/token | min cos vs fp64 |")
     print("|---|---:|---:|")
     variants = [("bmm, fp32 scores", bmm), ("scaled_dot_product_attention", sdpa), ("flash kernel", flash)]
-    if fused_attention.available() and fused_attention.supports(q, k, v):
-        variants.append((f"fused C kernel ({build_variant()} build)", fused))
+    for variant in buildable_variants()[:-1]:  # the generic build is for CPUs without AVX2
+        if fused_attention.available(variant) and fused_attention.supports(q, k, v, variant):
+            variants.append((f"fused C kernel ({variant} build)", fused(variant)))
     for label, fn in variants:
         t = timed(fn, repeat)
         out = fn().float().reshape(total, -1)
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--dtypes", default="auto", help="comma list (float32,bfloat16); auto: fp32 + native bf16")
+    parser.add_argument("--skip-gemm", action="store_true", help="leave out the GEMM tables")
     parser.add_argument("--e2e", metavar="MODEL", default=None,
                         help="also time tokenpool end to end on this model folder, per attention kernel")
     parser.add_argument("--passages", type=int, default=500, help="passages of the --e2e corpus")
@@ -189,7 +191,8 @@ def main() -> None:
     else:
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     for dtype in dtypes:
-        gemm_table(hidden, inter, dtype, args.rows, args.repeat)
+        if not args.skip_gemm:
+            gemm_table(hidden, inter, dtype, args.rows, args.repeat)
         attention_table(hidden, heads, dtype, args.rows, args.repeat)
     for dtype in dtypes if args.e2e else []:
         e2e_table(args.e2e, dtype, args.passages, max(1, args.repeat // 3))
