@@ -40,7 +40,7 @@ _COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno
 # Build per class: the widest vectors the class has (the C code sizes its vector types from __AVX512F__).
 _ISA_FLAGS = {
     "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512",
-            "-mamx-tile", "-mamx-bf16"],
+            "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],

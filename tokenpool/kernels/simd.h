@@ -25,15 +25,27 @@ TP_INLINE vf vmax(vf a, vf b) {
     vi m = a > b;
     return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
+/* horizontal max / sum: halve the vector with shuffles (log2(VL) steps, no scalar loop) */
+#if VL == 16
+#define TP_HALVES(op, x)                                                                                    \
+    x = op(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));        \
+    x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));        \
+    x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));        \
+    x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#else
+#define TP_HALVES(op, x)                                                                                    \
+    x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));                                      \
+    x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));                                      \
+    x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
+TP_INLINE vf vadd(vf a, vf b) { return a + b; }
 TP_INLINE float hmax(vf x) {
-    float m = x[0];
-    for (int l = 1; l < VL; l++) m = x[l] > m ? x[l] : m;
-    return m;
+    TP_HALVES(vmax, x)
+    return x[0];
 }
 TP_INLINE float hsum(vf x) {
-    float s = 0.0f;
-    for (int l = 0; l < VL; l++) s += x[l];
-    return s;
+    TP_HALVES(vadd, x)
+    return x[0];
 }
 
 TP_INLINE float bf16_to_f32(uint16_t h) {
@@ -59,7 +71,21 @@ TP_INLINE vf load_vec(const void* base, int64_t index, int bf16) {
     return bf16 ? bf16_vec((const uint16_t*)base + index) : ld((const float*)base + index);
 }
 
+/* VL floats -> bf16, rounded to nearest even as f32_to_bf16 (NaN -> 0x7fc0), in vector registers; one
+ * instruction where the build has AVX512-BF16 (the AMX build) */
+#if defined(__AVX512BF16__) && VL == 16
+#include <immintrin.h>
 TP_INLINE void store_bf16(uint16_t* dst, vf x) {
-    for (int l = 0; l < VL; l++) dst[l] = f32_to_bf16(x[l]);
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)x);
+    memcpy(dst, &h, sizeof h);
 }
+#else
+TP_INLINE void store_bf16(uint16_t* dst, vf x) {
+    const vi u = (vi)x;
+    const vi nan = (u & 0x7fffffff) > 0x7f800000;
+    const vi r = (vi)(((u + 0x7fff + ((u >> 16) & 1)) >> 16) & 0xffff);
+    const vh h = __builtin_convertvector((r & ~nan) | (0x7fc0 & nan), vh);
+    memcpy(dst, &h, sizeof h);
+}
+#endif
 #endif

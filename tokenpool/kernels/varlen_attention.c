@@ -147,6 +147,8 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_KEYS 32 /* keys per P V step: one tile row of bf16 */
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint16_t v32h __attribute__((vector_size(64)));
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -187,32 +189,54 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
                            int64_t kvh, int64_t D, float scale, int causal, uint32_t* kp, uint16_t* vp, uint16_t* qa,
                            float* sb, uint16_t* pb, float* ob) {
     const int64_t lp = (L + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS, nd32 = D / 32, nd16 = D / 16;
-    /* K^T as VNNI blocks [D/32][lp/16][16 d-pairs][16 keys] of bf16 pairs (32 bits) */
-    for (int64_t j = 0; j < lp; j++) {
-        const uint32_t* kr = (const uint32_t*)(k + (t0 + j) * k_stride + kvh * D);
-        for (int64_t dc = 0; dc < nd32; dc++)
-            for (int64_t pr = 0; pr < 16; pr++)
-                kp[(dc * (lp / 16) + j / 16) * 256 + pr * 16 + j % 16] = j < L ? kr[dc * 16 + pr] : 0u;
+    /* K^T as VNNI blocks [D/32][lp/16][16 d-pairs][16 keys] of bf16 pairs (32 bits): each block is the
+     * transpose of 16 keys x 16 pairs, written contiguously */
+    for (int64_t jb = 0; jb < lp; jb += 16) {
+        const int64_t n = L - jb < 16 ? (L > jb ? L - jb : 0) : 16;
+        for (int64_t dc = 0; dc < nd32; dc++) {
+            uint32_t* dst = kp + (dc * (lp / 16) + jb / 16) * 256;
+            for (int64_t pr = 0; pr < 16; pr++) {
+                const uint32_t* src = (const uint32_t*)(k + (t0 + jb) * k_stride + kvh * D) + dc * 16 + pr;
+                for (int64_t jj = 0; jj < 16; jj++) dst[pr * 16 + jj] = jj < n ? src[jj * (k_stride / 2)] : 0u;
+            }
+        }
     }
-    /* V as VNNI blocks [lp/32][D/16][16 key-pairs][16 dims][2 keys] */
-    for (int64_t j = 0; j < lp; j++) {
-        const uint16_t* vr = v + (t0 + j) * v_stride + kvh * D;
-        const int64_t kc = j / AMX_KEYS, pr = (j % AMX_KEYS) / 2, e = j % 2;
-        for (int64_t d = 0; d < D; d++)
-            vp[((kc * nd16 + d / 16) * 16 + pr) * 32 + (d % 16) * 2 + e] = j < L ? vr[d] : 0;
+    /* V as VNNI blocks [lp/32][D/16][16 key-pairs][16 dims][2 keys]: two key rows interleaved */
+    for (int64_t j = 0; j < lp; j += 2) {
+        const int64_t kc = j / AMX_KEYS, pr = (j % AMX_KEYS) / 2;
+        const uint16_t* v0 = v + (t0 + j) * v_stride + kvh * D;
+        const uint16_t* v1 = v0 + v_stride;
+        for (int64_t db = 0; db < nd16; db++) {
+            v16h a = {0}, b = {0};
+            if (j < L) memcpy(&a, v0 + db * 16, 32);
+            if (j + 1 < L) memcpy(&b, v1 + db * 16, 32);
+            const v32h pair = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8,
+                                                      24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            memcpy(vp + ((kc * nd16 + db) * 16 + pr) * 32, &pair, 64);
+        }
     }
     for (int64_t i0 = 0; i0 < L; i0 += 16) {
         const int64_t rows = L - i0 < 16 ? L - i0 : 16;
-        for (int64_t r = 0; r < 16; r++) {
-            if (r < rows) memcpy(qa + r * D, q + (t0 + i0 + r) * q_stride + h * D, D * 2);
-            else memset(qa + r * D, 0, D * 2);
+        /* Q rows: straight from the input (row stride q_stride); a last partial block is copied and
+         * zero-padded (the rows past it may be past the tensor) */
+        const uint16_t* qsrc = q + (t0 + i0) * q_stride + h * D;
+        int64_t qstride = q_stride * 2;
+        if (rows < 16) {
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t d = 0; d < D; d += 32) {
+                    v32h row = {0};
+                    if (r < rows) memcpy(&row, qsrc + r * q_stride + d, 64);
+                    memcpy(qa + r * D + d, &row, 64);
+                }
+            qsrc = qa;
+            qstride = D * 2;
         }
         const int64_t jend = causal ? i0 + rows : L;
         const int64_t j16 = (jend + 15) / 16 * 16, j32 = (jend + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
-        if (nd32 > 0) _tile_loadd(2, qa, D * 2);
-        if (nd32 > 1) _tile_loadd(3, qa + 32, D * 2);
-        if (nd32 > 2) _tile_loadd(4, qa + 64, D * 2);
-        if (nd32 > 3) _tile_loadd(5, qa + 96, D * 2);
+        if (nd32 > 0) _tile_loadd(2, qsrc, qstride);
+        if (nd32 > 1) _tile_loadd(3, qsrc + 32, qstride);
+        if (nd32 > 2) _tile_loadd(4, qsrc + 64, qstride);
+        if (nd32 > 3) _tile_loadd(5, qsrc + 96, qstride);
         for (int64_t jb = 0; jb < j16; jb += 16) { /* S[16, jb..jb+16) */
             _tile_zero(0);
             QK_CHUNK(2, 0)
