@@ -76,3 +76,26 @@ class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
 
 class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
     pass
+
+
+@dataclass
+class BatchOutput:
+    """The outputs of one finished batch without per-request copies (`LLMEngine.step_batch`).
+
+    flat: every output's values in one float32 tensor (None when the batch was launched for per-request
+    outputs, which then own their memory); outputs: the finished requests, whose `outputs.data` are views
+    of `flat` (a dict of views for the combined task). Aborted requests are left out.
+    """
+
+    flat: torch.Tensor | None
+    outputs: list[PoolingRequestOutput]
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [o.request_id for o in self.outputs]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each request's values start in `flat` (elements; requests with tensor outputs)."""
+        base = self.flat.storage_offset() if self.flat is not None else 0
+        return [o.outputs.data.storage_offset() - base for o in self.outputs if isinstance(o.outputs.data, torch.Tensor)]

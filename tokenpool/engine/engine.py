@@ -18,7 +18,7 @@ from tokenpool.loader.st_config import read_st_config
 from tokenpool.models.bge_m3 import lexical_weights
 from tokenpool.models.pooling_model import ALL_TASKS
 from tokenpool.models.registry import build_model
-from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
+from tokenpool.outputs import BatchOutput, PoolingOutput, PoolingRequestOutput
 from tokenpool.platforms.cpu import describe_plan
 from tokenpool.pooling_params import PoolingParams
 
@@ -168,17 +168,35 @@ class LLMEngine:
         """Launch the next packed batch, then collect the previous one; return the finished requests.
 
         Keeping one batch in flight lets the host prepare and launch batch N+1 while the device still
-        runs batch N (on the CPU, launching is running, so this is plain sequential execution).
+        runs batch N (on the CPU, launching is running, so this is plain sequential execution). Each output
+        owns its memory (see `step_batch` for the batch's outputs without per-request copies).
         """
+        self.runner.owned_outputs = True
+        done = self._advance()
+        return [] if done is None else self._request_outputs(done.batch, self.runner.finish(done))
+
+    def step_batch(self) -> BatchOutput | None:
+        """`step` for consumers that want no per-request copies (an index, a Ray actor): the finished batch's
+        outputs as views of one flat float32 tensor, or None when no batch finished."""
+        self.runner.owned_outputs = False
+        done = self._advance()
+        if done is None:
+            return None
+        flat, views = self.runner.finish_batch(done)
+        return BatchOutput(flat, self._request_outputs(done.batch, views))
+
+    def _advance(self) -> InFlight | None:
+        """Launch the next batch; return the one to collect now (None: nothing finished in this step)."""
         batch = self.scheduler.schedule()
         launched = self.runner.launch(batch) if batch is not None else None
         previous, self._inflight = self._inflight, launched
         if previous is None:
             if launched is None or self.device.type == "cuda" and self.scheduler.has_waiting():
-                return []
+                return None
             previous, self._inflight = launched, None
-        batch = previous.batch
-        results = self.runner.finish(previous)
+        return previous
+
+    def _request_outputs(self, batch, results: list) -> list[PoolingRequestOutput]:
         outputs = []
         for request, data in zip(batch.requests, results):
             if request.status is RequestStatus.ABORTED:

@@ -53,6 +53,8 @@ class ModelRunner:
         self.default_activation = default_activation
         self.default_dimensions = default_dimensions  # PoolerConfig.dimensions: embed's default truncation
         self._cuda = device.type == "cuda"
+        # CUDA: whether batches launched now are copied out per request (False: as one tensor; see finish_batch)
+        self.owned_outputs = True
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             # Copies outputs out of the reused pinned staging buffer into their own memory (~4 ms for a
@@ -137,18 +139,35 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         # The staging buffer is rewritten two launches later, after `finish` has waited for this copy.
-        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()]))
+        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()], pooled,
+                                                           self.owned_outputs))
 
-    def finish(self, inflight: InFlight) -> list[torch.Tensor]:
-        """Wait for a launched batch; one float32 host tensor per request, in batch order."""
+    def finish(self, inflight: InFlight) -> list:
+        """Wait for a launched batch; per request, in batch order, a float32 host tensor (or a dict of them for
+        the combined task) that owns its memory: keeping or pickling one output keeps only its own bytes."""
         if inflight.host is None:
-            return inflight.pooled.unpack()
-        return inflight.pooled.unpack(inflight.host.result())
+            return _owned(inflight.pooled.unpack())
+        result = inflight.host.result()
+        return _owned(inflight.pooled.unpack(result)) if isinstance(result, torch.Tensor) else result
 
-    def execute(self, batch: Batch) -> list[torch.Tensor]:
-        return self.finish(self.launch(batch))
+    def finish_batch(self, inflight: InFlight) -> tuple[torch.Tensor | None, list]:
+        """Wait for a launched batch; its flat float32 host tensor and per-request views of it: no per-request
+        copies (on CUDA, launched with `owned_outputs = False`: one copy out of the staging buffer)."""
+        if inflight.host is None:
+            return inflight.pooled.flat, inflight.pooled.unpack()
+        result = inflight.host.result()
+        if isinstance(result, torch.Tensor):
+            return result, inflight.pooled.unpack(result)
+        return None, result
 
 
-def _copy_out(done: torch.cuda.Event, staging: torch.Tensor) -> torch.Tensor:
+def _owned(results: list) -> list:
+    """Each view cloned into its own memory (one copy of the batch's bytes in all)."""
+    return [{k: v.clone() for k, v in r.items()} if isinstance(r, dict) else r.clone() for r in results]
+
+
+def _copy_out(done: torch.cuda.Event, staging: torch.Tensor, pooled: PooledBatch, owned: bool):
+    """On the copier thread: wait for the device-to-host copy, then copy the outputs out of the reused staging
+    buffer: each request's into its own memory (owned), else the batch's in one tensor. clone releases the GIL."""
     done.synchronize()
-    return staging.clone()
+    return _owned(pooled.unpack(staging)) if owned else staging.clone()
