@@ -39,7 +39,7 @@ def main() -> None:
         llm.encode(prompts[:500], pooling_task="token_embed", use_tqdm=False)
 
         t0 = time.perf_counter()
-        engine.inputs(prompts)
+        engine.processor(prompts)
         t_inputs = time.perf_counter() - t0
 
         # GPU time of the forward alone, one full batch.

@@ -144,7 +144,7 @@ class Baseline:
 
     @torch.inference_mode()
     def images(self, images: list, batch: int) -> list[torch.Tensor]:
-        from tokenpool.models.qwen2_5_vl import mrope_positions
+        from tokenpool.multimodal.types import mrope_positions
 
         results = []
         for i in range(0, len(images), batch):
@@ -227,7 +227,7 @@ def main() -> None:
         llm.encode(img_prompts[:4], pooling_task="token_embed", use_tqdm=False)
         t0 = time.perf_counter()
         for im in images:
-            llm.llm_engine.inputs.image_processor.image_processor(images=[im], return_tensors="pt")
+            llm.llm_engine.processor.image_processor.image_processor(images=[im], return_tensors="pt")
         prep = (time.perf_counter() - t0) / len(images)
         outs, seconds = timed(lambda: llm.encode(img_prompts, pooling_task="token_embed", use_tqdm=False), DEVICE)
         n_tok = outs[0].outputs.data.shape[0]

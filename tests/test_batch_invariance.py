@@ -16,7 +16,7 @@ def _words(rng: random.Random, n: int) -> str:
 
 def _mixed_run(llm: LLM, texts: list[str], tasks: list[str]) -> dict[str, torch.Tensor]:
     engine = llm.llm_engine
-    for i, (tokens, task) in enumerate(zip(engine.inputs(texts), tasks)):
+    for i, (tokens, task) in enumerate(zip(engine.processor(texts), tasks)):
         engine.add_request(f"r{i}", tokens, task, PoolingParams())
     out = {}
     while engine.has_unfinished_requests():

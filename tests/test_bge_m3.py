@@ -79,7 +79,7 @@ def test_colbert_score_matches_flagembedding(llm, reference):
 def test_one_model_all_tasks_one_batch(llm):
     """Requests of all three tasks, queued together, share batches and equal the single-task runs."""
     engine = llm.llm_engine
-    ids = engine.inputs(TEXTS)
+    ids = engine.processor(TEXTS)
     tasks = ["embed", "token_embed", "token_classify"]
     from tokenpool.pooling_params import PoolingParams
 

@@ -112,7 +112,7 @@ def test_pooling_float_matches_offline(server, llm, task):
     for item, ref in zip(body["data"], refs):
         assert item["object"] == "pooling"
         torch.testing.assert_close(torch.tensor(item["data"]), ref, atol=ATOL, rtol=0)
-    n = sum(len(ids) for ids in llm.llm_engine.inputs(TEXTS))
+    n = sum(len(ids) for ids in llm.llm_engine.processor(TEXTS))
     assert body["usage"]["prompt_tokens"] == n and body["usage"]["total_tokens"] == n
 
 
@@ -159,7 +159,7 @@ def test_binary_encodings_are_exact_conversions(server):
 
 
 def test_token_ids_input_and_truncation(server, llm):
-    ids = llm.llm_engine.inputs(TEXTS[:2])
+    ids = llm.llm_engine.processor(TEXTS[:2])
     body = post(server, "/pooling", {"input": ids, "task": "embed"}).json()
     for item, ref in zip(body["data"], offline(llm, TEXTS[:2], "embed")):
         torch.testing.assert_close(torch.tensor(item["data"]), ref, atol=ATOL, rtol=0)

@@ -24,14 +24,52 @@ from tokenpool.entrypoints.server.encoding import bfloat16_bits, to_array
 PARAMS = PoolingParams()
 
 
+class GatedEngine(LLMEngine):
+    """The engine with test controls on its public `step`: `hold()` makes the next step wait (signalling
+    `stepping`) until `release()`; `poison` makes a step whose batch holds that token id fail in the model
+    runner; `steps` records the request ids each step finished."""
+
+    def __init__(self, args: EngineArgs):
+        super().__init__(args)
+        self.stepping = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
+        self.steps: list[list[str]] = []
+        self.poison: int | None = None
+        launch = self.runner.launch
+
+        def launch_or_fail(batch):
+            if self.poison is not None and any(self.poison in r.prompt_token_ids for r in batch.requests):
+                raise RuntimeError("boom")
+            return launch(batch)
+
+        self.runner.launch = launch_or_fail
+
+    def hold(self) -> None:
+        self.stepping.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def step(self):
+        self.stepping.set()
+        self._open.wait()
+        outputs = super().step()
+        if outputs:
+            self.steps.append([o.request_id for o in outputs])
+        return outputs
+
+
 @pytest.fixture
 def make_engine(tiny_bge_m3):
     engines: list[AsyncLLMEngine] = []
 
-    def make(step_delay: float = 0.0, **kwargs) -> AsyncLLMEngine:
-        engine = AsyncLLMEngine(lambda: LLMEngine(EngineArgs(model=str(tiny_bge_m3), dtype="float32")), **kwargs).start()
-        if step_delay:
-            slow_down(engine, step_delay)
+    def make(**kwargs) -> AsyncLLMEngine:
+        engine_kwargs = {k: kwargs.pop(k) for k in ("max_num_seqs",) if k in kwargs}
+        args = EngineArgs(model=str(tiny_bge_m3), dtype="float32", **engine_kwargs)
+        engine = AsyncLLMEngine(lambda: GatedEngine(args), **kwargs).start()
+        engine.engine.steps.clear()  # the warm-up's steps
         engines.append(engine)
         return engine
 
@@ -40,28 +78,19 @@ def make_engine(tiny_bge_m3):
         engine.shutdown()
 
 
-def slow_down(engine: AsyncLLMEngine, delay: float) -> None:
-    core = engine.engine
-    step = core.step
-
-    def slow_step():
-        time.sleep(delay)
-        return step()
-
-    core.step = slow_step
+def until(condition, timeout: float = 30.0) -> None:
+    """Wait for a condition another thread makes true (polled; fails the test after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
-def count_added(engine: AsyncLLMEngine) -> list[str]:
-    core = engine.engine
-    added: list[str] = []
-    add = core.add_request
-
-    def counting_add(request_id, *args):
-        added.append(request_id)
-        return add(request_id, *args)
-
-    core.add_request = counting_add
-    return added
+async def until_async(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.001)
 
 
 def test_engine_is_built_and_run_on_its_own_thread(tiny_bge_m3):
@@ -75,7 +104,7 @@ def test_engine_is_built_and_run_on_its_own_thread(tiny_bge_m3):
     try:
         assert threads == ["tokenpool-engine"]
         assert engine.is_healthy and set(engine.output_shapes) == {"embed", "token_embed", "token_classify", "all"}
-        ids = engine.engine.inputs(["hello world"])[0]
+        ids = engine.engine.processor(["hello world"])[0]
         out = asyncio.run(engine.encode([ids, ids], ["embed", "token_embed"], PARAMS))
         assert out[0].outputs.data.shape == (64,) and out[1].outputs.data.shape == (len(ids) - 1, 64)
     finally:
@@ -86,70 +115,66 @@ def test_engine_is_built_and_run_on_its_own_thread(tiny_bge_m3):
 
 
 def test_concurrent_callers_share_batches(make_engine):
-    engine = make_engine(step_delay=0.05)
-    steps = []
-    engine.on_step = steps.append
-    ids = engine.engine.inputs(["one", "two two", "three three three"])
+    """Callers that arrive while a batch runs are packed together into the next one."""
+    engine = make_engine()
+    core: GatedEngine = engine.engine
+    ids = core.processor(["one", "two two", "three three three"])
 
     async def main():
-        return await asyncio.gather(*[engine.encode([ids[i % 3]], "token_embed", PARAMS) for i in range(24)])
+        core.hold()
+        gate = asyncio.ensure_future(engine.encode([ids[0]], "embed", PARAMS))
+        await until_async(core.stepping.is_set)  # the gate's step is waiting to run
+        calls = [asyncio.ensure_future(engine.encode([ids[i % 3]], "token_embed", PARAMS)) for i in range(24)]
+        await until_async(lambda: engine.num_waiting == 25)
+        core.release()
+        return await gate, await asyncio.gather(*calls)
 
-    outputs = asyncio.run(main())
+    _, outputs = asyncio.run(main())
     assert [len(o) for o in outputs] == [1] * 24
-    assert sum(s.num_requests for s in steps) == 24
-    assert len(steps) < 12 and max(s.num_requests for s in steps) > 1
+    assert [len(s) for s in core.steps] == [1, 24]  # the gate alone, then everyone who arrived meanwhile
     alone = asyncio.run(engine.encode([ids[2]], "token_embed", PARAMS))[0].outputs.data
     torch.testing.assert_close(outputs[2][0].outputs.data, alone, atol=1e-5, rtol=0)
 
 
 def test_cancelled_caller_queued_work_is_dropped(make_engine):
-    engine = make_engine(step_delay=0.3)
-    added = count_added(engine)
-    ids = engine.engine.inputs(["gate"])[0]
+    engine = make_engine()
+    core: GatedEngine = engine.engine
+    ids = core.processor(["gate"])[0]
 
     async def main():
+        core.hold()
         gate = asyncio.ensure_future(engine.encode([ids], "embed", PARAMS))
-        while not added:  # the gate's step is running now
-            await asyncio.sleep(0.005)
+        await until_async(core.stepping.is_set)
         queued = asyncio.ensure_future(engine.encode([ids] * 5, "token_embed", PARAMS))
-        await asyncio.sleep(0.02)
+        await until_async(lambda: engine.num_waiting == 6)
         queued.cancel()
-        result = await gate
         with pytest.raises(asyncio.CancelledError):
             await queued
-        await asyncio.sleep(0.1)
-        return result
+        core.release()
+        return await gate
 
     assert len(asyncio.run(main())) == 1
-    assert engine.counters.aborted == 5 and len(added) == 1  # the five never reached the core
-    assert engine.num_waiting == 0 and engine.is_healthy
+    until(lambda: engine.num_waiting == 0)
+    assert engine.counters.aborted == 5  # dropped before they ran
+    assert sum(len(s) for s in core.steps) == 1 and engine.is_healthy
 
 
 def test_a_failing_prompt_fails_its_caller_only(make_engine):
     engine = make_engine()
-    core = engine.engine
-    poison = 7
-    step = core.step
-    first = threading.Event()
-
-    def flaky_step():
-        if not first.is_set():  # hold the first batch so the next callers queue up and share one batch
-            first.set()
-            time.sleep(0.2)
-        if any(poison in r.prompt_token_ids for r in core.scheduler.waiting):
-            raise RuntimeError("boom")
-        return step()
-
-    core.step = flaky_step
+    core: GatedEngine = engine.engine
+    core.poison = 7
     good = [[0, 100, 2], [0, 101, 102, 2], [0, 103, 2]]
 
     async def main():
+        core.hold()
         gate = asyncio.ensure_future(engine.encode([good[0]], "embed", PARAMS))
-        while not first.is_set():
-            await asyncio.sleep(0.005)
-        calls = [engine.encode([good[1]], "embed", PARAMS), engine.encode([[0, poison, 2]], "embed", PARAMS),
+        await until_async(core.stepping.is_set)  # the next callers queue up and share one batch
+        calls = [engine.encode([good[1]], "embed", PARAMS), engine.encode([[0, 7, 2]], "embed", PARAMS),
                  engine.encode([good[2], good[0]], "token_embed", PARAMS)]
-        return await gate, await asyncio.gather(*calls, return_exceptions=True)
+        futures = [asyncio.ensure_future(c) for c in calls]
+        await until_async(lambda: engine.num_waiting == 5)
+        core.release()
+        return await gate, await asyncio.gather(*futures, return_exceptions=True)
 
     _, (ok1, bad, ok2) = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and "boom" in str(bad)
@@ -160,16 +185,12 @@ def test_a_failing_prompt_fails_its_caller_only(make_engine):
 def test_dead_engine_turns_health_to_503(make_engine):
     engine = make_engine(max_consecutive_failures=2)
     app = build_app(engine, ServerConfig())
-
-    def broken_step():
-        raise RuntimeError("device lost")
-
     with InProcessServer(app) as server:
         assert requests.get(server.url("/health"), timeout=10).status_code == 200
-        engine.engine.step = broken_step
+        engine.engine.poison = engine.engine.processor(["hi"])[0][1]  # every batch with "hi" fails
         for _ in range(2):
             response = requests.post(server.url("/pooling"), json={"input": "hi"}, timeout=30)
-            assert response.status_code == 500 and "device lost" in response.json()["error"]["message"]
+            assert response.status_code == 500 and "boom" in response.json()["error"]["message"]
         health = requests.get(server.url("/health"), timeout=10)
         assert health.status_code == 503 and "dead" in health.json()["error"]["message"]
         response = requests.post(server.url("/pooling"), json={"input": "hi"}, timeout=30)
@@ -179,25 +200,26 @@ def test_dead_engine_turns_health_to_503(make_engine):
 
 
 def test_client_disconnect_drops_its_queued_prompts(make_engine):
-    engine = make_engine(step_delay=0.4)
-    added = count_added(engine)
+    engine = make_engine()
+    core: GatedEngine = engine.engine
     app = build_app(engine, ServerConfig())
     with InProcessServer(app) as server:
+        core.hold()
         gate = threading.Thread(target=requests.post, args=(server.url("/pooling"),),
                                 kwargs={"json": {"input": "gate"}, "timeout": 30})
         gate.start()
-        while not added:  # the gate's step is running
-            time.sleep(0.005)
+        until(core.stepping.is_set)  # the gate's step is held
         body = b'{"input": ["a", "b", "c", "d", "e"]}'
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"POST /pooling HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            time.sleep(0.1)
+            until(lambda: engine.num_waiting == 6)  # the five are queued behind the gate
+        until(lambda: engine.counters.cancelled == 1)  # the server saw the client go
+        core.release()
         gate.join()
-        deadline = time.monotonic() + 5
-        while engine.counters.aborted < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine.counters.aborted == 5 and len(added) == 1
+        until(lambda: engine.counters.aborted == 5)  # its five prompts dropped, never run
+        until(lambda: engine.num_waiting == 0)
+        assert sum(len(s) for s in core.steps) == 1
         metrics = requests.get(server.url("/metrics"), timeout=10).text
         assert "tokenpool_aborted_prompts 5.0" in metrics
 
@@ -221,31 +243,17 @@ def test_numpy_wire_conversions_equal_torch():
     assert swapped.tobytes() == values[:4].astype(">f4").tobytes()
 
 
-def test_bge_m3_route_uses_the_combined_task_when_the_core_has_it(tiny_bge_m3):
+def test_bge_m3_route_uses_the_combined_task(make_engine, tiny_bge_m3):
     from tokenpool import LLM
 
-    holder = []
-
-    def build():
-        holder.append(LLMEngine(EngineArgs(model=str(tiny_bge_m3), dtype="float32")))
-        real_add = holder[0].add_request
-        holder[0].submitted = []
-
-        def add_request(request_id, prompt_token_ids, task, params):
-            holder[0].submitted.append(task)
-            return real_add(request_id, prompt_token_ids, task, params)
-
-        holder[0].add_request = add_request
-        return holder[0]
-
-    engine = AsyncLLMEngine(build)
+    engine = make_engine()
+    core: GatedEngine = engine.engine
     app = build_app(engine, ServerConfig())
     assert app.state.serving.has_combined_task and "all" not in app.state.serving.tasks
     texts = ["Hello world", "dense sparse colbert: retrieval ☃ 42"]
     with InProcessServer(app) as server:
-        holder[0].submitted.clear()
         body = requests.post(server.url("/v1/bge_m3"), json={"input": texts}, timeout=30).json()
-    assert holder[0].submitted == ["all", "all"]  # one request per input
+    assert [len(s) for s in core.steps] == [2]  # one request per input, one forward pass
     llm = LLM(str(tiny_bge_m3), dtype="float32")
     for item, text in zip(body["data"], texts):
         dense, colbert, sparse = (llm.encode([text], pooling_task=t, use_tqdm=False)[0]
@@ -256,44 +264,42 @@ def test_bge_m3_route_uses_the_combined_task_when_the_core_has_it(tiny_bge_m3):
             sparse.outputs.lexical_weights, abs=1e-5)
 
 
-def test_two_batches_ahead_as_on_cuda(make_engine):
-    """On CUDA the engine thread keeps a second batch waiting in the core (for its launch/finish overlap)."""
-    engine = make_engine(step_delay=0.02)
-    engine._batches_ahead = 2
-    core = engine.engine
-    core.scheduler.max_num_seqs = 3  # small batches, so that many are queued at once
-    ids = core.inputs([f"prompt number {i} " * (1 + i % 3) for i in range(30)])
+def test_many_small_batches_with_cancellations(make_engine):
+    """With 3 prompts per batch, 30 callers queue ~10 batches in the one scheduler; a cancelled caller's
+    prompts are skipped; every answer equals the prompt run alone."""
+    engine = make_engine(max_num_seqs=3)
+    core: GatedEngine = engine.engine
+    ids = core.processor([f"prompt number {i} " * (1 + i % 3) for i in range(30)])
     refs = [asyncio.run(engine.encode([i], "token_embed", PARAMS))[0].outputs.data for i in ids]
+    core.steps.clear()
 
     async def main():
+        core.hold()
         gate = asyncio.ensure_future(engine.encode([ids[0]], "embed", PARAMS))
-        await asyncio.sleep(0.005)
-        calls = [engine.encode([i], "token_embed", PARAMS) for i in ids]
+        await until_async(core.stepping.is_set)
+        calls = [asyncio.ensure_future(engine.encode([i], "token_embed", PARAMS)) for i in ids]
         dropped = asyncio.ensure_future(engine.encode(ids[:6], "token_embed", PARAMS))
-        await asyncio.sleep(0)
+        await until_async(lambda: engine.num_waiting == 37)
         dropped.cancel()
+        core.release()
         return await gate, await asyncio.gather(*calls)
 
     _, outputs = asyncio.run(main())
     for out, ref in zip(outputs, refs):
         torch.testing.assert_close(out[0].outputs.data, ref, atol=1e-5, rtol=0)
-    assert engine.num_waiting == 0 and engine.is_healthy
+    until(lambda: engine.num_waiting == 0)
+    assert max(len(s) for s in core.steps) == 3 and sum(len(s) for s in core.steps) == 31
+    assert engine.counters.aborted == 6 and engine.is_healthy
 
 
 def test_load_hint_counts_requests_not_yet_queued(make_engine):
     """The server tells the engine how many model requests are still being read or tokenized (so a step can
     wait a moment for them); the counts go back to zero once the answers are sent."""
-    engine = make_engine(step_delay=0.05)
+    engine = make_engine()
     app = build_app(engine, ServerConfig())
     load = app.state.serving.load
     seen = []
-    step = engine.engine.step
-
-    def observing_step():
-        seen.append((load.active, load.submitted))
-        return step()
-
-    engine.engine.step = observing_step
+    engine.on_step = lambda stats: seen.append((load.active, load.submitted))
     with InProcessServer(app) as server:
         def one(i):
             body = {"input": f"text number {i}", "task": "embed"}
@@ -315,10 +321,14 @@ def test_tiny_tokenizer_calls_run_inline_only_when_the_tokenizer_is_free(make_en
     async def run():
         inline = await engine.run_in_tokenizer_thread(where, inline=True)
         queued = await engine.run_in_tokenizer_thread(where)
-        with engine._tokenizer_lock:  # the tokenizer thread is busy: the tiny call queues behind it
-            busy = asyncio.ensure_future(engine.run_in_tokenizer_thread(where, inline=True))
-            await asyncio.sleep(0.05)
-            assert not busy.done()
+        release = threading.Event()
+        blocker = asyncio.ensure_future(engine.run_in_tokenizer_thread(release.wait))  # the tokenizer is busy
+        await until_async(lambda: not engine.tokenizer_free())
+        busy = asyncio.ensure_future(engine.run_in_tokenizer_thread(where, inline=True))
+        await asyncio.sleep(0)
+        assert not busy.done()  # the tiny call queued behind the busy tokenizer instead of running here
+        release.set()
+        await blocker
         return inline, queued, await busy
 
     inline, queued, busy = asyncio.run(run())

@@ -30,13 +30,11 @@ def check_async_engine_on_cuda(model_dir: str, dtype: str) -> None:
     texts = [f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} {' '.join(['more'] * (i % 7))}" for i in range(48)]
     llm = LLM(model_dir, device="cuda", dtype=dtype)
     refs = {t: [o.outputs.data for o in llm.encode(texts, pooling_task=t, use_tqdm=False)] for t in TASKS}
-    ids = llm.llm_engine.inputs(texts)
+    ids = llm.llm_engine.processor(texts)
     del llm
     args = EngineArgs(model=model_dir, device="cuda", dtype=dtype, max_num_seqs=4)
     engine = AsyncLLMEngine(lambda: LLMEngine(args)).start()
     try:
-        assert engine._batches_ahead == 2
-
         async def main():
             calls = [engine.encode([ids[i]], TASKS[i % 3], PoolingParams()) for i in range(len(ids))]
             dropped = asyncio.ensure_future(engine.encode(ids[:8], "token_embed", PoolingParams()))

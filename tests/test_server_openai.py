@@ -39,7 +39,7 @@ def test_openai_embeddings_base64_default(client, llm):
     assert [d.index for d in result.data] == [0, 1, 2]
     for item, ref in zip(result.data, refs):
         torch.testing.assert_close(torch.tensor(item.embedding), torch.tensor(ref), atol=1e-5, rtol=0)
-    n = sum(len(ids) for ids in llm.llm_engine.inputs(TEXTS))
+    n = sum(len(ids) for ids in llm.llm_engine.processor(TEXTS))
     assert result.usage.prompt_tokens == n and result.usage.total_tokens == n
     assert result.model == DEFAULT_NAME
 

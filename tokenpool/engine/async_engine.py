@@ -2,17 +2,17 @@
 
 The trip of one HTTP request:
 
-    handler (event loop) --tokenize--> tokenizer thread        (overlaps the running batch)
-    handler --`encode`--> inbox --> engine thread: pending FIFO --feed one batch--> LLMEngine.step()
+    handler (event loop) --process--> tokenizer thread         (overlaps the running batch)
+    handler --`submit`--> inbox --> engine thread: LLMEngine.add_requests, then LLMEngine.step()
     engine thread --call_soon_threadsafe--> the handler's future resolves with its outputs
 
-- Continuous batching: before every step the engine thread drains the inbox, so prompts of all callers
-  that arrived while the previous batch ran are packed into the next one (FCFS, the engine's token budget).
-- The engine thread feeds the core one batch at a time from its own FIFO (two on CUDA, where the core
-  launches batch N+1 while batch N runs); a caller that went away (`encode` cancelled) has its queued
-  prompts dropped before they reach the core.
-- Errors: a prompt the core rejects fails its caller only. When a step raises, its prompts are retried
-  one by one, so only the prompt that fails alone fails (and only its caller). After
+- Continuous batching: before every step the engine thread drains the inbox into the core, whose scheduler
+  (the only one) packs the prompts of all callers that arrived while the previous batch ran into the next
+  one (FCFS, the engine's token budget); on CUDA the core keeps a batch in flight while it launches the next.
+- A caller that went away (`encode` cancelled) has its prompts aborted in the core: those not yet running
+  are skipped by the scheduler, never computed.
+- Errors: a request the core rejects fails its caller only. When a step raises, the core names the requests
+  of the failed batch; each is retried alone, so only a prompt that fails alone fails (and only its caller). After
   `max_consecutive_failures` internal errors in a row, or when the loop itself breaks, the engine is dead:
   every waiter gets `EngineDeadError` and `is_healthy` turns False (the server's /health answers 503).
 """
@@ -25,13 +25,14 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tokenpool.engine.engine import LLMEngine
+from tokenpool.engine.engine import BatchFailed, LLMEngine
+from tokenpool.engine.request import EngineRequest
+from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.outputs import PoolingRequestOutput
 from tokenpool.pooling_params import PoolingParams
 
@@ -72,23 +73,19 @@ Ticket = _Group  # what `submit` hands back: `.future` resolves to the outputs
 
 @dataclass(slots=True, eq=False)
 class _Prompt:
-    """One prompt of a group, as the engine thread queues it."""
+    """One prompt of a group, as the engine thread tracks it."""
 
-    request_id: str
-    token_ids: list[int]
-    task: str
-    params: PoolingParams
+    request: EngineRequest
     group: _Group
     index: int
-    solo: bool = False  # run alone (after its batch failed)
 
 
 @dataclass
 class _Counters:
+    cancelled: int = 0  # callers that went away before their answer (event loop thread)
     aborted: int = 0  # prompts dropped before running because their caller went away
     failed: int = 0  # prompts that failed in the engine
     steps: int = 0
-    last_fed: list[int] = field(default_factory=list)
 
 
 def _resolve(future: asyncio.Future, value: Any) -> None:
@@ -125,10 +122,9 @@ class AsyncLLMEngine:
         self.max_consecutive_failures = max_consecutive_failures
         self.counters = _Counters()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: deque[_Prompt] = deque()  # engine thread only
-        self._fed: dict[str, _Prompt] = {}  # engine thread only: prompts handed to the core
-        self._unscheduled: deque[tuple[int, int]] = deque()  # engine thread only: (prompts, tokens) per fed batch
-        self._batches_ahead = 1
+        self._in_inbox = 0  # prompts in the inbox (changed under _count_lock by both threads)
+        self._count_lock = threading.Lock()
+        self._fed: dict[str, _Prompt] = {}  # engine thread only: prompts in the core, by request id
         self._ids = itertools.count()
         self._failures_in_a_row = 0
         self._last_step_s = 0.0
@@ -175,8 +171,8 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Prompts queued and not yet finished (in the inbox, in the FIFO or in the core)."""
-        return self._inbox.qsize() + len(self._pending) + len(self._fed)
+        """Prompts queued and not yet finished (in the inbox or in the core)."""
+        return self._in_inbox + len(self._fed)
 
     # ----- API for handlers (event loop thread) -----
     async def run_in_tokenizer_thread(self, fn: Callable[..., _T], *args: Any, inline: bool = False) -> _T:
@@ -192,11 +188,15 @@ class AsyncLLMEngine:
                 self._tokenizer_lock.release()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._locked, fn, args)
 
+    def tokenizer_free(self) -> bool:
+        """Whether no tokenizer call is running now."""
+        return not self._tokenizer_lock.locked()
+
     def _locked(self, fn: Callable[..., _T], args: tuple) -> _T:
         with self._tokenizer_lock:
             return fn(*args)
 
-    async def encode(self, token_ids: Sequence[list[int]], task: str | Sequence[str],
+    async def encode(self, prompts: Sequence[ProcessedPrompt | list[int]], task: str | Sequence[str],
                      params: PoolingParams | Sequence[PoolingParams]) -> list[PoolingRequestOutput]:
         """Pool each prompt with `task` (one task for all, or one per prompt); outputs in input order.
 
@@ -204,20 +204,21 @@ class AsyncLLMEngine:
         the engine is gone, other exceptions for internal errors. Cancelling the awaiting task drops the
         prompts that have not started running.
         """
-        if not token_ids:
+        if not prompts:
             return []
-        ticket = self.submit(token_ids, task, params)
+        ticket = self.submit(prompts, task, params)
         try:
             return await ticket.future
         except asyncio.CancelledError:
             self.cancel(ticket)
             raise
 
-    def submit(self, token_ids: Sequence[list[int]], task: str | Sequence[str],
+    def submit(self, prompts: Sequence[ProcessedPrompt | list[int]], task: str | Sequence[str],
                params: PoolingParams | Sequence[PoolingParams]) -> "Ticket":
-        """Queue the prompts now (event loop thread); await `ticket.future` for the outputs, or `cancel`."""
+        """Queue processed prompts (or plain token-id lists, validated in the core) now, from the event loop
+        thread; await `ticket.future` for the outputs, or `cancel`."""
         self._check_alive()
-        n = len(token_ids)
+        n = len(prompts)
         if isinstance(params, PoolingParams):
             params = [params] * n
         tasks = [task] * n if isinstance(task, str) else list(task)
@@ -225,15 +226,18 @@ class AsyncLLMEngine:
             raise ValueError(f"Got {n} prompts, {len(params)} PoolingParams and {len(tasks)} tasks.")
         loop = asyncio.get_running_loop()
         group = _Group(loop.create_future(), loop, [None] * n, n)
-        prompts = [_Prompt(str(next(self._ids)), ids, t, p, group, i)
-                   for i, (ids, t, p) in enumerate(zip(token_ids, tasks, params))]
-        self._inbox.put(prompts)
+        items = [_Prompt(EngineRequest(str(next(self._ids)), prompt, t, p), group, i)
+                 for i, (prompt, t, p) in enumerate(zip(prompts, tasks, params))]
+        with self._count_lock:
+            self._in_inbox += n
+        self._inbox.put(items)
         self._check_alive()  # the loop may have died between the first check and `put`
         return group
 
     def cancel(self, ticket: "Ticket") -> None:
         """The caller went away: its prompts that have not started running are dropped."""
         if not ticket.done:
+            self.counters.cancelled += 1
             ticket.cancelled = True
             ticket.future.cancel()
             self._inbox.put(_WAKE)
@@ -250,8 +254,6 @@ class AsyncLLMEngine:
             if self._factory is not None:
                 self.engine = self._factory()
             self.output_shapes = self._warm_up()
-            device = getattr(self.engine, "device", None)
-            self._batches_ahead = 2 if getattr(device, "type", "cpu") == "cuda" else 1
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._start_error = e
             self._dead = e
@@ -263,10 +265,10 @@ class AsyncLLMEngine:
     def _warm_up(self) -> dict[str, tuple[int, ...]]:
         """Run one tiny prompt per task (first-call costs paid here); each task's output shape for it."""
         engine = self.engine
-        ids = engine.inputs.tokenize(["warm up"])[0]
+        prompt = engine.processor.process(["warm up"])[0]
         shapes: dict[str, tuple[int, ...]] = {}
         for n, task in enumerate(engine.supported_tasks):
-            engine.add_request(f"warmup-{n}", ids, task, PoolingParams())
+            engine.add_requests([EngineRequest(f"warmup-{n}", prompt, task, PoolingParams())])
             outputs: list[PoolingRequestOutput] = []
             while engine.has_unfinished_requests():
                 outputs += engine.step()
@@ -277,7 +279,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         try:
             while True:
-                idle = not self._pending and not self._fed and not self.engine.has_unfinished_requests()
+                idle = not self._fed and not self.engine.has_unfinished_requests()
                 if not self._take(self._inbox.get() if idle else _WAKE):
                     break
                 stop = False
@@ -288,8 +290,8 @@ class AsyncLLMEngine:
                         break
                 if stop or not self._gather():
                     break
-                self._feed()
-                if self._fed or self.engine.has_unfinished_requests():
+                self._drop_cancelled()
+                if self.engine.has_unfinished_requests():
                     self._step()
         except BaseException as e:  # noqa: BLE001 - any escape from the loop kills the engine
             logger.exception("The engine loop died")
@@ -298,19 +300,19 @@ class AsyncLLMEngine:
             self._die(EngineDeadError("The engine was shut down."))
 
     def _gather(self) -> bool:
-        """Before feeding a batch, wait (briefly) for callers the server says are about to submit; False: stop.
+        """Before a step, wait (briefly) for callers the server says are about to submit; False: stop.
 
         Concurrent clients send their next requests as soon as the previous batch's answers go out; without
         this the first one to arrive would start a step alone and the others would form the next batches.
-        The wait is bounded by `max_batch_wait_s` and a quarter of the last step's time, and never happens
-        when no caller is expected (a lone request is not delayed).
+        The wait is bounded by `max_batch_wait_s` and a quarter of the last step's time, ends when a batch is
+        full, and never happens when no caller is expected (a lone request is not delayed).
         """
         hint = self.expected_callers
-        if hint is None or not self._pending or self.engine.scheduler.has_waiting():
+        if hint is None or not self._fed:
             return True
-        max_seqs = self.engine.scheduler.max_num_seqs
+        engine = self.engine
         deadline = time.perf_counter() + min(self.max_batch_wait_s, 0.25 * self._last_step_s)
-        while hint() > 0 and len(self._pending) < max_seqs:
+        while hint() > 0 and engine.num_waiting_tokens < engine.max_num_batched_tokens:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -323,77 +325,48 @@ class AsyncLLMEngine:
         return True
 
     def _take(self, item: Any) -> bool:
-        """Accept one inbox item; False means stop."""
+        """Accept one inbox item (a caller's prompts go into the core at once); False means stop."""
         if item is _STOP:
             return False
         if item is not _WAKE:
-            self._pending.extend(item)
+            with self._count_lock:
+                self._in_inbox -= len(item)
+            group = item[0].group
+            if group.cancelled:
+                self.counters.aborted += len(item)
+                return True
+            try:
+                self.engine.add_requests([p.request for p in item])
+            except Exception as e:  # noqa: BLE001 - the core rejected these prompts: fail their caller only
+                self._fail(group, e)
+                return True
+            for p in item:
+                self._fed[p.request.request_id] = p
         return True
 
-    def _feed(self) -> None:
-        """Hand the core its next batch(es) of prompts, FCFS under its token budget and sequence cap.
-
-        One batch at a time on the CPU; two on CUDA, so that the core can launch batch N+1 while batch N
-        still runs (its pipelining needs a waiting batch). Only what is fed can no longer be dropped cheaply.
-        """
-        if self.engine.scheduler.has_waiting():  # the core still holds a batch from an earlier feed
-            return
-        for _ in range(self._batches_ahead):
-            batch = self._next_batch()
-            if not batch:
-                break
-            self._unscheduled.append((len(batch), sum(len(p.token_ids) for p in batch)))
-            if batch[-1].solo:
-                break
-        # Drop what is in the core for callers that went away (before it runs, where it has not started).
+    def _drop_cancelled(self) -> None:
+        """Abort in the core the prompts of callers that went away: those not yet running are never run."""
         gone = [rid for rid, p in self._fed.items() if p.group.cancelled and not p.group.done]
         if gone:
-            self.engine.abort_requests(gone)
+            self.counters.aborted += self.engine.abort(gone)
             for rid in gone:
                 del self._fed[rid]
-            self.counters.aborted += len(gone)
-
-    def _next_batch(self) -> list[_Prompt]:
-        scheduler = self.engine.scheduler
-        budget, max_seqs = scheduler.max_num_batched_tokens, scheduler.max_num_seqs
-        batch: list[_Prompt] = []
-        tokens = 0
-        while self._pending:
-            prompt = self._pending[0]
-            group = prompt.group
-            if group.cancelled or group.done:
-                self._pending.popleft()
-                if group.cancelled and not group.done:
-                    self.counters.aborted += 1
-                continue
-            if batch and (prompt.solo or tokens + len(prompt.token_ids) > budget or len(batch) >= max_seqs):
-                break
-            self._pending.popleft()
-            try:
-                self.engine.add_request(prompt.request_id, prompt.token_ids, prompt.task, prompt.params)
-            except Exception as e:  # noqa: BLE001 - the core rejected this prompt: fail its caller only
-                self._fail(group, e)
-                continue
-            self._fed[prompt.request_id] = prompt
-            batch.append(prompt)
-            tokens += len(prompt.token_ids)
-            if prompt.solo:
-                break
-        return batch
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - isolate the prompt that broke the batch
+        except BatchFailed as e:  # isolate the prompt that broke the batch
             self._recover(e)
             return
         self.counters.steps += 1
         self._last_step_s = time.perf_counter() - t0
+        tokens = 0
         for out in outputs:
             prompt = self._fed.pop(out.request_id, None)
             if prompt is None:
                 continue
+            tokens += len(out.prompt_token_ids)
             self._failures_in_a_row = 0
             group = prompt.group
             if group.done:
@@ -403,18 +376,15 @@ class AsyncLLMEngine:
             if group.remaining == 0:
                 group.done = True
                 group.loop.call_soon_threadsafe(_resolve, group.future, group.outputs)
-        if self._unscheduled:  # this step scheduled the oldest batch fed
-            num_requests, num_tokens = self._unscheduled.popleft()
-            if self.on_step is not None:
-                self.on_step(StepStats(num_requests, num_tokens, time.perf_counter() - t0))
+        if outputs and self.on_step is not None:
+            self.on_step(StepStats(len(outputs), tokens, time.perf_counter() - t0))
 
-    def _recover(self, error: Exception) -> None:
-        """A step raised: retry each of its prompts alone; a prompt that fails alone fails its caller."""
-        broken = list(self._fed.values())
-        self._fed.clear()
-        self._unscheduled.clear()
-        self.engine.abort_requests([p.request_id for p in broken])
-        if len(broken) <= 1:
+    def _recover(self, failure: BatchFailed) -> None:
+        """A step raised: retry each prompt of the failed batch alone; a prompt that fails alone fails its caller."""
+        error = failure.__cause__ or failure
+        broken = [self._fed.pop(rid) for rid in failure.request_ids if rid in self._fed]
+        broken = [p for p in broken if not p.group.done]
+        if len(failure.request_ids) <= 1:
             logger.warning("Request failed in the engine: %s: %s", type(error).__name__, error)
             if broken:
                 self.counters.failed += 1
@@ -428,11 +398,16 @@ class AsyncLLMEngine:
                     ) from error
             return
         logger.warning("A batch of %d prompts failed (%s: %s); retrying them one by one",
-                       len(broken), type(error).__name__, error)
-        for prompt in reversed(broken):
-            prompt.request_id = str(next(self._ids))  # the core may still hold the old id in flight
-            prompt.solo = True
-            self._pending.appendleft(prompt)
+                       len(failure.request_ids), type(error).__name__, error)
+        retry = []
+        for prompt in broken:
+            old = prompt.request
+            prompt.request = EngineRequest(str(next(self._ids)), old.prompt, old.task, old.params, alone=True)
+            retry.append(prompt)
+        # Ahead of everything else waiting: these prompts were scheduled first.
+        self.engine.add_requests([p.request for p in retry], front=True)
+        for p in retry:
+            self._fed[p.request.request_id] = p
 
     def _fail(self, group: _Group, error: BaseException) -> None:
         if group.done:
@@ -444,7 +419,7 @@ class AsyncLLMEngine:
         self._dead = error
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
             f"The engine is dead: {type(error).__name__}: {error}")
-        groups = {p.group for p in self._pending} | {p.group for p in self._fed.values()}
+        groups = {p.group for p in self._fed.values()}
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -452,7 +427,6 @@ class AsyncLLMEngine:
                 break
             if isinstance(item, list):
                 groups.update(p.group for p in item)
-        self._pending.clear()
         self._fed.clear()
         for group in groups:
             try:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from tokenpool.config import EngineArgs, resolve_device, resolve_dtype
-from tokenpool.engine.request import Request, RequestStatus
+from tokenpool.engine.request import EngineRequest, Request, RequestStatus
 from tokenpool.engine.runner import InFlight, ModelRunner
 from tokenpool.engine.scheduler import Scheduler
 from tokenpool.inputs.preprocess import InputProcessor
+from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.loader.model_files import resolve_model_dir
 from tokenpool.loader.st_config import read_st_config
 from tokenpool.models.bge_m3 import lexical_weights
@@ -27,6 +28,38 @@ logger = logging.getLogger("tokenpool")
 # Default batch sizes: GPUs want large packed batches. On the CPU a batch's activations should stay in the
 # caches: 4k tokens ran fp32 MiniLM ~15% faster than 8k (2 Zen 5 cores), and bf16 at the same speed.
 _DEFAULT_BUDGET = {"cuda": (65536, 1024), "cpu": (4096, 256)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a loaded model offers (`LLMEngine.info`; picklable).
+
+    tasks: every task it serves, the combined one included; combined_task: "all" where several heads'
+    outputs come from one forward pass, else None; output_dims: the width of each task's output rows (0 for
+    scalars per token); lexical_weights: token_classify outputs also come keyed by token id (BGE-M3's sparse
+    head), leaving out `lexical_skip_ids`; image_placeholder: how a chat message's image is written into the
+    prompt text, where the model reads images.
+    """
+
+    name: str
+    model_dir: str
+    tasks: tuple[str, ...]
+    combined_task: str | None
+    output_dims: dict[str, int]
+    max_model_len: int
+    vocab_size: int
+    lexical_weights: bool
+    lexical_skip_ids: frozenset[int]
+    supports_images: bool
+    image_placeholder: str
+
+
+class BatchFailed(RuntimeError):
+    """A step failed; `request_ids` were running in it and are dropped (the cause is `__cause__`)."""
+
+    def __init__(self, request_ids: list[str], error: Exception):
+        super().__init__(f"A batch of {len(request_ids)} request(s) failed: {type(error).__name__}: {error}")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -63,6 +96,7 @@ class LLMEngine:
         self.max_model_len = self._derive_max_model_len(st_config.max_seq_length)
         budget, seqs = _DEFAULT_BUDGET[self.device.type]
         budget = max(args.max_num_batched_tokens or budget, self.max_model_len)
+        self.max_num_batched_tokens = budget
         self.scheduler = Scheduler(budget, args.max_num_seqs or seqs)
         pooler_cfg = args.pooler_config
         self.embed_width = (self.model.poolers["embed"].width(self.model.backbone.hidden_size)
@@ -77,9 +111,16 @@ class LLMEngine:
             from tokenpool.multimodal.inputs import ImagePromptProcessor
 
             image_processor = ImagePromptProcessor(self.model_dir, self.hf_config)
-        self.inputs = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.get_text_config().vocab_size,
+        self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.get_text_config().vocab_size,
                                      do_lower_case=st_config.do_lower_case, image_processor=image_processor)
         self._special_ids = self._lexical_skip_ids()
+        self.info = ModelInfo(
+            name=self.model.name, model_dir=str(self.model_dir), tasks=self.model.supported_tasks,
+            combined_task=ALL_TASKS if ALL_TASKS in self.model.supported_tasks else None,
+            output_dims=self.model.output_dims(), max_model_len=self.max_model_len,
+            vocab_size=self.processor.vocab_size, lexical_weights=self.model.lexical_head,
+            lexical_skip_ids=self._special_ids, supports_images=image_processor is not None,
+            image_placeholder=getattr(image_processor, "placeholder", ""))
         self._requests: dict[str, Request] = {}
         self._inflight: InFlight | None = None
 
@@ -130,36 +171,55 @@ class LLMEngine:
             raise ValueError(f"{name}={dimensions} is outside 1..{self.embed_width}, the embedding size.")
 
     # ----- request flow -----
-    def add_request(self, request_id: str, prompt_token_ids: list[int], task: str, params: PoolingParams) -> None:
-        self.check_task(task)
-        if request_id in self._requests:
-            raise ValueError(f"Duplicate request id {request_id!r}.")
-        self.inputs.check_length(prompt_token_ids)
-        request = Request(request_id, prompt_token_ids, task, params)
-        self._requests[request_id] = request
-        self.scheduler.add(request)
-
-    def add_validated_requests(self, request_ids: list[str], token_ids: list[list[int]], arrays: list,
-                               task: str, params: list[PoolingParams]) -> None:
-        """Queue a chunk of plain token-id prompts that `InputProcessor.process` has already validated into
-        int64 `arrays` (ids in the vocabulary, lengths within the context; no images), in one call: no
-        per-request checks or conversions. `task` must have been checked (`check_task`)."""
+    def add_requests(self, requests: list[EngineRequest], front: bool = False) -> None:
+        """Queue processed prompts (from `processor.process`; a plain token-id list is validated here), in
+        order, after the waiting ones (`front`: before them). Checks each request's task and options and
+        refuses duplicate ids; nothing of the call is queued when one fails."""
         known = self._requests
-        for rid in request_ids:
-            if rid in known:
-                raise ValueError(f"Duplicate request id {rid!r}.")
-        requests = list(map(Request, request_ids, token_ids, itertools.repeat(task), params, arrays))
-        known.update(zip(request_ids, requests))
-        self.scheduler.add_many(requests, sum(map(len, token_ids)))
+        for r in requests:
+            if not isinstance(r.prompt, ProcessedPrompt):
+                r.prompt = self.processor.process([{"prompt_token_ids": list(r.prompt)}])[0]
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids) or any(rid in known for rid in ids):
+            dup = next(rid for i, rid in enumerate(ids) if rid in known or rid in ids[:i])
+            raise ValueError(f"Duplicate request id {dup!r}.")
+        checked: set[tuple[str, int | None]] = set()
+        for r in requests:
+            key = (r.task, r.params.dimensions)
+            if key not in checked:  # the usual call has one task and one PoolingParams for all
+                self.check_task(r.task)
+                self.check_dimensions(r.task, r.params.dimensions)
+                checked.add(key)
+            n = len(r.prompt.token_ids)
+            if n == 0 or n > self.max_model_len:
+                self.processor.check_length(r.prompt.token_ids)
+        queued = [Request(r.request_id, r.prompt, r.task, r.params, r.alone) for r in requests]
+        known.update(zip(ids, queued))
+        self.scheduler.add_many(queued, front)
 
-    def abort_requests(self, request_ids: list[str]) -> None:
-        """Drop requests: queued ones never run; a running one's output is discarded."""
-        ids = set(request_ids)
-        self.scheduler.abort(ids)
-        for rid in ids:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], task: str, params: PoolingParams) -> None:
+        """Queue one token-id prompt (validated here): `add_requests` for one prompt."""
+        prompt = self.processor.process([{"prompt_token_ids": prompt_token_ids}])[0]
+        self.add_requests([EngineRequest(request_id, prompt, task, params)])
+
+    def abort(self, request_ids) -> int:
+        """Drop requests: waiting ones never run; a running one's output is discarded. Returns how many were
+        dropped before they ran."""
+        dropped = 0
+        for rid in request_ids:
             request = self._requests.pop(rid, None)
             if request is not None:
+                if request.status is RequestStatus.WAITING:
+                    self.scheduler.abort(request)
+                    dropped += 1
                 request.status = RequestStatus.ABORTED
+        return dropped
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens queued and not yet scheduled (callers that feed the engine in chunks keep it a batch or two
+        ahead)."""
+        return self.scheduler.num_waiting_tokens
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_waiting() or self._inflight is not None
@@ -172,18 +232,32 @@ class LLMEngine:
         owns its memory (see `step_batch` for the batch's outputs without per-request copies).
         """
         self.runner.owned_outputs = True
-        done = self._advance()
-        return [] if done is None else self._request_outputs(done.batch, self.runner.finish(done))
+        try:
+            done = self._advance()
+            return [] if done is None else self._request_outputs(done.batch, self.runner.finish(done))
+        except Exception as e:
+            raise self._failed(e) from e
 
     def step_batch(self) -> BatchOutput | None:
         """`step` for consumers that want no per-request copies (an index, a Ray actor): the finished batch's
         outputs as views of one flat float32 tensor, or None when no batch finished."""
         self.runner.owned_outputs = False
-        done = self._advance()
-        if done is None:
-            return None
-        flat, views = self.runner.finish_batch(done)
+        try:
+            done = self._advance()
+            if done is None:
+                return None
+            flat, views = self.runner.finish_batch(done)
+        except Exception as e:
+            raise self._failed(e) from e
         return BatchOutput(flat, self._request_outputs(done.batch, views))
+
+    def _failed(self, error: Exception) -> "BatchFailed":
+        """A step raised: the requests it was running (this batch and the one in flight) are dropped and named."""
+        running = [rid for rid, r in self._requests.items() if r.status is RequestStatus.RUNNING]
+        for rid in running:
+            self._requests.pop(rid).status = RequestStatus.ABORTED
+        self._inflight = None
+        return BatchFailed(running, error)
 
     def _advance(self) -> InFlight | None:
         """Launch the next batch; return the one to collect now (None: nothing finished in this step)."""

@@ -1,13 +1,12 @@
-"""`Request`: one prompt's trip through the engine."""
+"""`Request`: one prompt's trip through the engine; `EngineRequest`: what callers hand the engine."""
 
 from __future__ import annotations
 
 import enum
 import time
-from array import array
 from dataclasses import dataclass, field
-from typing import Any
 
+from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.pooling_params import PoolingParams
 
 
@@ -19,31 +18,43 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(slots=True)
-class Request:
-    """A tokenized prompt with its task and pooling options.
+class EngineRequest:
+    """A processed prompt with its task and options (`LLMEngine.add_requests`; picklable).
 
-    `tokens`: the same ids as int64 in a C buffer (an `array("q")`, or any int64 buffer such as a slice of
-    one), for fast packing; made from `prompt_token_ids` unless given (the input processor already made
-    one when it validated the ids). `num_tokens` is set once, at creation.
+    alone: run it in a batch of its own (the async engine retries the prompts of a failed batch so).
     """
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt: ProcessedPrompt
     task: str
     params: PoolingParams
-    tokens: Any = None
+    alone: bool = False
+
+
+@dataclass(slots=True)
+class Request:
+    """An `EngineRequest` inside the engine: its status and arrival time; `num_tokens` is set once."""
+
+    request_id: str
+    prompt: ProcessedPrompt
+    task: str
+    params: PoolingParams
+    alone: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
-    # Preprocessed images (tokenpool.multimodal.inputs.ImageInputs); taken from the ids when they carry them.
-    images: Any = None
     num_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        ids = self.prompt_token_ids
-        if type(ids) is not list and self.images is None:
-            self.images = getattr(ids, "images", None)
-            if self.images is not None:  # outputs show a plain list
-                ids = self.prompt_token_ids = list(ids)
-        if not self.tokens:
-            self.tokens = array("q", ids)
-        self.num_tokens = len(ids)
+        self.num_tokens = len(self.prompt.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.prompt.token_ids
+
+    @property
+    def tokens(self):
+        return self.prompt.tokens
+
+    @property
+    def images(self):
+        return self.prompt.images

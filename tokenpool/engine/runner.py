@@ -17,7 +17,7 @@ from tokenpool.engine.scheduler import Batch
 from tokenpool.layers.attention import AttentionMetadata
 from tokenpool.layers.pooler import PoolingSlots
 from tokenpool.models.pooling_model import PooledBatch, PoolingModel
-from tokenpool.multimodal.inputs import BatchImages
+from tokenpool.multimodal.types import BatchImages
 
 
 @dataclass(slots=True)

@@ -1,9 +1,12 @@
-"""FCFS scheduler: packs waiting requests into a `Batch` under a token budget and a sequence cap."""
+"""FCFS scheduler: packs waiting requests into a `Batch` under a token budget and a sequence cap.
+
+Batching is decided here and nowhere else. Aborted requests (their caller went away) stay in the queue,
+marked, and are skipped when they reach its head; a request marked `alone` runs in a batch of its own.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenpool.engine.request import Request, RequestStatus
@@ -21,53 +24,61 @@ class Batch:
 
 
 class Scheduler:
-    """First come, first served. A request longer than the budget still runs, alone."""
+    """First come, first served. A request longer than the budget still runs, alone.
+
+    num_waiting_tokens: the tokens of the live (not aborted) waiting requests.
+    """
 
     def __init__(self, max_num_batched_tokens: int, max_num_seqs: int):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.num_waiting_tokens = 0
+        self._num_live = 0
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
-        self.num_waiting_tokens += request.num_tokens
+    def add_many(self, requests: list[Request], front: bool = False) -> None:
+        """Queue `requests`, in order, after the waiting ones (`front`: before them)."""
+        if front:
+            self.waiting.extendleft(reversed(requests))
+        else:
+            self.waiting.extend(requests)
+        tokens = sum(r.num_tokens for r in requests)
+        count = len(requests)
+        self.num_waiting_tokens += tokens
+        self._num_live += count
 
-    def add_many(self, requests: Iterable[Request], num_tokens: int) -> None:
-        """Queue `requests` (in order) whose token counts sum to `num_tokens`."""
-        self.waiting.extend(requests)
-        self.num_waiting_tokens += num_tokens
-
-    def abort(self, request_ids: set[str]) -> None:
-        """Drop queued requests (e.g. their client went away)."""
-        kept = deque()
-        for request in self.waiting:
-            if request.request_id in request_ids:
-                request.status = RequestStatus.ABORTED
-                self.num_waiting_tokens -= request.num_tokens
-            else:
-                kept.append(request)
-        self.waiting = kept
+    def abort(self, request: Request) -> None:
+        """Mark a waiting request aborted: it is skipped, never run."""
+        if request.status is RequestStatus.WAITING:
+            request.status = RequestStatus.ABORTED
+            self.num_waiting_tokens -= request.num_tokens
+            self._num_live -= 1
 
     def has_waiting(self) -> bool:
-        return bool(self.waiting)
+        return self._num_live > 0
 
     def schedule(self) -> Batch | None:
         waiting = self.waiting
-        if not waiting:
-            return None
         budget, cap = self.max_num_batched_tokens, self.max_num_seqs
         picked: list[Request] = []
-        append, popleft = picked.append, waiting.popleft
         tokens = 0
+        aborted, running = RequestStatus.ABORTED, RequestStatus.RUNNING
         while waiting and len(picked) < cap:
-            n = waiting[0].num_tokens
-            if picked and tokens + n > budget:
+            request = waiting[0]
+            if request.status is aborted:
+                waiting.popleft()
+                continue
+            n = request.num_tokens
+            if picked and (tokens + n > budget or request.alone):
                 break
-            append(popleft())
-            tokens += n
-        self.num_waiting_tokens -= tokens
-        running = RequestStatus.RUNNING
-        for request in picked:
+            waiting.popleft()
             request.status = running
+            picked.append(request)
+            tokens += n
+            if request.alone:
+                break
+        if not picked:
+            return None
+        self.num_waiting_tokens -= tokens
+        self._num_live -= len(picked)
         return Batch(picked)

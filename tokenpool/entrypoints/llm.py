@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from tokenpool.config import EngineArgs
-from tokenpool.engine.engine import LLMEngine
+from tokenpool.engine.engine import BatchFailed, LLMEngine
+from tokenpool.engine.request import EngineRequest
 from tokenpool.inputs.data import PromptType
+from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.outputs import (
     EmbeddingRequestOutput,
     PoolingOutput,
@@ -169,70 +172,55 @@ class LLM:
             truncate = kwargs.get("max_length", -1)
         return truncate, bool(kwargs.get("add_special_tokens", True))
 
-    def _tokenize(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool,
-                  first_index: int = 0) -> tuple[list[list[int]], list | None]:
-        """Token ids of each prompt, and their int64 arrays where the input processor made them (else None)."""
-        process = self.llm_engine.inputs.process
+    def _process(self, prompts: list, params: list[PoolingParams], truncate: int | None, add_special: bool,
+                 first_index: int = 0) -> list[ProcessedPrompt]:
+        """Each prompt validated and tokenized (per distinct truncation limit when the params differ)."""
+        process = self.llm_engine.processor.process
         first = params[0]
         if params.count(first) == len(params):  # the usual case: one PoolingParams for all (identity first)
             limit = first.truncate_prompt_tokens if first.truncate_prompt_tokens is not None else truncate
             return process(prompts, limit, add_special, first_index)
         limits = [p.truncate_prompt_tokens if p.truncate_prompt_tokens is not None else truncate for p in params]
-        result: list[list[int]] = [None] * len(prompts)  # type: ignore[list-item]
-        arrays: list | None = [None] * len(prompts)
+        result: list[ProcessedPrompt] = [None] * len(prompts)  # type: ignore[list-item]
         for limit in dict.fromkeys(limits):
             idx = [i for i, lim in enumerate(limits) if lim == limit]
             group = prompts if len(idx) == len(prompts) else [prompts[i] for i in idx]
-            ids, packed = process(group, limit, add_special, first_index)
-            for k, i in enumerate(idx):
-                result[i] = ids[k]
-            if packed is None:
-                arrays = None
-            elif arrays is not None:
-                for k, i in enumerate(idx):
-                    arrays[i] = packed[k]
-        return result, arrays
-
-    def _add(self, request_ids: list[str], token_ids: list[list[int]], arrays: list | None, task: str,
-             params: list[PoolingParams]) -> None:
-        """Queue one chunk of prompts: already-validated token-id prompts in one call, others one by one."""
-        engine = self.llm_engine
-        if arrays is not None:
-            engine.add_validated_requests(request_ids, token_ids, arrays, task, params)
-            return
-        for rid, tokens, p in zip(request_ids, token_ids, params):
-            engine.add_request(rid, tokens, task, p)
+            for i, prompt in zip(idx, process(group, limit, add_special, first_index)):
+                result[i] = prompt
+        return result
 
     def _run(self, prompts: list, params: list[PoolingParams], task: str, truncate: int | None,
              add_special: bool, use_tqdm: bool) -> list[PoolingRequestOutput]:
-        """Tokenize and queue prompts chunk by chunk while the engine runs, so that input processing
-        overlaps the device's work; keep about two batches queued ahead."""
+        """Process and queue prompts chunk by chunk while the engine runs, so that input processing overlaps
+        the device's work; keep about two batches queued ahead."""
         engine = self.llm_engine
-        scheduler = engine.scheduler
         n = len(prompts)
         first_id = self._next_id
         self._next_id += n
         ids = list(map(str, range(first_id, first_id + n)))
         finished: dict[str, PoolingRequestOutput] = {}
-        ahead = 2 * scheduler.max_num_batched_tokens
+        ahead = 2 * engine.max_num_batched_tokens
         queued = 0
         with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             has_images = any(isinstance(p, dict) and p.get("multi_modal_data") for p in prompts)
             try:
                 while queued < n or engine.has_unfinished_requests():
-                    while queued < n and scheduler.num_waiting_tokens < ahead:
+                    while queued < n and engine.num_waiting_tokens < ahead:
                         end = min(queued + (_IMAGE_CHUNK if has_images else _CHUNK), n)
-                        chunk_params = params[queued:end]
-                        token_ids, arrays = self._tokenize(prompts[queued:end], chunk_params, truncate, add_special, queued)
-                        self._add(ids[queued:end], token_ids, arrays, task, chunk_params)
+                        chunk = self._process(prompts[queued:end], params[queued:end], truncate, add_special, queued)
+                        engine.add_requests(list(map(EngineRequest, ids[queued:end], chunk, itertools.repeat(task),
+                                                     params[queued:end])))
                         queued = end
                     step_outputs = engine.step()
                     for out in step_outputs:
                         finished[out.request_id] = out
                     if use_tqdm:
                         bar.update(len(step_outputs))
+            except BatchFailed as e:  # the engine names the batch; the caller gets the error that broke it
+                engine.abort(ids)
+                raise e.__cause__ from None
             except BaseException:
-                engine.abort_requests(ids)
+                engine.abort(ids)
                 raise
         return list(map(finished.__getitem__, ids))
 

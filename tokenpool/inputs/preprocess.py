@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from tokenpool.inputs.data import PromptType
+from tokenpool.inputs.prompt import ProcessedPrompt
 
 
 class InputProcessor:
@@ -34,18 +35,18 @@ class InputProcessor:
     def __call__(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
                  add_special_tokens: bool = True, first_index: int = 0) -> list[list[int]]:
         """Token ids of each prompt. `first_index` numbers the prompts in error messages."""
-        return self.process(prompts, truncate_prompt_tokens, add_special_tokens, first_index)[0]
+        return [p.token_ids for p in self.process(prompts, truncate_prompt_tokens, add_special_tokens, first_index)]
 
     def process(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
-                add_special_tokens: bool = True, first_index: int = 0) -> tuple[list[list[int]], list[array] | None]:
-        """Token ids of each prompt, and when the prompts were all plain `TokensPrompt`s, the same ids as
-        int64 arrays (made to validate them; the engine packs batches from them), else None."""
+                add_special_tokens: bool = True, first_index: int = 0) -> list[ProcessedPrompt]:
+        """Each prompt validated and tokenized, images preprocessed: what `LLMEngine.add_requests` takes."""
         limit = self._truncation_limit(truncate_prompt_tokens)
         if self.image_processor is None:
             fast = self._token_prompts(prompts, limit)
             if fast is not None:
-                return fast
-        return self._process(prompts, limit, add_special_tokens, first_index), None
+                return list(map(ProcessedPrompt, *fast))
+        return [p if isinstance(p, ProcessedPrompt) else ProcessedPrompt(p)
+                for p in self._process(prompts, limit, add_special_tokens, first_index)]
 
     def _token_prompts(self, prompts: Sequence[PromptType], limit: int | None) -> tuple[list[list[int]], list[array]] | None:
         """The fast path for lists of `{"prompt_token_ids": list}` prompts: one conversion of the ids to int64
@@ -78,7 +79,7 @@ class InputProcessor:
         return lists, packed
 
     def _process(self, prompts: Sequence[PromptType], limit: int | None, add_special_tokens: bool,
-                 first_index: int) -> list[list[int]]:
+                 first_index: int) -> list[list[int] | ProcessedPrompt]:
         texts: dict[int, str] = {}
         images: dict[int, tuple[list, dict | None]] = {}
         result: list[list[int] | None] = [None] * len(prompts)
@@ -115,7 +116,8 @@ class InputProcessor:
         for j, ids in enumerate(result):
             i = first_index + j
             if j in images:
-                ids = result[j] = self.image_processor(ids, *images[j], i)
+                processed = result[j] = self.image_processor(ids, *images[j], i)
+                ids = processed.token_ids
                 if limit is not None and len(ids) > limit:
                     raise ValueError(f"Prompt {i} has {len(ids)} tokens with its images expanded; prompts with images "
                                      f"are not truncated (truncate_prompt_tokens={limit}).")

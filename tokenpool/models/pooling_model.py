@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import PoolingSlot, PoolingSlots, RowShapes, as_slots, split_views
-from tokenpool.multimodal.inputs import BatchImages
+from tokenpool.layers.pooler import EmbedPooler, PoolingSlot, PoolingSlots, RowShapes, as_slots, split_views
+from tokenpool.multimodal.types import BatchImages
 
 
 class PoolingModel(nn.Module):
@@ -34,6 +34,17 @@ class PoolingModel(nn.Module):
         # "all": every pooler's output from one forward pass (BGE-M3: dense + colbert + sparse).
         tasks = tuple(self.poolers.keys())
         return (*tasks, ALL_TASKS) if self.lexical_head else tasks
+
+    def output_dims(self) -> dict[str, int]:
+        """The width of each task's output rows (0: one scalar per token)."""
+        hidden = self.backbone.hidden_size
+        dims = {}
+        for task, pooler in self.poolers.items():
+            if isinstance(pooler, EmbedPooler):
+                dims[task] = pooler.width(hidden)
+            else:
+                dims[task] = 0 if pooler.squeeze else (pooler.proj.out_features if pooler.proj is not None else hidden)
+        return dims
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 images: BatchImages | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
 from tokenpool.loader.weights import check_complete, copy_weight
-from tokenpool.multimodal.inputs import BatchImages
+from tokenpool.multimodal.types import BatchImages
 
 
 
@@ -407,35 +407,3 @@ def _rope_parameters(cfg) -> dict:
     if rope.get("rope_type") == "mrope":
         rope["rope_type"] = "default"
     return rope
-
-
-def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge: int) -> np.ndarray:
-    """Multimodal rotary position ids `[3, len(ids)]` of one prompt whose image tokens are expanded.
-
-    Text tokens count up from where the last span ended (all three ids equal); an image's tokens get
-    (start, start + row, start + column) of their merged patch, and the text after it resumes at
-    start + max(merged rows, merged columns).
-    """
-    arr = np.asarray(ids, dtype=np.int64)
-    out = np.empty((3, arr.size), dtype=np.int64)
-    is_image = arr == image_token_id
-    pos, i, n = 0, 0, arr.size
-    images = iter(grids)
-    while i < n:
-        if not is_image[i]:
-            j = i
-            while j < n and not is_image[j]:
-                j += 1
-            out[:, i:j] = np.arange(pos, pos + j - i)
-            pos += j - i
-            i = j
-            continue
-        t, h, w = next(images)
-        lh, lw = h // merge, w // merge
-        count = t * lh * lw
-        out[0, i:i + count] = pos + np.repeat(np.arange(t), lh * lw)
-        out[1, i:i + count] = pos + np.tile(np.repeat(np.arange(lh), lw), t)
-        out[2, i:i + count] = pos + np.tile(np.arange(lw), t * lh)
-        pos += max(lh, lw)
-        i += count
-    return out

@@ -8,7 +8,6 @@ expanded to one token per 2x2 group of patches, so `prompt_token_ids` show the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +15,11 @@ import numpy as np
 import torch
 
 from tokenpool.extras import require
+from tokenpool.inputs.prompt import ProcessedPrompt
+from tokenpool.multimodal.types import ImageInputs, mrope_positions
 from tokenpool.multimodal.utils import check_image_size
 
 _PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
-
-
-@dataclass(slots=True)
-class ImageInputs:
-    """The images of one prompt, preprocessed: patches `[num_patches, C*T*P*P]`, each image's (t, h, w)
-    patch grid, the prompt's multimodal rotary position ids `[3, num_tokens]`."""
-
-    pixel_values: torch.Tensor
-    grid_thw: list[tuple[int, int, int]]
-    positions: np.ndarray
-    token_index: np.ndarray  # offsets of the image tokens in the prompt, in image order
-
-
-@dataclass(slots=True)
-class BatchImages:
-    """The images of a packed batch: each image prompt's inputs, and the rows of the batch that hold their
-    image tokens (known on the host, so the model scatters image embeddings without a device sync)."""
-
-    inputs: list[ImageInputs]
-    rows: np.ndarray
-
-
-class MultiModalTokens(list):
-    """The token ids of a prompt with images (a `list[int]`), carrying the preprocessed images."""
-
-    __slots__ = ("images",)
-
-    def __init__(self, ids: list[int], images: ImageInputs):
-        super().__init__(ids)
-        self.images = images
 
 
 def as_image_list(data: Any, index: int) -> list:
@@ -87,9 +58,7 @@ class ImagePromptProcessor:
         # How a chat message's image part is written into the prompt text.
         self.placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
 
-    def __call__(self, ids: list[int], images: list, kwargs: dict | None, index: int) -> MultiModalTokens:
-        from tokenpool.models.qwen2_5_vl import mrope_positions
-
+    def __call__(self, ids: list[int], images: list, kwargs: dict | None, index: int) -> ProcessedPrompt:
         placeholders = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(placeholders) != len(images):
             raise ValueError(
@@ -108,7 +77,7 @@ class ImagePromptProcessor:
         positions = mrope_positions(expanded, self.image_token_id, grids, self.merge)
         pixels = processed["pixel_values"].to(torch.float32).contiguous()
         token_index = np.flatnonzero(np.asarray(expanded, dtype=np.int64) == self.image_token_id)
-        return MultiModalTokens(expanded, ImageInputs(pixels, grids, positions, token_index))
+        return ProcessedPrompt(expanded, images=ImageInputs(pixels, grids, positions, token_index))
 
     def check_text_only(self, ids: list[int], index: int) -> None:
         """Image placeholders need images: refuse them in prompts without `multi_modal_data`."""

@@ -39,7 +39,7 @@ def specialize(schema: dict[str, Any], state: ServingState, public_paths: frozen
         "truncate_prompt_tokens": {"maximum": state.max_model_len},
         "dimensions": {"maximum": state.output_dims["embed"]} if "embed" in state.output_dims else None,
     }
-    vocab = state.core.inputs.vocab_size
+    vocab = state.core.info.vocab_size
     for component in components.values():
         properties = component.get("properties", {})
         if "model" in properties and component.get("title", "").endswith("Request"):

@@ -30,7 +30,7 @@ _TOKEN_ERRORS = error_responses(400, 401, 404, 413, 429)
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
     s: ServingState = raw_request.app.state.serving
     s.check_model(request.model)
-    tokenizer = s.core.tokenizer
+    tokenizer = s.processor.tokenizer
     images = False
     if request.messages is not None:
         chat = await s.engine.run_in_tokenizer_thread(
@@ -43,7 +43,7 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
     expanded = (await s.tokenize_input(None, request.messages, None, add))[0] if images else None
 
     def run() -> tuple[list[int], list[str] | None]:
-        ids = list(expanded) if expanded is not None else s.core.inputs.tokenize([text], None, add)[0]
+        ids = expanded.token_ids if expanded is not None else s.processor.tokenize([text], None, add)[0]
         return ids, tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
 
     ids, strs = await s.engine.run_in_tokenizer_thread(run)
@@ -55,11 +55,11 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
 async def detokenize(request: DetokenizeRequest, raw_request: Request) -> Response:
     s: ServingState = raw_request.app.state.serving
     s.check_model(request.model)
-    vocab = s.core.inputs.vocab_size
+    vocab = s.core.info.vocab_size
     bad = [t for t in request.tokens if t >= vocab]
     if bad:
         raise APIError(f"Token id {bad[0]} is out of the vocabulary (size {vocab}).", param="tokens")
-    text = await s.engine.run_in_tokenizer_thread(s.core.tokenizer.decode, request.tokens)
+    text = await s.engine.run_in_tokenizer_thread(s.processor.tokenizer.decode, request.tokens)
     return json_response({"prompt": text})
 
 

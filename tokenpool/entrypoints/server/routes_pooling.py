@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -21,7 +20,6 @@ from tokenpool.entrypoints.server.protocol import (
     PoolingResponse,
 )
 from tokenpool.entrypoints.server.serving import COMBINED_TASK, ServingState
-from tokenpool.models.bge_m3 import lexical_weights
 from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
 
 router = APIRouter()
@@ -118,7 +116,7 @@ async def create_bge_m3(request: BgeM3Request, raw_request: Request) -> Response
     s = _state(raw_request)
     s.check_model(request.model)
     s.check_common(request.priority)
-    if not s.lexical_head or not {"embed", "token_embed", "token_classify"} <= set(s.tasks):
+    if not s.lexical_head or not s.has_combined_task:
         raise APIError(f"The model `{s.model_name}` has no BGE-M3 heads (colbert_linear.pt + sparse_linear.pt); "
                        "/v1/bge_m3 needs them.", status=501)
     wanted = [task for flag, task in ((request.return_dense, "embed"), (request.return_colbert_vecs, "token_embed"),
@@ -132,7 +130,7 @@ async def create_bge_m3(request: BgeM3Request, raw_request: Request) -> Response
     tokens: dict[int, str] = {}
     if request.return_sparse:
         ids = sorted({tid for p in parts for tid in p["token_classify"].lexical_weights or {}})
-        strs = await s.engine.run_in_tokenizer_thread(s.core.tokenizer.convert_ids_to_tokens, ids)
+        strs = await s.engine.run_in_tokenizer_thread(s.processor.tokenizer.convert_ids_to_tokens, ids)
         tokens = dict(zip(ids, strs))
     data = []
     fmt, dtype, order = request.encoding_format, request.embed_dtype, request.endianness
@@ -155,29 +153,13 @@ async def create_bge_m3(request: BgeM3Request, raw_request: Request) -> Response
                           "usage": _usage(n)})
 
 
-async def _bge_m3_parts(s: ServingState, raw_request: Request, token_ids: list[list[int]], wanted: list[str],
+async def _bge_m3_parts(s: ServingState, raw_request: Request, prompts: list, wanted: list[str],
                         use_activation: bool | None) -> list[dict[str, PoolingOutput]]:
-    """Per input, {task: PoolingOutput} (`.data`, and `.lexical_weights` for token_classify).
-
-    With the engine's combined task ("all": one forward pass, `outputs.data` a dict of the three outputs)
-    it is one request per input. Until the core has it, each wanted task is its own request; they are
-    queued together and share one engine step, but the backbone then runs once per task.
-    """
-    if s.has_combined_task:
-        params = s.pooling_params(COMBINED_TASK, use_activation, None)
-        outputs = await s.encode(raw_request, token_ids, COMBINED_TASK, params)
-        parts = []
-        for ids, out in zip(token_ids, outputs):
-            combined: dict[str, torch.Tensor] = out.outputs.data
-            weights = out.outputs.lexical_weights
-            if weights is None:
-                weights = lexical_weights(ids[1:-1], combined["token_classify"], s.special_ids)
-            parts.append({"embed": PoolingOutput(combined["embed"]),
-                          "token_embed": PoolingOutput(combined["token_embed"]),
-                          "token_classify": PoolingOutput(combined["token_classify"], weights)})
-        return parts
-    n = len(token_ids)
-    tasks = [task for task in wanted for _ in range(n)]
-    params = [s.pooling_params(task, use_activation, None) for task in tasks]
-    outputs = await s.encode(raw_request, token_ids * len(wanted), tasks, params)
-    return [{task: outputs[k * n + i].outputs for k, task in enumerate(wanted)} for i in range(n)]
+    """Per input, {task: PoolingOutput} (`.data`, and `.lexical_weights` for token_classify), from the engine's
+    combined task: one request and one forward pass per input (`outputs.data` a dict of the three outputs)."""
+    params = s.pooling_params(COMBINED_TASK, use_activation, None)
+    outputs = await s.encode(raw_request, prompts, COMBINED_TASK, params)
+    return [{"embed": PoolingOutput(out.outputs.data["embed"]),
+             "token_embed": PoolingOutput(out.outputs.data["token_embed"]),
+             "token_classify": PoolingOutput(out.outputs.data["token_classify"], out.outputs.lexical_weights)}
+            for out in outputs]

@@ -21,6 +21,7 @@ from tokenpool.entrypoints.server.media import MediaPolicy, load_images, parse_m
 from tokenpool.entrypoints.server.metrics import ServerMetrics
 from tokenpool.entrypoints.server.middleware import Load
 from tokenpool.entrypoints.server.protocol import ChatMessage
+from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.loader.model_files import DEFAULT_MODEL
 from tokenpool.outputs import PoolingRequestOutput
 from tokenpool.pooling_params import PoolingParams
@@ -61,29 +62,22 @@ class ServingState:
         model = core.args.model or DEFAULT_MODEL
         self.served_names = list(config.served_model_name or []) or [model]
         self.model_name = self.served_names[0]
-        self.model_root = str(core.model_dir)
+        self.model_root = core.info.model_dir
         self.created = int(time.time())
-        self.max_model_len = core.max_model_len
-        self.tasks = tuple(t for t in core.supported_tasks if t in PUBLIC_TASKS)
-        self.has_combined_task = COMBINED_TASK in core.supported_tasks
-        self.lexical_head = bool(getattr(core.model, "lexical_head", False))
-        self.supports_images = bool(getattr(core.inputs, "supports_images", False))
-        image_processor = getattr(core.inputs, "image_processor", None)
-        self.image_placeholder = getattr(image_processor, "placeholder", "")
-        tokenizer = core.tokenizer
-        # The ids FlagEmbedding drops from lexical weights (as the core does for token_classify).
-        self.special_ids = frozenset(
-            tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[name])
-            for name in ("cls_token", "eos_token", "pad_token", "unk_token") if name in tokenizer.special_tokens_map)
+        info = core.info
+        self.max_model_len = info.max_model_len
+        self.tasks = tuple(t for t in info.tasks if t in PUBLIC_TASKS)
+        self.has_combined_task = info.combined_task is not None
+        self.lexical_head = info.lexical_weights
+        self.supports_images = info.supports_images
+        self.image_placeholder = info.image_placeholder
+        self.special_ids = info.lexical_skip_ids
+        self.processor = core.processor  # tokenization, on the tokenizer thread only
         if default_task is not None and default_task in self.tasks:
             self.default_task = default_task
         else:
             self.default_task = "token_embed" if "token_embed" in self.tasks else self.tasks[0]
-        self.output_dims = self._output_dims()
-
-    def _output_dims(self) -> dict[str, int]:
-        """The width (last dimension) of each task's output, from the engine's warm-up."""
-        return {task: shape[-1] if shape else 0 for task, shape in self.engine.output_shapes.items()}
+        self.output_dims = info.output_dims
 
     # ----- checks -----
     def check_model(self, name: str | None) -> None:
@@ -117,24 +111,24 @@ class ServingState:
 
     # ----- tokenization (tokenizer thread) -----
     async def tokenize(self, prompts: list[Any], truncate_prompt_tokens: int | None,
-                       add_special_tokens: bool) -> list[list[int]]:
+                       add_special_tokens: bool) -> list[ProcessedPrompt]:
         """Validate and tokenize prompts (str or {"prompt_token_ids": [...]}); 400 on bad input."""
         try:
             return await self.engine.run_in_tokenizer_thread(
-                self.core.inputs, prompts, truncate_prompt_tokens, add_special_tokens, inline=_tiny(prompts))
+                self.processor.process, prompts, truncate_prompt_tokens, add_special_tokens, inline=_tiny(prompts))
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param="input") from e
 
     async def tokenize_input(self, input_value: Any, messages: list[ChatMessage] | None,
                              truncate_prompt_tokens: int | None, add_special_tokens: bool | None,
-                             mm_processor_kwargs: dict | None = None) -> list[list[int]]:
+                             mm_processor_kwargs: dict | None = None) -> list[ProcessedPrompt]:
         """`input` (str | list[str] | list[int] | list[list[int]]) or `messages` -> token ids per prompt.
         `mm_processor_kwargs` (e.g. max_pixels) go to the image processor: messages with images only."""
         if mm_processor_kwargs and (messages is None or not self.supports_images):
             raise APIError("`mm_processor_kwargs` applies to `messages` with images (on a model that reads images).",
                            param="mm_processor_kwargs")
         if messages is not None:
-            tokenizer = self.core.tokenizer
+            tokenizer = self.processor.tokenizer
             chat = await self.engine.run_in_tokenizer_thread(
                 parse_messages, messages, self.media, self.supports_images, tokenizer, self.image_placeholder)
             # A chat template adds the special tokens itself; without one the text is tokenized as `input`.
@@ -162,7 +156,7 @@ class ServingState:
         return await self.tokenize(prompts, truncate_prompt_tokens, add)
 
     # ----- engine -----
-    async def encode(self, raw_request: Request, token_ids: list[list[int]], task: str | list[str],
+    async def encode(self, raw_request: Request, token_ids: list[ProcessedPrompt], task: str | list[str],
                      params: PoolingParams | list[PoolingParams]) -> list[PoolingRequestOutput]:
         """Run the prompts; if the client disconnects first, drop its queued work and raise ClientDisconnected."""
         # The watcher first: after `submit` the engine thread starts at once, and on a small CPU any work
