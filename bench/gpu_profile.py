@@ -45,13 +45,14 @@ def main() -> None:
         # GPU time of the forward alone, one full batch.
         from tokenpool.engine.scheduler import Batch
         from tokenpool.engine.request import Request
+        from tokenpool.inputs.prompt import ProcessedPrompt
         from tokenpool.pooling_params import PoolingParams
 
         reqs, n = [], 0
         for i, p in enumerate(passages):
             if n + len(p) > args.budget:
                 break
-            reqs.append(Request(str(i), p, "token_embed", PoolingParams(task="token_embed")))
+            reqs.append(Request(str(i), ProcessedPrompt(p), "token_embed", PoolingParams(task="token_embed")))
             n += len(p)
         batch = Batch(reqs)
         runner = engine.runner
