@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from tokenpool.platforms.cpu import cpu_info, gemm_mode
+from tokenpool.tasks import TASKS
 
 logger = logging.getLogger("tokenpool")
 
-TASKS = ("embed", "token_embed", "token_classify", "classify", "all")
 
 _DTYPES = {
     "float32": torch.float32,

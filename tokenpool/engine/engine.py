@@ -17,11 +17,11 @@ from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.loader.model_files import resolve_model_dir
 from tokenpool.loader.st_config import read_st_config
 from tokenpool.models.bge_m3 import lexical_weights
-from tokenpool.models.pooling_model import ALL_TASKS
 from tokenpool.models.registry import build_model
 from tokenpool.outputs import BatchOutput, PoolingOutput, PoolingRequestOutput
 from tokenpool.platforms.cpu import describe_plan
 from tokenpool.pooling_params import PoolingParams
+from tokenpool.tasks import COMBINED_TASK as ALL_TASKS
 
 logger = logging.getLogger("tokenpool")
 

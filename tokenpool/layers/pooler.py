@@ -20,17 +20,6 @@ from torch import nn
 
 
 @dataclass(slots=True)
-class PoolingSlot:
-    """One request's place in the packed batch and what it asks for."""
-
-    start: int
-    length: int
-    task: str
-    use_activation: bool | None
-    dimensions: int | None = None
-
-
-@dataclass(slots=True)
 class PoolingSlots:
     """The slots of a batch as columns: slot i starts at row `starts[i]` and has `lengths[i]` rows.
 
@@ -44,22 +33,8 @@ class PoolingSlots:
     use_activation: list[bool | None]
     dimensions: list[int | None] | None = None
 
-    @classmethod
-    def from_list(cls, slots: Sequence[PoolingSlot]) -> "PoolingSlots":
-        dims = [s.dimensions for s in slots]
-        return cls(np.array([s.start for s in slots], dtype=np.int64), np.array([s.length for s in slots], dtype=np.int64),
-                   [s.task for s in slots], [s.use_activation for s in slots],
-                   None if dims.count(None) == len(dims) else dims)
-
     def __len__(self) -> int:
         return len(self.tasks)
-
-    def __getitem__(self, i: int) -> PoolingSlot:
-        return PoolingSlot(int(self.starts[i]), int(self.lengths[i]), self.tasks[i], self.use_activation[i],
-                           None if self.dimensions is None else self.dimensions[i])
-
-    def __iter__(self) -> Iterator[PoolingSlot]:
-        return (self[i] for i in range(len(self)))
 
     def select(self, indices: list[int], task: str) -> "PoolingSlots":
         """The slots at `indices`, all asking for `task`."""
@@ -74,10 +49,6 @@ class PoolingSlots:
         if len(starts) > 1 and not np.array_equal(starts[1:], starts[:-1] + lengths[:-1]):
             return None
         return int(starts[0]), int(starts[-1] + lengths[-1])
-
-
-def as_slots(slots: PoolingSlots | Sequence[PoolingSlot]) -> PoolingSlots:
-    return slots if isinstance(slots, PoolingSlots) else PoolingSlots.from_list(slots)
 
 
 @dataclass(slots=True)
@@ -141,10 +112,9 @@ class EmbedPooler(nn.Module):
             return [m for m in self.dense.modules() if isinstance(m, nn.Linear)][-1].out_features
         return hidden_size * len(self.modes)
 
-    def forward(self, hidden: torch.Tensor, slots: PoolingSlots | Sequence[PoolingSlot]
+    def forward(self, hidden: torch.Tensor, slots: PoolingSlots
                 ) -> tuple[torch.Tensor, RowShapes | list[tuple[int, ...]]]:
         """Returns the outputs of all slots as one flat float32 tensor, and each slot's shape."""
-        slots = as_slots(slots)
         device = hidden.device
         num = len(slots)
         starts = torch.from_numpy(slots.starts).to(device)
@@ -213,10 +183,8 @@ class TokenPooler(nn.Module):
         self.skip_last = skip_last
         self.squeeze = squeeze
 
-    def forward(self, hidden: torch.Tensor, slots: PoolingSlots | Sequence[PoolingSlot]
-                ) -> tuple[torch.Tensor, RowShapes]:
+    def forward(self, hidden: torch.Tensor, slots: PoolingSlots) -> tuple[torch.Tensor, RowShapes]:
         """Returns the outputs of all slots as one flat float32 tensor, and each slot's shape."""
-        slots = as_slots(slots)
         span = slots.contiguous_span() if self.skip_first == self.skip_last == 0 else None
         if span is not None:
             rows = hidden[span[0]:span[1]]

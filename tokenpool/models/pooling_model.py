@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import EmbedPooler, PoolingSlot, PoolingSlots, RowShapes, as_slots, split_views
+from tokenpool.layers.pooler import EmbedPooler, PoolingSlots, RowShapes, split_views
 from tokenpool.multimodal.types import BatchImages
+from tokenpool.tasks import COMBINED_TASK as ALL_TASKS
 
 
 class PoolingModel(nn.Module):
@@ -52,12 +52,11 @@ class PoolingModel(nn.Module):
             return self.backbone(input_ids, positions, meta, images)
         return self.backbone(input_ids, positions, meta)
 
-    def pool(self, hidden: torch.Tensor, slots: PoolingSlots | Sequence[PoolingSlot]) -> "PooledBatch":
+    def pool(self, hidden: torch.Tensor, slots: PoolingSlots) -> "PooledBatch":
         """Every slot's output, packed into one flat float32 tensor on the model's device.
 
         A slot of task "all" is pooled once per task over the same rows; it unpacks to a dict.
         """
-        slots = as_slots(slots)
         tasks = slots.tasks
         num = len(tasks)
         first = tasks[0]
@@ -81,8 +80,6 @@ class PoolingModel(nn.Module):
         flat = flats[0] if len(flats) == 1 else torch.cat(flats)
         return PooledBatch(flat, segments, num, tuple(self.poolers) if has_all else None)
 
-
-ALL_TASKS = "all"
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-PoolingTask = Literal["embed", "token_embed", "token_classify", "classify"]
-ScoreTask = Literal["embed", "token_embed"]
+from tokenpool.tasks import PoolingTask, ScoreTask
+
 EncodingFormat = Literal["float", "base64", "bytes", "bytes_only"]
 EmbedDType = Literal["float32", "float16", "bfloat16"]
 Endianness = Literal["native", "little", "big"]

@@ -19,8 +19,9 @@ from tokenpool.entrypoints.server.protocol import (
     PoolingRequest,
     PoolingResponse,
 )
-from tokenpool.entrypoints.server.serving import COMBINED_TASK, ServingState
+from tokenpool.entrypoints.server.serving import ServingState
 from tokenpool.outputs import PoolingOutput, PoolingRequestOutput
+from tokenpool.tasks import COMBINED_TASK
 
 router = APIRouter()
 

@@ -25,11 +25,10 @@ from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.loader.model_files import DEFAULT_MODEL
 from tokenpool.outputs import PoolingRequestOutput
 from tokenpool.pooling_params import PoolingParams
+from tokenpool.tasks import PUBLIC_TASKS
 
 # Tasks requests may name; "all" is the engine's combined BGE-M3 task (dense + sparse + colbert in one
 # pass), used by /v1/bge_m3 only.
-PUBLIC_TASKS = ("embed", "token_embed", "token_classify", "classify")
-COMBINED_TASK = "all"
 
 
 @dataclass
