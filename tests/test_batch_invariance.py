@@ -3,26 +3,15 @@
 import random
 
 import pytest
-import torch
 
-from tests.settings import ATOL, DEVICE, DTYPE
-from tokenpool import LLM, PoolingParams
+from tests.settings import DEVICE, DTYPE
+from tests.toolkit import assert_batch_invariant, run_mixed
+from tokenpool import LLM
 
 
 def _words(rng: random.Random, n: int) -> str:
     vocab = ["the", "cat", "sat", "on", "a", "mat", "retrieval", "token", "vector", "Paris", "model", "é", "über"]
     return " ".join(rng.choice(vocab) for _ in range(n))
-
-
-def _mixed_run(llm: LLM, texts: list[str], tasks: list[str]) -> dict[str, torch.Tensor]:
-    engine = llm.llm_engine
-    for i, (tokens, task) in enumerate(zip(engine.processor(texts), tasks)):
-        engine.add_request(f"r{i}", tokens, task, PoolingParams())
-    out = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            out[o.request_id] = o.outputs.data
-    return out
 
 
 @pytest.mark.parametrize("model", ["minilm", "bge_m3"])
@@ -33,15 +22,11 @@ def test_alone_equals_in_mixed_batch(model, budget, minilm_path, tiny_bge_m3):
     rng = random.Random(0)
     texts = [_words(rng, n) for n in (1, 3, 30, 7, 25, 2, 45, 12)]
     tasks = [llm.supported_tasks[i % len(llm.supported_tasks)] for i in range(len(texts))]
-    mixed = _mixed_run(llm, texts, tasks)
+    ids = llm.llm_engine.processor(texts)
+    mixed = run_mixed(llm.llm_engine, [(f"r{i}", ids[i], task) for i, task in enumerate(tasks)])
     for i, (text, task) in enumerate(zip(texts, tasks)):
         alone = llm.encode([text], pooling_task=task, use_tqdm=False)[0].outputs.data
-        together = mixed[f"r{i}"]
-        if task == "all":  # dict of the three outputs
-            assert alone.keys() == together.keys()
-            alone, together = torch.cat([v.flatten() for v in alone.values()]), torch.cat([v.flatten() for v in together.values()])
-        assert alone.shape == together.shape
-        assert torch.allclose(alone, together, atol=ATOL), (task, (alone - together).abs().max())
+        assert_batch_invariant(alone, mixed[f"r{i}"])
 
 
 def test_scheduler_respects_budget_and_seq_cap(minilm_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tests.reference.bge_m3_reference import bge_m3_reference, colbert_score
 from tests.settings import ATOL, COS_MIN, DEVICE, DTYPE
+from tests.toolkit import assert_batch_invariant, run_mixed
 from tokenpool import LLM
 from tokenpool.scoring import colbert_score as our_colbert_score
 
@@ -78,21 +79,13 @@ def test_colbert_score_matches_flagembedding(llm, reference):
 
 def test_one_model_all_tasks_one_batch(llm):
     """Requests of all three tasks, queued together, share batches and equal the single-task runs."""
-    engine = llm.llm_engine
-    ids = engine.processor(TEXTS)
+    ids = llm.llm_engine.processor(TEXTS)
     tasks = ["embed", "token_embed", "token_classify"]
-    from tokenpool.pooling_params import PoolingParams
-
-    for i, tokens in enumerate(ids):
-        engine.add_request(f"mix-{i}", tokens, tasks[i % 3], PoolingParams())
-    results = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            results[out.request_id] = out
+    results = run_mixed(llm.llm_engine, [(f"mix-{i}", tokens, tasks[i % 3]) for i, tokens in enumerate(ids)])
     for i, text in enumerate(TEXTS):
         alone = llm.encode([text], pooling_task=tasks[i % 3], use_tqdm=False)[0]
-        assert torch.allclose(results[f"mix-{i}"].outputs.data, alone.outputs.data, atol=ATOL)
-    assert np.isfinite(np.concatenate([r.outputs.data.numpy().ravel() for r in results.values()])).all()
+        assert_batch_invariant(alone.outputs.data, results[f"mix-{i}"])
+    assert np.isfinite(np.concatenate([r.numpy().ravel() for r in results.values()])).all()
 
 
 def test_all_task_is_one_forward_pass_with_three_outputs(llm):
@@ -113,6 +106,6 @@ def test_all_task_is_one_forward_pass_with_three_outputs(llm):
     for task in ("embed", "token_embed", "token_classify"):
         alone = llm.encode(TEXTS, pooling_task=task, use_tqdm=False)
         for c, a in zip(combined, alone):
-            assert torch.allclose(c.outputs.data[task], a.outputs.data, atol=ATOL)
+            assert_batch_invariant(a.outputs.data, c.outputs.data[task])
             if task == "token_classify":
                 assert c.outputs.lexical_weights.keys() == a.outputs.lexical_weights.keys()
