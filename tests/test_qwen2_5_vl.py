@@ -1,7 +1,7 @@
 """Qwen2.5-VL (jina-embeddings-v4's backbone) against transformers on the same tiny random weights.
 
 Every token's last hidden state (image tokens included) must match transformers' fp32 model at cosine
->= 0.99999 (bf16 on a GPU: >= 0.99) for text-only prompts, one image, two images in one prompt and images of
+>= 0.99999 (bf16: no further than transformers' own bf16) for text-only prompts, one image, two images in one prompt and images of
 different sizes in one packed batch; the fixture's weights are large enough that wrong positions, swapped
 h/w or missing vision windows fail loudly (tests/test_qwen2_5_vl_fixture.py measures it).
 """
@@ -21,16 +21,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.reference.qwen2_5_vl_reference import SAMPLE_PROMPTS, make_test_images, qwen2_5_vl_reference
+from tests.reference.qwen2_5_vl_reference import (
+    SAMPLE_PROMPTS,
+    make_test_images,
+    qwen2_5_vl_reference,
+    transformers_hidden_states_in,
+)
 from tests.settings import DEVICE, DTYPE
+from tests.toolkit import assert_batch_invariant
 from tokenpool import LLM, PoolingParams, TextPrompt, TokensPrompt
 
-# The fixture's weights are drawn large (1/sqrt(fan_in), peaked attention) so that position bugs fail loudly;
-# that also amplifies bf16 rounding: the worst token of the sample prompts reaches cosine 0.9886 in bf16 on an
-# H200, the worst prompt's mean 0.9988. On the real 3B configuration bf16 gives 0.9987, as transformers' own bf16
-# does (bench/gpu_qwen2_5_vl.py).
-COS_MIN = 0.99999 if DTYPE == "float32" else 0.98
-MEAN_COS_MIN = 0.99999 if DTYPE == "float32" else 0.998
+# fp32: every token at cosine >= 0.99999 to transformers' fp32. bf16: the fixture's weights are drawn large
+# (1/sqrt(fan_in), peaked attention) so that position bugs fail loudly, which also amplifies bf16 rounding;
+# the bar is transformers' own: our distance to its fp32 model (1 - cosine, worst token and mean over the
+# prompt) at most 1.2x the distance of transformers cast to bf16 on the same device and inputs.
+COS_MIN = 0.99999 if DTYPE == "float32" else 0.98  # for outputs that have no bf16 reference of their own
+BF16_SLACK = 1.2
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -47,6 +53,25 @@ def prompts(images):
 @pytest.fixture(scope="module")
 def reference(tiny_qwen2_5_vl, prompts):
     return qwen2_5_vl_reference(tiny_qwen2_5_vl, prompts)
+
+
+@pytest.fixture(scope="module")
+def transformers_bf16(tiny_qwen2_5_vl, reference):
+    """transformers' own bf16 hidden states of the sample prompts (bf16 runs only)."""
+    if DTYPE == "float32":
+        return None
+    return transformers_hidden_states_in(tiny_qwen2_5_vl, reference, getattr(torch, DTYPE), DEVICE)
+
+
+def _check_close(ours, ref, theirs) -> None:
+    """fp32: every token at cosine >= 0.99999; bf16: no further from the fp32 reference than transformers'
+    own bf16 (x BF16_SLACK), for the worst token and for the mean."""
+    if theirs is None:
+        assert _min_cos(ours, ref) >= 0.99999 and _mean_cos(ours, ref) >= 0.99999
+        return
+    for measure in (_min_cos, _mean_cos):
+        ours_err, theirs_err = 1 - measure(ours, ref), 1 - measure(theirs, ref)
+        assert ours_err <= BF16_SLACK * theirs_err + 1e-6, (measure.__name__, ours_err, theirs_err)
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +97,14 @@ def _mean_cos(a, b) -> float:
     return F.cosine_similarity(torch.as_tensor(a).float(), torch.as_tensor(b).float(), dim=-1).mean().item()
 
 
-def test_hidden_states_match_transformers_in_one_batch(llm, prompts, reference):
+def test_hidden_states_match_transformers_in_one_batch(llm, prompts, reference, transformers_bf16):
     """All sample prompts (text only, one image, two images, five image sizes) in one packed batch."""
     outs = _raw(llm, prompts)
-    for out, ref, (text, _) in zip(outs, reference, SAMPLE_PROMPTS):
+    for i, (out, ref, (text, _)) in enumerate(zip(outs, reference, SAMPLE_PROMPTS)):
         assert out.prompt_token_ids == ref["input_ids"], text
         assert type(out.prompt_token_ids) is list
         assert out.outputs.data.shape == ref["hidden_states"].shape
-        assert _min_cos(out.outputs.data, ref["hidden_states"]) >= COS_MIN, text
-        assert _mean_cos(out.outputs.data, ref["hidden_states"]) >= MEAN_COS_MIN, text
+        _check_close(out.outputs.data, ref["hidden_states"], None if transformers_bf16 is None else transformers_bf16[i])
 
 
 def test_token_embed_is_normalized_hidden_state(llm, prompts, reference):
@@ -96,8 +120,7 @@ def test_each_prompt_alone_equals_its_place_in_a_mixed_batch(llm, prompts):
     together = _raw(llm, prompts)
     for i, prompt in enumerate(prompts):
         alone = _raw(llm, [prompt])[0]
-        atol = 1e-4 if DTYPE == "float32" else 5e-2
-        assert torch.allclose(alone.outputs.data, together[i].outputs.data, atol=atol), SAMPLE_PROMPTS[i][0]
+        assert_batch_invariant(alone.outputs.data, together[i].outputs.data)
 
 
 def test_legacy_checkpoint_layout_loads_the_same_model(tiny_qwen2_5_vl_legacy, prompts, reference):

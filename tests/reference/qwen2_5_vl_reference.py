@@ -192,6 +192,25 @@ def run_qwen2_5_vl(
     return out.last_hidden_state[0].to(torch.float32)
 
 
+def transformers_hidden_states_in(model_dir: PathLike, references: Sequence[Reference], dtype: torch.dtype,
+                                  device: str = "cpu") -> list[np.ndarray]:
+    """transformers' own hidden states of the reference prompts with its model cast to `dtype` on `device`
+    (same ids, positions and pixels as the fp32 reference): how far `dtype` alone moves transformers."""
+    import copy
+
+    model = copy.deepcopy(load_qwen2_5_vl_model(model_dir)).to(device=device, dtype=dtype)
+    out = []
+    with torch.inference_mode():
+        for ref in references:
+            grid = torch.tensor(ref["image_grid_thw"], dtype=torch.int64) if ref["image_grid_thw"] else None
+            pixels = torch.from_numpy(ref["pixel_values"]).to(device, dtype) if grid is not None else None
+            hidden = run_qwen2_5_vl(model, torch.tensor(ref["input_ids"], device=device), pixels,
+                                    None if grid is None else grid.to(device),
+                                    torch.from_numpy(ref["position_ids"]).to(device))
+            out.append(hidden.float().cpu().numpy())
+    return out
+
+
 def qwen2_5_vl_reference(
     model_dir: PathLike,
     prompts: Sequence[Prompt],
