@@ -323,7 +323,7 @@ def test_tiny_tokenizer_calls_run_inline_only_when_the_tokenizer_is_free(make_en
         queued = await engine.run_in_tokenizer_thread(where)
         release = threading.Event()
         blocker = asyncio.ensure_future(engine.run_in_tokenizer_thread(release.wait))  # the tokenizer is busy
-        await until_async(lambda: not engine.tokenizer_free())
+        await until_async(lambda: not engine.tokenizer_thread.is_free())
         busy = asyncio.ensure_future(engine.run_in_tokenizer_thread(where, inline=True))
         await asyncio.sleep(0)
         assert not busy.done()  # the tiny call queued behind the busy tokenizer instead of running here

@@ -26,12 +26,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tokenpool.engine.engine import BatchFailed, LLMEngine
 from tokenpool.engine.request import EngineRequest
+from tokenpool.engine.tickets import Counters, QueuedPrompt, StepStats, Ticket, reject, resolve
+from tokenpool.engine.tokenizer_thread import TokenizerThread
 from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.outputs import PoolingRequestOutput
 from tokenpool.pooling_params import PoolingParams
@@ -46,56 +46,6 @@ _WAKE = object()  # inbox sentinel: a caller cancelled; look at the queue again
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served any more."""
 
-
-@dataclass(slots=True)
-class StepStats:
-    """What one engine step ran (for metrics): prompts and tokens fed, wall time of the step."""
-
-    num_requests: int
-    num_tokens: int
-    seconds: float
-
-
-@dataclass(slots=True, eq=False)
-class _Group:
-    """One caller's prompts: they finish together, fail together and are dropped together."""
-
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    outputs: list[PoolingRequestOutput | None]
-    remaining: int
-    cancelled: bool = False  # set by the event loop thread when the caller went away
-    done: bool = False  # set by the engine thread once the future has been resolved or failed
-
-
-Ticket = _Group  # what `submit` hands back: `.future` resolves to the outputs
-
-
-@dataclass(slots=True, eq=False)
-class _Prompt:
-    """One prompt of a group, as the engine thread tracks it."""
-
-    request: EngineRequest
-    group: _Group
-    index: int
-
-
-@dataclass
-class _Counters:
-    cancelled: int = 0  # callers that went away before their answer (event loop thread)
-    aborted: int = 0  # prompts dropped before running because their caller went away
-    failed: int = 0  # prompts that failed in the engine
-    steps: int = 0
-
-
-def _resolve(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _reject(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
 
 
 class AsyncLLMEngine:
@@ -120,11 +70,11 @@ class AsyncLLMEngine:
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.on_step = on_step
         self.max_consecutive_failures = max_consecutive_failures
-        self.counters = _Counters()
+        self.counters = Counters()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._in_inbox = 0  # prompts in the inbox (changed under _count_lock by both threads)
         self._count_lock = threading.Lock()
-        self._fed: dict[str, _Prompt] = {}  # engine thread only: prompts in the core, by request id
+        self._fed: dict[str, QueuedPrompt] = {}  # engine thread only: prompts in the core, by request id
         self._ids = itertools.count()
         self._failures_in_a_row = 0
         self._last_step_s = 0.0
@@ -133,11 +83,7 @@ class AsyncLLMEngine:
         self.expected_callers: Callable[[], int] | None = None
         self.max_batch_wait_s = 0.005
         self._dead: BaseException | None = None
-        # HF fast tokenizers are not safe to call from two threads at once (truncation settings are
-        # mutable state): every tokenizer call goes through this one thread. Its Rust code releases the
-        # GIL, so tokenizing the next requests overlaps the forward pass of the current batch.
-        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenpool-tokenizer")
-        self._tokenizer_lock = threading.Lock()  # held by whoever calls the tokenizer (thread or inline)
+        self.tokenizer_thread = TokenizerThread()  # every use of the tokenizer goes through it
         self._thread = threading.Thread(target=self._main, name="tokenpool-engine", daemon=True)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -159,7 +105,7 @@ class AsyncLLMEngine:
         if self._started and self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
-        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer_thread.shutdown()
 
     @property
     def is_healthy(self) -> bool:
@@ -176,25 +122,8 @@ class AsyncLLMEngine:
 
     # ----- API for handlers (event loop thread) -----
     async def run_in_tokenizer_thread(self, fn: Callable[..., _T], *args: Any, inline: bool = False) -> _T:
-        """Run `fn(*args)` on the tokenizer thread (every use of the tokenizer must go through here).
-
-        inline=True (for tiny inputs, a few microseconds of work): run it right here on the caller's thread
-        when the tokenizer is free, saving two thread hand-offs (~0.1 ms); else it queues as usual.
-        """
-        if inline and self._tokenizer_lock.acquire(blocking=False):
-            try:
-                return fn(*args)
-            finally:
-                self._tokenizer_lock.release()
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, self._locked, fn, args)
-
-    def tokenizer_free(self) -> bool:
-        """Whether no tokenizer call is running now."""
-        return not self._tokenizer_lock.locked()
-
-    def _locked(self, fn: Callable[..., _T], args: tuple) -> _T:
-        with self._tokenizer_lock:
-            return fn(*args)
+        """Run `fn(*args)` on the tokenizer thread (`TokenizerThread.run`; inline for tiny inputs)."""
+        return await self.tokenizer_thread.run(fn, *args, inline=inline)
 
     async def encode(self, prompts: Sequence[ProcessedPrompt | list[int]], task: str | Sequence[str],
                      params: PoolingParams | Sequence[PoolingParams]) -> list[PoolingRequestOutput]:
@@ -214,7 +143,7 @@ class AsyncLLMEngine:
             raise
 
     def submit(self, prompts: Sequence[ProcessedPrompt | list[int]], task: str | Sequence[str],
-               params: PoolingParams | Sequence[PoolingParams]) -> "Ticket":
+               params: PoolingParams | Sequence[PoolingParams]) -> Ticket:
         """Queue processed prompts (or plain token-id lists, validated in the core) now, from the event loop
         thread; await `ticket.future` for the outputs, or `cancel`."""
         self._check_alive()
@@ -225,8 +154,8 @@ class AsyncLLMEngine:
         if n == 0 or len(params) != n or len(tasks) != n:
             raise ValueError(f"Got {n} prompts, {len(params)} PoolingParams and {len(tasks)} tasks.")
         loop = asyncio.get_running_loop()
-        group = _Group(loop.create_future(), loop, [None] * n, n)
-        items = [_Prompt(EngineRequest(str(next(self._ids)), prompt, t, p), group, i)
+        group = Ticket(loop.create_future(), loop, [None] * n, n)
+        items = [QueuedPrompt(EngineRequest(str(next(self._ids)), prompt, t, p), group, i)
                  for i, (prompt, t, p) in enumerate(zip(prompts, tasks, params))]
         with self._count_lock:
             self._in_inbox += n
@@ -234,7 +163,7 @@ class AsyncLLMEngine:
         self._check_alive()  # the loop may have died between the first check and `put`
         return group
 
-    def cancel(self, ticket: "Ticket") -> None:
+    def cancel(self, ticket: Ticket) -> None:
         """The caller went away: its prompts that have not started running are dropped."""
         if not ticket.done:
             self.counters.cancelled += 1
@@ -375,7 +304,7 @@ class AsyncLLMEngine:
             group.remaining -= 1
             if group.remaining == 0:
                 group.done = True
-                group.loop.call_soon_threadsafe(_resolve, group.future, group.outputs)
+                group.loop.call_soon_threadsafe(resolve, group.future, group.outputs)
         if outputs and self.on_step is not None:
             self.on_step(StepStats(len(outputs), tokens, time.perf_counter() - t0))
 
@@ -409,11 +338,11 @@ class AsyncLLMEngine:
         for p in retry:
             self._fed[p.request.request_id] = p
 
-    def _fail(self, group: _Group, error: BaseException) -> None:
+    def _fail(self, group: Ticket, error: BaseException) -> None:
         if group.done:
             return
         group.done = True
-        group.loop.call_soon_threadsafe(_reject, group.future, error)
+        group.loop.call_soon_threadsafe(reject, group.future, error)
 
     def _die(self, error: BaseException) -> None:
         self._dead = error
