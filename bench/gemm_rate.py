@@ -31,22 +31,23 @@ MINILM_SHAPES = {  # name: (K, N) of [M, K] x [K, N]
 }
 
 
-# The CPU's instruction-set class as tokenpool sees it (mirrors tokenpool/platforms/cpu.py, standard library
-# only, so that the benchmark's parent and the peer venvs need nothing of tokenpool): the hardware class from
-# /proc/cpuinfo, lowered by the variables that cap PyTorch / oneDNN / MKL (the lowest cap wins).
-ISA_CLASSES = ("avx2", "avx512", "avx512_bf16", "amx")
+def _load_isa():
+    """tokenpool/platforms/isa.py (standard library only), loaded by path: the benchmark's parent and the peer
+    venvs import nothing of tokenpool (whose package imports torch)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tokenpool" / "platforms" / "isa.py"
+    spec = importlib.util.spec_from_file_location("_tokenpool_isa", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ISA = _load_isa()
+ISA_CLASSES = _ISA.ISA_CLASSES
+_CAPS = _ISA.CAP_VARIABLES
 ISA_LABELS = {"none": "below AVX2", "avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX-512+BF16", "amx": "AMX"}
-_CAPS = {
-    "ATEN_CPU_CAPABILITY": {"default": "none", "avx2": "avx2", "avx512": "avx512"},
-    "ONEDNN_MAX_CPU_ISA": {
-        "sse41": "none", "avx": "none", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
-        "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512_bf16",
-        "avx10_1_512": "avx512_bf16", "avx512_core_fp16": "avx512_bf16", "avx10_1_512_amx": "amx",
-        "avx512_core_amx": "amx", "avx10_1_512_amx_fp16": "amx", "avx512_core_amx_fp16": "amx"},
-    "MKL_ENABLE_INSTRUCTIONS": {"sse4_2": "none", "avx": "none", "avx2": "avx2", "avx512": "avx512",
-                                "avx512_e1": "avx512", "avx512_e2": "avx512", "avx512_e3": "avx512_bf16",
-                                "avx512_e4": "amx", "avx512_e5": "amx"},
-}
 ISA_ENV = (*_CAPS, "DNNL_MAX_CPU_ISA", "MKL_DEBUG_CPU_TYPE", "ORT_DISABLE_AVX512")
 
 
@@ -61,32 +62,11 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def hardware_class(flags: set[str]) -> str:
-    if "avx2" not in flags:
-        return "none"
-    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx2"
-    if "amx_bf16" in flags and "amx_tile" in flags:
-        return "amx"
-    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
-
-
-def _rank(cls: str) -> int:
-    return -1 if cls == "none" else ISA_CLASSES.index(cls)
-
-
 def cpu_isa(env=os.environ) -> dict:
     """{"hardware_class", "isa_class" (lowered by the cap variables), "caps" (the ones set), "native_bf16"}."""
-    hardware = hardware_class(cpu_flags())
-    cls, caps = hardware, {}
-    for name, table in _CAPS.items():
-        value = env.get(name, "").strip()
-        if value:
-            caps[name] = value
-            cap = table.get(value.lower())
-            if cap is not None and _rank(cap) < _rank(cls):
-                cls = cap
-    return {"hardware_class": hardware, "isa_class": cls, "caps": caps,
+    hardware = _ISA.hardware_class(cpu_flags())
+    cls, caps = _ISA.lowered_class(hardware, env)
+    return {"hardware_class": hardware, "isa_class": cls, "caps": dict(caps),
             "native_bf16": cls in ("avx512_bf16", "amx")}
 
 
