@@ -107,7 +107,7 @@ def test_bge_m3_architecture_without_heads_is_an_error(tmp_path, tiny_bge_m3):
     with pytest.raises(ValueError, match="needs colbert_linear.pt"):
         LLM(str(folder), hf_overrides={"architectures": ["BgeM3EmbeddingModel"]})
     # Without the override the folder is a plain XLM-R encoder: embed + raw token vectors.
-    assert set(LLM(str(folder)).supported_tasks) == {"embed", "token_embed"}
+    assert set(LLM(str(folder)).supported_tasks) == {"embed", "token_embed", "all"}
 
 
 def test_default_model_is_minilm():

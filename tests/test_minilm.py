@@ -106,3 +106,15 @@ def test_cpu_bf16_mixed_precision_close_to_reference(minilm_path, st_model):
     ref = st_model.encode(TEXTS, output_value="token_embeddings")
     for r, o in zip(ref, bf16.encode(TEXTS, pooling_task="token_embed", use_tqdm=False)):
         assert F.cosine_similarity(o.outputs.data, r.float(), dim=1).min().item() >= 0.999
+
+
+def test_combined_task_of_a_model_with_two_heads(llm):
+    """Any model with several heads offers "all": each head's output from one forward pass."""
+    assert "all" in llm.supported_tasks
+    combined = llm.encode(TEXTS, pooling_task="all", use_tqdm=False)
+    embed = llm.encode(TEXTS, pooling_task="embed", use_tqdm=False)
+    tokens = llm.encode(TEXTS, pooling_task="token_embed", use_tqdm=False)
+    for c, e, t in zip(combined, embed, tokens):
+        assert set(c.outputs.data) == {"embed", "token_embed"} and c.outputs.lexical_weights is None
+        assert_batch_invariant(e.outputs.data, c.outputs.data["embed"])
+        assert_batch_invariant(t.outputs.data, c.outputs.data["token_embed"])

@@ -17,7 +17,7 @@ class PoolingModel(nn.Module):
     """`forward` runs the backbone over a packed batch; `pool` applies each request's task pooler.
 
     lexical_head: True when `token_classify` is a sparse lexical-weight head (BGE-M3), whose outputs are
-    also returned keyed by token id.
+    also returned keyed by token id (it gates only that, not the combined task).
     """
 
     def __init__(self, backbone: nn.Module, poolers: dict[str, nn.Module], max_model_len: int,
@@ -31,9 +31,10 @@ class PoolingModel(nn.Module):
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        # "all": every pooler's output from one forward pass (BGE-M3: dense + colbert + sparse).
+        # The combined task: every pooler's output from one forward pass, for any model with several heads
+        # (BGE-M3: dense + colbert + sparse; a sentence-transformers model: embed + token_embed).
         tasks = tuple(self.poolers.keys())
-        return (*tasks, ALL_TASKS) if self.lexical_head else tasks
+        return (*tasks, ALL_TASKS) if len(tasks) > 1 else tasks
 
     def output_dims(self) -> dict[str, int]:
         """The width of each task's output rows (0: one scalar per token)."""
