@@ -145,5 +145,5 @@ def test_pylate_layout_without_pooling_is_refused(tmp_path, minilm_path):
 
 def test_unsupported_pooling_mode_is_refused_at_load(tmp_path, minilm_path):
     folder = _tiny_bert(tmp_path / "wm", minilm_path, modes=["weightedmean_tokens"])
-    with pytest.raises(ValueError, match=r"pooling mode\(s\) \['weightedmean'\] are not supported"):
+    with pytest.raises(ValueError, match=r"Pooling mode\(s\) \['weightedmean'\] are not supported"):
         LLM(str(folder), dtype="float32")

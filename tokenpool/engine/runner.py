@@ -15,7 +15,7 @@ import torch
 
 from tokenpool.engine.scheduler import Batch
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import PoolingSlots
+from tokenpool.layers.pooling import PoolingSlots
 from tokenpool.models.pooling_model import PooledBatch, PoolingModel
 from tokenpool.multimodal.types import BatchImages
 

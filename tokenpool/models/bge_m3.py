@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenpool.layers.pooler import EmbedPooler, TokenPooler
+from tokenpool.layers.pooler import embed_pooler, token_pooler
 from tokenpool.loader.weights import load_torch_file
 
 COLBERT_FILE = "colbert_linear.pt"
@@ -38,9 +38,9 @@ def build_bge_m3_poolers(model_dir: Path) -> dict[str, nn.Module]:
     if sparse.out_features != 1:
         raise ValueError(f"{model_dir / SPARSE_FILE}: expected a Linear(hidden, 1), got out_features={sparse.out_features}.")
     return {
-        "embed": EmbedPooler(["cls"], default_activation=True),
-        "token_embed": TokenPooler("token_embed", colbert, "normalize", skip_first=1),
-        "token_classify": TokenPooler("token_classify", sparse, "relu", skip_first=1, skip_last=1, squeeze=True),
+        "embed": embed_pooler(["cls"], normalize=True),
+        "token_embed": token_pooler("token_embed", colbert, "normalize", skip_first=1),
+        "token_classify": token_pooler("token_classify", sparse, "relu", skip_first=1, skip_last=1, squeeze=True),
     }
 
 

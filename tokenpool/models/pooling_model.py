@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata
-from tokenpool.layers.pooler import EmbedPooler, PoolingSlots, RowShapes, split_views
+from tokenpool.layers.pooling import PoolingSlots, RowShapes, split_views
 from tokenpool.multimodal.types import BatchImages
 from tokenpool.tasks import COMBINED_TASK as ALL_TASKS
 
@@ -38,14 +38,7 @@ class PoolingModel(nn.Module):
 
     def output_dims(self) -> dict[str, int]:
         """The width of each task's output rows (0: one scalar per token)."""
-        hidden = self.backbone.hidden_size
-        dims = {}
-        for task, pooler in self.poolers.items():
-            if isinstance(pooler, EmbedPooler):
-                dims[task] = pooler.width(hidden)
-            else:
-                dims[task] = 0 if pooler.squeeze else (pooler.proj.out_features if pooler.proj is not None else hidden)
-        return dims
+        return {task: pooler.width(self.backbone.hidden_size) for task, pooler in self.poolers.items()}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 images: BatchImages | None = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from tokenpool.config import PoolerConfig
-from tokenpool.layers.pooler import EmbedPooler, TokenPooler
+from tokenpool.layers.pooler import embed_pooler, token_pooler
+from tokenpool.layers.pooling import TokenPooling
 from tokenpool.loader.st_config import SentenceTransformerConfig
 from tokenpool.loader.weights import checkpoint_files, iterate_weights
 from tokenpool.models.bert import BertModel, position_offset_for
@@ -78,11 +79,11 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
         # Without a pooling config, vLLM pools encoders by CLS and decoders by their last token.
         poolers = _sentence_transformer_poolers(st_config, "lasttoken" if decoder else "cls")
     if pooler_config is not None and pooler_config.pooling_type is not None and "embed" in poolers:
-        poolers["embed"].modes = [_POOLING_TYPE_TO_MODE[pooler_config.pooling_type]]
+        poolers["embed"].method.modes = [_POOLING_TYPE_TO_MODE[pooler_config.pooling_type]]
     for pooler in poolers.values():
         pooler.to(device)
-        if isinstance(pooler, TokenPooler) and pooler.proj is not None:
-            pooler.proj.to(hidden_dtype)  # per-token heads run in the precision of the hidden states
+        if isinstance(pooler.method, TokenPooling) and pooler.head.proj is not None:
+            pooler.head.proj.to(hidden_dtype)  # per-token heads run in the precision of the hidden states
     max_model_len = hf_config.get_text_config().max_position_embeddings - offset
     model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch)
     return model.eval().requires_grad_(False)
@@ -91,14 +92,10 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
 def _sentence_transformer_poolers(st: SentenceTransformerConfig, default_mode: str = "cls") -> dict:
     """embed follows modules.json (pooling, Dense, Normalize); token_embed = normalized hidden states."""
     modes = st.pooling_modes or [default_mode]
-    unsupported = [m for m in modes if m not in EmbedPooler.MODES]
-    if unsupported:
-        raise ValueError(f"sentence-transformers pooling mode(s) {unsupported} are not supported; "
-                         f"supported: {', '.join(EmbedPooler.MODES)}.")
     dense = [spec.build() for spec in st.dense]
     # Without modules.json vLLM normalizes by default; with it, the folder's Normalize module decides.
     normalize = st.normalize if st.has_modules else True
     return {
-        "embed": EmbedPooler(modes, dense, default_activation=normalize),
-        "token_embed": TokenPooler("token_embed", None, "normalize"),
+        "embed": embed_pooler(modes, dense, normalize),
+        "token_embed": token_pooler("token_embed"),
     }
