@@ -128,7 +128,7 @@ def attention_table(hidden: int, heads: int, dtype: torch.dtype, tokens: int, re
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
 
     def fused(variant):
-        return lambda: fused_attention.varlen_attention(q, k, v, cu, False, variant)
+        return lambda: fused_attention.varlen_attention(q, k, v, cu, (-1, -1), variant)
 
     qf, kf, vf = q.float(), k.float(), v.float()
     reference = torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1).double() for t in (qf, kf, vf)))

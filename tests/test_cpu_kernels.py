@@ -22,13 +22,18 @@ VARIANTS = buildable_variants()
 needs_kernels = pytest.mark.skipif(not va.available(), reason="the C kernels could not be built here (no C compiler?)")
 
 
-def _reference(q, k, v, lens, causal, dtype=torch.float64):
+def _reference(q, k, v, lens, window, dtype=torch.float64):
+    """SDPA per sequence with the window as a band mask (key - query in [-left, right])."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    left, right = window
     outs, start = [], 0
     for n in lens:
         qs, ks, vs = (t[start:start + n].to(dtype).transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+        offset = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+        band = (offset >= -left if left >= 0 else torch.ones_like(offset, dtype=torch.bool)) & \
+            (offset <= right if right >= 0 else torch.ones_like(offset, dtype=torch.bool))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band).transpose(0, 1))
         start += n
     return torch.cat(outs)
 
@@ -36,9 +41,13 @@ def _reference(q, k, v, lens, causal, dtype=torch.float64):
 @needs_kernels
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim, heads, kv_heads, causal", [(32, 12, 12, False), (64, 4, 4, False),
-                                                               (80, 2, 2, False), (128, 4, 2, True), (64, 6, 1, True)])
-def test_varlen_attention_matches_sdpa(variant, dtype, head_dim, heads, kv_heads, causal):
+@pytest.mark.parametrize("head_dim, heads, kv_heads, window", [
+    (32, 12, 12, (-1, -1)), (64, 4, 4, (-1, -1)), (80, 2, 2, (-1, -1)),
+    (128, 4, 2, (-1, 0)), (64, 6, 1, (-1, 0)),  # causal decoders with grouped KV heads
+    (64, 4, 4, (64, 64)),  # ModernBERT's local layers: a window of 128
+    (32, 2, 2, (3, 40)), (32, 2, 2, (17, 0)),  # lopsided windows, a causal one among them
+])
+def test_varlen_attention_matches_sdpa(variant, dtype, head_dim, heads, kv_heads, window):
     rng = random.Random(head_dim * heads)
     lens = [1, 2, 7, 16, 17, 300] + [rng.randint(1, 200) for _ in range(6)]
     total = sum(lens)
@@ -51,13 +60,13 @@ def test_varlen_attention_matches_sdpa(variant, dtype, head_dim, heads, kv_heads
     v = qkv[:, (heads + kv_heads) * head_dim:].view(padded, kv_heads, head_dim)
     assert va.supports(q, k, v, variant)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = va.varlen_attention(q, k, v, cu, causal, variant)
+    out = va.varlen_attention(q, k, v, cu, window, variant)
     assert out.dtype == dtype and out.shape == (padded, heads, head_dim)
-    ref = _reference(q[:total], k[:total], v[:total], lens, causal)
+    ref = _reference(q[:total], k[:total], v[:total], lens, window)
     got = out[:total].double()
     # Our error to float64 is at most 1.5x PyTorch's own fp32 SDPA's on the same inputs (fp32 arithmetic either
     # way); in bf16, PyTorch's bf16 SDPA's (which rounds its outputs to bf16 as we do).
-    torch_err = (_reference(q[:total], k[:total], v[:total], lens, causal, dtype).double() - ref).abs().max().item()
+    torch_err = (_reference(q[:total], k[:total], v[:total], lens, window, dtype).double() - ref).abs().max().item()
     assert (got - ref).abs().max().item() <= 1.5 * torch_err
     assert torch.all(out[total:] == 0)
 
@@ -99,3 +108,22 @@ def test_add_layer_norm_matches_torch(variant, y_dtype, lowp, n):
 
 def test_every_build_the_cpu_can_run_is_listed():
     assert VARIANTS[-1] == "generic" and len(set(VARIANTS)) == len(VARIANTS)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "flash", "bmm"])
+@pytest.mark.parametrize("window, causal", [((-1, -1), False), ((-1, -1), True), ((8, 8), False), ((5, 9), True)])
+def test_attention_layer_windows_on_every_cpu_kernel(monkeypatch, kernel, window, causal):
+    """`layers.attention.varlen_attention` with AttentionMetadata windows: the C kernel and PyTorch's
+    fallbacks (a band mask where they have no window) compute the same function."""
+    from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+    from tokenpool.platforms.cpu import ATTENTION_ENV
+
+    monkeypatch.setenv(ATTENTION_ENV, kernel)
+    torch.manual_seed(1)
+    lens = [5, 40, 1, 23]
+    q, k, v = (torch.randn(sum(lens), 4, 32) for _ in range(3))
+    meta = AttentionMetadata.from_seq_lens(lens, torch.device("cpu"), causal=causal)
+    meta.window = window
+    left, right = window[0], 0 if causal else window[1]
+    expected = _reference(q, k, v, lens, (left, right)).float()
+    assert torch.allclose(varlen_attention(q, k, v, meta), expected, atol=2e-5)

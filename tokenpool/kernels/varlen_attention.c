@@ -9,7 +9,8 @@
  * once per process, by SONAME). Per task: K^T and V are unpacked once into fp32 scratch; then, R query rows
  * at a time, S = (q * scale) K^T in fp32 FMAs, a row softmax (max-subtracted, fp32 exp), O = P V, O / sum.
  * Every product and sum is fp32 (exact products of bf16 inputs), as in PyTorch's reference SDPA math: the fp32
- * path equals it to ~1e-7. causal != 0: row i attends keys 0..i of its sequence.
+ * path equals it to ~1e-7. A window (left, right; -1: unbounded): row i attends keys i-left..i+right of its
+ * sequence; causal is (-1, 0), ModernBERT's local layers (w/2, w/2).
  *
  * Written with GCC/Clang vector types as wide as the instruction set it is built for (8 floats for AVX2, 16 for
  * AVX-512; see tokenpool/kernels/__init__.py), so the same source gives each CPU class its own code.
@@ -62,9 +63,16 @@ TP_INLINE void scores(const float* qb, const float* kt, float* sb, int64_t D, in
         for (int c = 0; c < nb; c++) st(sb + r * lp + jb + c * VL, acc[r][c]);
 }
 
+/* The keys row i of a sequence of L attends: [lo, hi) */
+TP_INLINE void key_range(int64_t i, int64_t L, int64_t left, int64_t right, int64_t* lo, int64_t* hi) {
+    *lo = left < 0 || i - left < 0 ? 0 : i - left;
+    *hi = right < 0 || i + right + 1 > L ? L : i + right + 1;
+}
+
 static void attend_one(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
                        int64_t v_stride, int64_t o_stride, int64_t t0, int64_t L, int64_t h, int64_t kvh, int64_t D,
-                       float scale, int causal, int bf16, float* kt, float* vb, float* sb, float* qb) {
+                       float scale, int64_t left, int64_t right, int bf16, float* kt, float* vb, float* sb,
+                       float* qb) {
     const int64_t lp = (L + VL - 1) / VL * VL, nd = D / VL;
     /* K^T [D, lp] and V [L, D], in fp32 */
     for (int64_t j = 0; j < L; j++) {
@@ -81,27 +89,34 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
             for (int64_t d = 0; d < D; d += VL)
                 st(qb + r * D + d, r < rows ? load_vec(q, (t0 + i0 + r) * q_stride + h * D + d, bf16) * scale
                                             : splat(0.0f));
-        const int64_t jend = causal ? (i0 + rows) : L;
+        /* the block's keys: from the first row's first to the last row's last, whole vectors */
+        int64_t jlo, jhi, unused;
+        key_range(i0, L, left, right, &jlo, &unused);
+        key_range(i0 + rows - 1, L, left, right, &unused, &jhi);
+        const int64_t jstart = jlo / VL * VL, jend = jhi;
         const int64_t jpad = (jend + VL - 1) / VL * VL;
-        int64_t jb = 0;
+        int64_t jb = jstart;
         for (; jb + CB * VL <= jpad; jb += CB * VL) scores(qb, kt, sb, D, lp, jb, CB);
         for (; jb < jpad; jb += VL) scores(qb, kt, sb, D, lp, jb, 1);
-        /* softmax of each row over its keys (0..i for causal rows): the others are set to -inf first, so every
-         * vector is full and they come out as exact zeros for P V */
+        /* softmax of each row over its keys: the others are set to -inf first, so every vector is full and they
+         * come out as exact zeros for P V */
         float inv[R];
         for (int64_t r = 0; r < R; r++) {
             float* s = sb + r * lp;
-            const int64_t lim = r >= rows ? 0 : (causal ? i0 + r + 1 : L);
-            for (int64_t j = lim; j < jpad; j++) s[j] = -3.0e38f;
-            if (lim == 0) {
+            if (r >= rows) {
+                for (int64_t j = jstart; j < jpad; j++) s[j] = 0.0f;
                 inv[r] = 0.0f;
                 continue;
             }
+            int64_t lo, hi;
+            key_range(i0 + r, L, left, right, &lo, &hi);
+            for (int64_t j = jstart; j < lo; j++) s[j] = -3.0e38f;
+            for (int64_t j = hi; j < jpad; j++) s[j] = -3.0e38f;
             vf m = splat(-3.0e38f);
-            for (int64_t j = 0; j < jpad; j += VL) m = vmax(m, ld(s + j));
+            for (int64_t j = jstart; j < jpad; j += VL) m = vmax(m, ld(s + j));
             const vf mx = splat(hmax(m));
             vf sum = splat(0.0f);
-            for (int64_t j = 0; j < jpad; j += VL) {
+            for (int64_t j = jstart; j < jpad; j += VL) {
                 const vf e = exp_nonpositive(ld(s + j) - mx);
                 st(s + j, e);
                 sum += e;
@@ -113,7 +128,7 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
             const int nc = nd - c0 >= 2 ? 2 : 1;
             vf acc[R][2];
             for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = splat(0.0f);
-            for (int64_t j = 0; j < jend; j++) {
+            for (int64_t j = jstart; j < jend; j++) {
                 const float* vr = vb + j * D + c0 * VL;
                 const vf v0 = ld(vr), v1 = nc == 2 ? ld(vr + VL) : splat(0.0f);
                 for (int r = 0; r < R; r++) {
@@ -186,7 +201,8 @@ static void amx_configure(void) {
 
 static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t q_stride,
                            int64_t k_stride, int64_t v_stride, int64_t o_stride, int64_t t0, int64_t L, int64_t h,
-                           int64_t kvh, int64_t D, float scale, int causal, uint32_t* kp, uint16_t* vp, uint16_t* qa,
+                           int64_t kvh, int64_t D, float scale, int64_t left, int64_t right, uint32_t* kp,
+                           uint16_t* vp, uint16_t* qa,
                            float* sb, uint16_t* pb, float* ob) {
     const int64_t lp = (L + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS, nd32 = D / 32, nd16 = D / 16;
     /* K^T as VNNI blocks [D/32][lp/16][16 d-pairs][16 keys] of bf16 pairs (32 bits): each block is the
@@ -231,13 +247,16 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
             qsrc = qa;
             qstride = D * 2;
         }
-        const int64_t jend = causal ? i0 + rows : L;
+        int64_t jlo, jhi, unused;
+        key_range(i0, L, left, right, &jlo, &unused);
+        key_range(i0 + rows - 1, L, left, right, &unused, &jhi);
+        const int64_t jstart = jlo / AMX_KEYS * AMX_KEYS, jend = jhi;
         const int64_t j16 = (jend + 15) / 16 * 16, j32 = (jend + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
         if (nd32 > 0) _tile_loadd(2, qsrc, qstride);
         if (nd32 > 1) _tile_loadd(3, qsrc + 32, qstride);
         if (nd32 > 2) _tile_loadd(4, qsrc + 64, qstride);
         if (nd32 > 3) _tile_loadd(5, qsrc + 96, qstride);
-        for (int64_t jb = 0; jb < j16; jb += 16) { /* S[16, jb..jb+16) */
+        for (int64_t jb = jstart; jb < j16; jb += 16) { /* S[16, jb..jb+16) */
             _tile_zero(0);
             QK_CHUNK(2, 0)
             QK_CHUNK(3, 1)
@@ -249,18 +268,20 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
         for (int64_t r = 0; r < 16; r++) { /* scaled softmax per row -> P (bf16, zeros past the row's keys) */
             float* srow = sb + r * lp;
             uint16_t* prow = pb + r * lp;
-            const int64_t lim = r >= rows ? 0 : (causal ? i0 + r + 1 : L);
-            for (int64_t j = lim; j < j16; j++) srow[j] = -3.0e38f;
-            if (lim == 0) {
-                memset(prow, 0, j32 * 2);
+            if (r >= rows) {
+                memset(prow + jstart, 0, (j32 - jstart) * 2);
                 inv[r] = 0.0f;
                 continue;
             }
+            int64_t lo, hi;
+            key_range(i0 + r, L, left, right, &lo, &hi);
+            for (int64_t j = jstart; j < lo; j++) srow[j] = -3.0e38f;
+            for (int64_t j = hi; j < j16; j++) srow[j] = -3.0e38f;
             vf m = splat(-3.0e38f);
-            for (int64_t j = 0; j < j16; j += VL) m = vmax(m, ld(srow + j));
+            for (int64_t j = jstart; j < j16; j += VL) m = vmax(m, ld(srow + j));
             const vf mx = splat(hmax(m) * scale);
             vf sum = splat(0.0f);
-            for (int64_t j = 0; j < j16; j += VL) {
+            for (int64_t j = jstart; j < j16; j += VL) {
                 const vf e = exp_nonpositive(ld(srow + j) * scale - mx);
                 sum += e;
                 store_bf16(prow + j, e);
@@ -274,7 +295,7 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
             _tile_zero(3);
             _tile_zero(4);
             _tile_zero(5);
-            for (int64_t kc = 0; kc < j32 / AMX_KEYS; kc++) {
+            for (int64_t kc = jstart / AMX_KEYS; kc < j32 / AMX_KEYS; kc++) {
                 _tile_loadd(6, pb + kc * AMX_KEYS, lp * 2);
                 PV_BLOCK(2, 0)
                 PV_BLOCK(3, 1)
@@ -296,7 +317,8 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
 
 int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
                         int64_t v_stride, int64_t o_stride, const int32_t* cu, int64_t num_seqs, int64_t heads,
-                        int64_t kv_heads, int64_t head_dim, float scale, int causal, int bf16, int num_threads) {
+                        int64_t kv_heads, int64_t head_dim, float scale, int64_t window_left, int64_t window_right,
+                        int bf16, int num_threads) {
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || head_dim % VL != 0) return 1;
     int64_t max_len = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -331,7 +353,7 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
                     const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
                     if (L > 0)
                         attend_one_amx(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D,
-                                       scale, causal, kp, vp, qa, sb, pb, ob);
+                                       scale, window_left, window_right, kp, vp, qa, sb, pb, ob);
                 }
                 _tile_release();
             }
@@ -363,7 +385,7 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
                 const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
                 if (L > 0)
                     attend_one(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D, scale,
-                               causal, bf16, kt, vb, sb, qb);
+                               window_left, window_right, bf16, kt, vb, sb, qb);
             }
         }
         free(kt);

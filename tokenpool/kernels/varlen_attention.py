@@ -11,7 +11,7 @@ from tokenpool.kernels import function, vector_width
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
-_ARGS = (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int,
+_ARGS = (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, _I64,
          ctypes.c_int, ctypes.c_int)
 
 
@@ -29,9 +29,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str | N
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     causal: bool, variant: str | None = None) -> torch.Tensor:
+                     window: tuple[int, int] = (-1, -1), variant: str | None = None) -> torch.Tensor:
     """q `[T, H, D]`, k / v `[T, KVH, D]` (KVH divides H) -> `[T, H, D]` in q's dtype; rows past the last
-    sequence (`cu_seqlens[-1]`) are zeros. Check `available()` and `supports()` first."""
+    sequence (`cu_seqlens[-1]`) are zeros. window (left, right): row i attends keys i-left..i+right of its
+    sequence (-1: unbounded; causal is (-1, 0)). Check `available()` and `supports()` first."""
     tokens, heads, head_dim = q.shape
     out = q.new_empty((tokens, heads, head_dim))
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous() else \
@@ -39,7 +40,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     kernel = function("varlen_attention", _ARGS, variant)
     rc = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
                 heads * head_dim, cu.data_ptr(), cu.numel() - 1, heads, k.shape[1], head_dim, head_dim ** -0.5,
-                int(causal), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+                int(window[0]), int(window[1]), int(q.dtype == torch.bfloat16), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"varlen_attention kernel failed (code {rc}: 1 bad shape, 2 bad cu_seqlens, 3 out of memory)")
     used = int(cu[-1])

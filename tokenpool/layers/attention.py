@@ -23,13 +23,22 @@ class AttentionMetadata:
     """Where each sequence of a packed batch starts and ends.
 
     cu_seqlens: int32 `[num_seqs + 1]` on the model's device; seq_lens: the same on the host;
-    max_seqlen: the longest sequence; causal: decoder backbones attend to earlier tokens only.
+    max_seqlen: the longest sequence; causal: decoder backbones attend to earlier tokens only; window: below.
     """
 
     cu_seqlens: torch.Tensor
     seq_lens: list[int]
     max_seqlen: int
     causal: bool = False
+    # (left, right): a token attends the tokens i-left..i+right of its sequence (-1: unbounded), as
+    # FlashAttention's window_size; ModernBERT's local layers use (w/2, w/2). Combined with `causal`.
+    window: tuple[int, int] = (-1, -1)
+
+    @property
+    def window_bounds(self) -> tuple[int, int]:
+        """The effective (left, right) window, causality included."""
+        left, right = self.window
+        return left, (0 if self.causal else right)
 
     @classmethod
     def from_seq_lens(cls, seq_lens: list[int], device: torch.device, causal: bool = False) -> "AttentionMetadata":
@@ -50,7 +59,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return _varlen_attn(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            window_size=(-1, 0) if meta.causal else (-1, -1), **kwargs,
+            window_size=meta.window_bounds, **kwargs,
         )
     if q.device.type == "cpu":
         return _cpu_attention(q, k, v, meta)
@@ -71,11 +80,14 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Atte
     if gemm_mode(dtype) == "emulated":
         q, k, v = q.float(), k.float(), v.float()
     if kernel == "fused" and fused_attention.supports(q, k, v) and fused_attention.available():
-        return fused_attention.varlen_attention(q, k, v, meta.cu_seqlens, meta.causal).to(dtype)
+        return fused_attention.varlen_attention(q, k, v, meta.cu_seqlens, meta.window_bounds).to(dtype)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = (_bmm_fp32_scores if kernel == "bmm" else _flash_cpu)(q, k, v, meta)
+    if meta.window != (-1, -1):  # PyTorch's CPU kernels have no window: a band mask
+        out = _per_sequence_sdpa(q, k, v, meta)
+    else:
+        out = (_bmm_fp32_scores if kernel == "bmm" else _flash_cpu)(q, k, v, meta)
     return out.to(dtype)
 
 
@@ -115,13 +127,28 @@ def _bmm_fp32_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
 
 
 def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """The reference path (CPU, fp32 on CUDA): one fused SDPA call per sequence, no padding."""
-    out = torch.empty_like(q)
+    """The reference path (CPU, fp32 on CUDA): one fused SDPA call per sequence, no padding; a window becomes
+    a band mask. Rows past the last sequence come out as zeros."""
+    out = torch.zeros_like(q)
+    left, right = meta.window_bounds
     start = 0
     for length in meta.seq_lens:
         end = start + length
         # [L, H, D] -> [H, L, D]
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=meta.causal).transpose(0, 1)
+        if (left, right) == (-1, 0):
+            res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        elif (left, right) == (-1, -1):
+            res = F.scaled_dot_product_attention(qs, ks, vs)
+        else:
+            pos = torch.arange(length, device=q.device)
+            offset = pos[None, :] - pos[:, None]  # key - query
+            band = torch.ones_like(offset, dtype=torch.bool)
+            if left >= 0:
+                band &= offset >= -left
+            if right >= 0:
+                band &= offset <= right
+            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band)
+        out[start:end] = res.transpose(0, 1)
         start = end
     return out
