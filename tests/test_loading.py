@@ -147,3 +147,27 @@ def test_unsupported_pooling_mode_is_refused_at_load(tmp_path, minilm_path):
     folder = _tiny_bert(tmp_path / "wm", minilm_path, modes=["weightedmean_tokens"])
     with pytest.raises(ValueError, match=r"Pooling mode\(s\) \['weightedmean'\] are not supported"):
         LLM(str(folder), dtype="float32")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop_key", "missing 1 weight"),  # one part of the stacked q/k/v
+    ("extra", "Unexpected weight 'encoder.layer.0.attention.self.extra.weight'"),
+    ("shape", "has shape"),
+])
+def test_weight_loader_checks(tmp_path, minilm_path, change, message):
+    """The declarative loader refuses checkpoints with a missing part, an unknown key or a wrong shape."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _tiny_bert(tmp_path / change, minilm_path, modes=["mean_tokens"])
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    key = "encoder.layer.0.attention.self.key.weight"
+    if change == "drop_key":
+        del state[key]
+    elif change == "extra":
+        state["encoder.layer.0.attention.self.extra.weight"] = state[key].clone()
+    else:
+        state[key] = state[key][:-1].clone()
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(folder), dtype="float32")

@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
-from tokenpool.loader.weights import check_complete, copy_weight
+from tokenpool.loader.mapping import WeightMap, load_weights
 from tokenpool.layers.norm import add_layer_norm_cast
 
 # config.hidden_act -> `Linear` activation (fused into the FFN-in GEMM on the CPU)
@@ -48,6 +48,7 @@ class BertLayer(nn.Module):
         except KeyError:
             raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}") from None
         self.qkv = Linear(hidden, 3 * hidden)
+        self.qkv.packed_sizes = (hidden, hidden, hidden)  # q, k, v
         self.attn_out = Linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.ffn_in = Linear(hidden, config.intermediate_size, activation=act)
@@ -68,10 +69,6 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     """The encoder backbone: token ids + per-sequence positions -> last hidden states `[T, hidden]`."""
 
-    # Hugging Face names -> ours. Prefixes of task models are stripped first.
-    _PREFIXES = ("bert.", "roberta.", "model.", "encoder_model.")
-    _SKIP = ("pooler.", "cls.", "lm_head.", "classifier.", "embeddings.position_ids")
-
     def __init__(self, config, position_offset: int = 0):
         super().__init__()
         self.config = config
@@ -91,52 +88,23 @@ class BertModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy a Hugging Face checkpoint into this module (q, k, v stacked into the fused qkv)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = _strip_prefix(name, self._PREFIXES)
-            if name.startswith(self._SKIP):
-                continue
-            target, shard = self._map_name(name)
-            if target not in params:
-                raise ValueError(f"Unexpected weight {name!r} in checkpoint (no parameter {target!r}).")
-            param = params[target]
-            copy_weight(param, tensor, name, None if shard is None else shard * (param.shape[0] // 3))
-            loaded.add(target if shard is None else f"{target}#{shard}")
-        expected = {n for n in params if not n.endswith("qkv.weight") and not n.endswith("qkv.bias")}
-        expected |= {f"{n}#{i}" for n in params if n.endswith(("qkv.weight", "qkv.bias")) for i in range(3)}
-        check_complete(expected, loaded)
-
-    @staticmethod
-    def _map_name(name: str) -> tuple[str, int | None]:
-        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if not name.startswith("encoder.layer."):
-            return name, None
-        _, _, index, rest = name.split(".", 3)
-        prefix = f"layers.{index}."
-        for hf, (ours, shard) in _LAYER_NAMES.items():
-            if rest.startswith(hf):
-                return prefix + ours + rest[len(hf):], shard
-        return prefix + rest, None
+        load_weights(self, weights, BERT_WEIGHTS)
 
 
-_LAYER_NAMES = {
-    "attention.self.query": ("qkv", 0),
-    "attention.self.key": ("qkv", 1),
-    "attention.self.value": ("qkv", 2),
-    "attention.output.dense": ("attn_out", None),
-    "attention.output.LayerNorm": ("attn_norm", None),
-    "intermediate.dense": ("ffn_in", None),
-    "output.dense": ("ffn_out", None),
-    "output.LayerNorm": ("ffn_norm", None),
-}
-
-
-def _strip_prefix(name: str, prefixes: tuple[str, ...]) -> str:
-    for prefix in prefixes:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+# Hugging Face names -> ours. Prefixes of task models are stripped first; old TF-style LayerNorm names too.
+BERT_WEIGHTS = WeightMap(
+    prefixes=(("bert.", ""), ("roberta.", ""), ("model.", ""), ("encoder_model.", "")),
+    skip=("pooler.", "cls.", "lm_head.", "classifier.", "embeddings.position_ids"),
+    renames=(
+        ("LayerNorm.gamma", "LayerNorm.weight", None), ("LayerNorm.beta", "LayerNorm.bias", None),
+        ("encoder.layer.", "layers.", None),
+        (".attention.self.query.", ".qkv.", 0), (".attention.self.key.", ".qkv.", 1),
+        (".attention.self.value.", ".qkv.", 2),
+        (".attention.output.dense.", ".attn_out.", None), (".attention.output.LayerNorm.", ".attn_norm.", None),
+        (".intermediate.dense.", ".ffn_in.", None), (".output.dense.", ".ffn_out.", None),
+        (".output.LayerNorm.", ".ffn_norm.", None),
+    ),
+)
 
 
 def position_offset_for(config) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.linear import Linear
-from tokenpool.loader.weights import check_complete, copy_weight
+from tokenpool.loader.mapping import WeightMap, load_weights
 from tokenpool.multimodal.types import BatchImages
 
 
@@ -114,9 +114,11 @@ class Qwen2DecoderLayer(nn.Module):
         self.sizes = (q, kv, kv)
         self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.qkv = Linear(hidden, q + 2 * kv, bias=True)
+        self.qkv.packed_sizes = self.sizes
         self.o_proj = Linear(q, hidden, bias=False)
         self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.gate_up = Linear(hidden, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up.packed_sizes = (cfg.intermediate_size, cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, hidden, bias=False)
         _check_silu(cfg)
 
@@ -190,6 +192,7 @@ class VisionBlock(nn.Module):
         self.proj = Linear(dim, dim, bias=True)
         self.norm2 = RMSNorm(dim)
         self.gate_up = Linear(dim, 2 * vcfg.intermediate_size, bias=True)
+        self.gate_up.packed_sizes = (vcfg.intermediate_size, vcfg.intermediate_size)
         self.down_proj = Linear(vcfg.intermediate_size, dim, bias=True)
         _check_silu(vcfg)
 
@@ -330,72 +333,24 @@ class Qwen2_5_VLModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a `Qwen2_5_VLForConditionalGeneration` checkpoint (old `model.layers` / `visual` names or
         transformers 5's `model.language_model` / `model.visual`); q/k/v and gate/up are stacked."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            target, shard = _map_name(name)
-            if target is None:
-                continue
-            if target not in params:
-                raise ValueError(f"Unexpected weight {name!r} in checkpoint (no parameter {target!r}).")
-            param = params[target]
-            if target == "visual.patch_embed.weight":
-                tensor = tensor.reshape(tensor.shape[0], -1)
-            copy_weight(param, tensor, name, None if shard is None else sum(shard[1](self, target)[:shard[0]]))
-            loaded.add(target if shard is None else f"{target}#{shard[0]}")
-        expected = set()
-        for n in params:
-            module = n.rsplit(".", 2)[-2]
-            parts = 2 if module == "gate_up" else 3 if module == "qkv" and n.startswith("text.") else 0
-            expected |= {f"{n}#{i}" for i in range(parts)} if parts else {n}
-        check_complete(expected, loaded)
+        load_weights(self, weights, QWEN2_5_VL_WEIGHTS)
 
 
-def _qkv_sizes(model: Qwen2_5_VLModel, target: str) -> tuple[int, ...]:
-    if target.startswith("text."):
-        return model.text.layers[0].sizes
-    dim = model.config.vision_config.hidden_size
-    return (dim, dim, dim)
-
-
-def _gate_up_sizes(model: Qwen2_5_VLModel, target: str) -> tuple[int, ...]:
-    cfg = model.text_config if target.startswith("text.") else model.config.vision_config
-    return (cfg.intermediate_size, cfg.intermediate_size)
-
-
-# Hugging Face sub-module names -> ours (shard index into a stacked parameter).
-_RENAMES = {
-    "self_attn.q_proj": ("qkv", (0, _qkv_sizes)),
-    "self_attn.k_proj": ("qkv", (1, _qkv_sizes)),
-    "self_attn.v_proj": ("qkv", (2, _qkv_sizes)),
-    "self_attn.o_proj": ("o_proj", None),
-    "mlp.gate_proj": ("gate_up", (0, _gate_up_sizes)),
-    "mlp.up_proj": ("gate_up", (1, _gate_up_sizes)),
-    "mlp.down_proj": ("down_proj", None),
-    "attn.qkv": ("qkv", None),
-    "attn.proj": ("proj", None),
-    "patch_embed.proj": ("patch_embed", None),
-    "merger.mlp.0": ("merger.fc1", None),
-    "merger.mlp.2": ("merger.fc2", None),
-}
-
-
-def _map_name(name: str):
-    """Checkpoint key -> (our parameter name, shard) or (None, None) for weights we do not use."""
-    if name.startswith("lm_head."):
-        return None, None
-    for prefix, ours in (("model.language_model.", "text."), ("model.visual.", "visual."), ("visual.", "visual."),
-                         ("language_model.model.", "text."), ("model.", "text.")):
-        if name.startswith(prefix):
-            name = ours + name[len(prefix):]
-            break
-    else:
-        return name, None
-    for hf, (new, shard) in _RENAMES.items():
-        marker = f".{hf}."
-        if marker in name or name.startswith(f"visual.{hf}."):
-            return name.replace(hf, new, 1), shard
-    return name, None
+QWEN2_5_VL_WEIGHTS = WeightMap(
+    prefixes=(("model.language_model.", "text."), ("model.visual.", "visual."), ("visual.", "visual."),
+              ("language_model.model.", "text."), ("model.", "text.")),
+    skip=("lm_head.",),
+    renames=(
+        (".self_attn.q_proj.", ".qkv.", 0), (".self_attn.k_proj.", ".qkv.", 1), (".self_attn.v_proj.", ".qkv.", 2),
+        (".self_attn.o_proj.", ".o_proj.", None),
+        (".mlp.gate_proj.", ".gate_up.", 0), (".mlp.up_proj.", ".gate_up.", 1), (".mlp.down_proj.", ".down_proj.", None),
+        (".attn.qkv.", ".qkv.", None), (".attn.proj.", ".proj.", None),
+        ("visual.patch_embed.proj.", "visual.patch_embed.", None),
+        ("visual.merger.mlp.0.", "visual.merger.fc1.", None), ("visual.merger.mlp.2.", "visual.merger.fc2.", None),
+    ),
+    # The Conv3d patch embedding with stride = kernel is a GEMM over the flattened [C, T, 14, 14] patch.
+    transforms={"visual.patch_embed.weight": lambda w: w.reshape(w.shape[0], -1)},
+)
 
 
 def _rope_parameters(cfg) -> dict:
