@@ -69,6 +69,25 @@ TP_INLINE void key_range(int64_t i, int64_t L, int64_t left, int64_t right, int6
     *hi = right < 0 || i + right + 1 > L ? L : i + right + 1;
 }
 
+/* Softmax of one row of scores s[from..to) (whole vectors) over its keys [lo, hi): the other entries are set
+ * to -inf first, so they come out as exact zeros. exp(scale * (s - max)) is written back in place (fp32), or to
+ * p as bf16 when p is given. Returns 1 / the sum. */
+TP_INLINE float row_softmax(float* s, int64_t from, int64_t to, int64_t lo, int64_t hi, float scale, uint16_t* p) {
+    for (int64_t j = from; j < lo; j++) s[j] = -3.0e38f;
+    for (int64_t j = hi; j < to; j++) s[j] = -3.0e38f;
+    vf m = splat(-3.0e38f);
+    for (int64_t j = from; j < to; j += VL) m = vmax(m, ld(s + j));
+    const vf mx = splat(hmax(m) * scale);
+    vf sum = splat(0.0f);
+    for (int64_t j = from; j < to; j += VL) {
+        const vf e = exp_nonpositive(ld(s + j) * scale - mx);
+        sum += e;
+        if (p) store_bf16(p + j, e);
+        else st(s + j, e);
+    }
+    return 1.0f / hsum(sum);
+}
+
 static void attend_one(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
                        int64_t v_stride, int64_t o_stride, int64_t t0, int64_t L, int64_t h, int64_t kvh, int64_t D,
                        float scale, int64_t left, int64_t right, int bf16, float* kt, float* vb, float* sb,
@@ -110,18 +129,7 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
             }
             int64_t lo, hi;
             key_range(i0 + r, L, left, right, &lo, &hi);
-            for (int64_t j = jstart; j < lo; j++) s[j] = -3.0e38f;
-            for (int64_t j = hi; j < jpad; j++) s[j] = -3.0e38f;
-            vf m = splat(-3.0e38f);
-            for (int64_t j = jstart; j < jpad; j += VL) m = vmax(m, ld(s + j));
-            const vf mx = splat(hmax(m));
-            vf sum = splat(0.0f);
-            for (int64_t j = jstart; j < jpad; j += VL) {
-                const vf e = exp_nonpositive(ld(s + j) - mx);
-                st(s + j, e);
-                sum += e;
-            }
-            inv[r] = 1.0f / hsum(sum);
+            inv[r] = row_softmax(s, jstart, jpad, lo, hi, 1.0f, NULL); /* q was scaled already */
         }
         /* O = P V, two head-dim vectors at a time for R rows */
         for (int64_t c0 = 0; c0 < nd; c0 += 2) {
@@ -275,19 +283,8 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
             }
             int64_t lo, hi;
             key_range(i0 + r, L, left, right, &lo, &hi);
-            for (int64_t j = jstart; j < lo; j++) srow[j] = -3.0e38f;
-            for (int64_t j = hi; j < j16; j++) srow[j] = -3.0e38f;
-            vf m = splat(-3.0e38f);
-            for (int64_t j = jstart; j < j16; j += VL) m = vmax(m, ld(srow + j));
-            const vf mx = splat(hmax(m) * scale);
-            vf sum = splat(0.0f);
-            for (int64_t j = jstart; j < j16; j += VL) {
-                const vf e = exp_nonpositive(ld(srow + j) * scale - mx);
-                sum += e;
-                store_bf16(prow + j, e);
-            }
+            inv[r] = row_softmax(srow, jstart, j16, lo, hi, scale, prow);
             for (int64_t j = j16; j < j32; j++) prow[j] = 0;
-            inv[r] = 1.0f / hsum(sum);
         }
         for (int64_t db0 = 0; db0 < nd16; db0 += 4) { /* O[16, 64 dims at a time] = P V */
             const int64_t ng = nd16 - db0 < 4 ? nd16 - db0 : 4;
