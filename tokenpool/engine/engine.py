@@ -88,9 +88,9 @@ class LLMEngine:
         if not args.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or self.model_dir, revision=args.tokenizer_revision)
         t0 = time.perf_counter()
-        self.model = build_model(self.model_dir, self.hf_config, st_config, args.pooler_config, self.dtype, self.device)
-        if args.enforce_eager and hasattr(self.model.backbone, "compile_fused"):
-            self.model.backbone.compile_fused = False  # vLLM's meaning: no compilation, no graphs
+        # enforce_eager, vLLM's meaning: no compilation, no graphs.
+        self.model = build_model(self.model_dir, self.hf_config, st_config, args.pooler_config, self.dtype, self.device,
+                                 compile_fused=not args.enforce_eager)
         logger.info("Loaded %s (%s) on %s in %s in %.2fs", self.model_dir, self.model.name, self.device,
                     str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
         self.max_model_len = self._derive_max_model_len(st_config.max_seq_length)

@@ -1,4 +1,4 @@
-"""Residual add + LayerNorm: `LayerNorm(x + residual)`, fused into one pass over memory on CUDA.
+"""Norms: residual add + LayerNorm fused into one pass (a Triton kernel on CUDA, a C kernel on the CPU); RMSNorm.
 
 The unfused form reads and writes the `[tokens, hidden]` activations five times (add: 2 reads + 1 write,
 LayerNorm: 1 read + 1 write); the Triton kernel reads both inputs once and writes once. It computes the
@@ -73,3 +73,26 @@ def add_layer_norm_cast(y: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNo
 def reference_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """The unfused form, for tests."""
     return F.layer_norm(x + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class RMSNorm(torch.nn.Module):
+    """`weight * x / rms(x)`, computed in fp32 and rounded to the input dtype before the weight (as Qwen2)."""
+
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def add_rms_norm(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: returns (x + delta, rms_norm(x + delta) in the GEMM dtype)."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps).to(dtype)

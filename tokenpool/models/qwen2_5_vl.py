@@ -20,92 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import logging
-import os
-import threading
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.fused import FusedOps
 from tokenpool.layers.linear import Linear
+from tokenpool.layers.norm import RMSNorm
+from tokenpool.layers.rotary import RotaryEmbedding, inverse_frequencies
 from tokenpool.loader.mapping import WeightMap, load_weights
 from tokenpool.multimodal.types import BatchImages
 
 
-
-class RMSNorm(nn.Module):
-    """`weight * x / rms(x)`, computed in fp32 and rounded to the input dtype before the weight (as Qwen2)."""
-
-    def __init__(self, hidden: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
-
-
-# Chains of elementwise ops, written as plain functions so that on CUDA each runs as one fused Triton kernel
-# (torch.compile, dynamic token count) instead of 4-10 passes over the activations. Same math either way.
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _add_rms_norm(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next norm: returns (x + delta, rms_norm(x + delta) in the GEMM dtype)."""
-    x = x + delta
-    return x, _rms_norm(x, weight, eps).to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of `[T, heads, D]` by per-token `[T, D]` cos/sin, in fp32."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
-
-
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _fused(fn):
-    """`fn`, compiled into one kernel for CUDA tensors (TOKENPOOL_COMPILE=0 keeps eager PyTorch)."""
-    compiled = None
-
-    def run(*args):
-        nonlocal compiled
-        if not (getattr(_compile_state, "enabled", _COMPILE) and args[0].is_cuda) or compiled is False:
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        try:
-            return compiled(*args)
-        except Exception as e:  # no Triton, no compiler: the eager ops compute the same function
-            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
-            compiled = False
-            return fn(*args)
-
-    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
-    return run
-
-
-_COMPILE = os.environ.get("TOKENPOOL_COMPILE", "1") != "0"
-# Per thread: the model being run sets it from its `compile_fused` (False under `enforce_eager=True`).
-_compile_state = threading.local()
-logger = logging.getLogger("tokenpool")
-rms_norm, add_rms_norm, rotate, silu_mul = (_fused(f) for f in (_rms_norm, _add_rms_norm, _rotate, _silu_mul))
-
-
 # ----------------------------------------------------------------------------- text decoder
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ops: FusedOps):
         super().__init__()
+        self.ops = ops
         hidden = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -127,63 +59,48 @@ class Qwen2DecoderLayer(nn.Module):
         """Returns (residual stream, this layer's MLP output): the caller adds the two in the next norm."""
         tokens = x.shape[0]
         dtype = self.qkv.weight.dtype
-        norm = self.input_layernorm
+        ops, norm = self.ops, self.input_layernorm
         if delta is None:
-            h = rms_norm(x, norm.weight, norm.eps).to(dtype)
+            h = ops.rms_norm(x, norm.weight, norm.eps).to(dtype)
         else:
-            x, h = add_rms_norm(delta, x, norm.weight, norm.eps, dtype)
+            x, h = ops.add_rms_norm(delta, x, norm.weight, norm.eps, dtype)
         q, k, v = self.qkv(h).split(self.sizes, dim=-1)
-        q = rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q = ops.rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
         norm = self.post_attention_layernorm
-        x, h = add_rms_norm(self.o_proj(ctx), x, norm.weight, norm.eps, dtype)
-        return x, self.down_proj(silu_mul(self.gate_up(h)))
+        x, h = ops.add_rms_norm(self.o_proj(ctx), x, norm.weight, norm.eps, dtype)
+        return x, self.down_proj(ops.silu_mul(self.gate_up(h)))
 
 
 class Qwen2TextModel(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, ops: FusedOps):
         super().__init__()
+        self.ops = ops
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         rope = _rope_parameters(cfg)
         if rope.get("rope_type", "default") not in ("default", "mrope"):
             raise ValueError(f"Qwen2.5-VL rope_type {rope.get('rope_type')!r} is not supported (only the default).")
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))
-        self.mrope_section = list(rope.get("mrope_section") or [head_dim // 2, 0, 0])
-        if sum(self.mrope_section) != head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {head_dim // 2}.")
-        self.theta, self.head_dim = theta, head_dim
-
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[T, head_dim]` for 1-D positions `[T]` or multimodal positions `[3, T]`."""
-        inv_freq = _inverse_frequencies(self.theta, self.head_dim, positions.device)
-        if positions.dim() == 1:
-            freqs = positions.float()[:, None] * inv_freq
-        else:
-            # Frequency group i (of mrope_section) is rotated by axis i % 3: temporal, height, width.
-            axis = torch.repeat_interleave(torch.arange(len(self.mrope_section)) % 3,
-                                           torch.tensor(self.mrope_section)).to(positions.device)
-            per_freq = positions.index_select(0, axis).T  # [T, head_dim/2]: each frequency's position id
-            freqs = per_freq.float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        self.rotary = RotaryEmbedding(head_dim, theta, rope.get("mrope_section"))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cos, sin = self.rotary(positions)
         delta = None
         for layer in self.layers:
             x, delta = layer(x, delta, cos, sin, meta)
-        return add_rms_norm(delta, x, self.norm.weight, self.norm.eps, x.dtype)[1]
+        return self.ops.add_rms_norm(delta, x, self.norm.weight, self.norm.eps, x.dtype)[1]
 
 
 # ----------------------------------------------------------------------------- vision tower
 class VisionBlock(nn.Module):
-    def __init__(self, vcfg):
+    def __init__(self, vcfg, ops: FusedOps):
         super().__init__()
+        self.ops = ops
         dim = vcfg.hidden_size
         self.num_heads = vcfg.num_heads
         self.head_dim = dim // self.num_heads
@@ -198,12 +115,12 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        dtype = self.qkv.weight.dtype
-        q, k, v = self.qkv(rms_norm(x, self.norm1.weight, self.norm1.eps).to(dtype)).view(
+        dtype, ops = self.qkv.weight.dtype, self.ops
+        q, k, v = self.qkv(ops.rms_norm(x, self.norm1.weight, self.norm1.eps).to(dtype)).view(
             tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        ctx = varlen_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, meta)
-        x, h = add_rms_norm(self.proj(ctx.reshape(tokens, -1)), x, self.norm2.weight, self.norm2.eps, dtype)
-        return x + self.down_proj(silu_mul(self.gate_up(h)))
+        ctx = varlen_attention(ops.rotate(q, cos, sin), ops.rotate(k, cos, sin), v, meta)
+        x, h = ops.add_rms_norm(self.proj(ctx.reshape(tokens, -1)), x, self.norm2.weight, self.norm2.eps, dtype)
+        return x + self.down_proj(ops.silu_mul(self.gate_up(h)))
 
 
 class PatchMerger(nn.Module):
@@ -219,7 +136,7 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, vcfg, out_dim: int):
+    def __init__(self, vcfg, out_dim: int, ops: FusedOps):
         super().__init__()
         self.patch = vcfg.patch_size
         self.merge = vcfg.spatial_merge_size
@@ -228,7 +145,7 @@ class VisionTransformer(nn.Module):
         dim = vcfg.hidden_size
         patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * self.patch * self.patch
         self.patch_embed = Linear(patch_dim, dim, bias=False)  # the Conv3d with stride = kernel, as a GEMM
-        self.blocks = nn.ModuleList(VisionBlock(vcfg) for _ in range(vcfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(vcfg, ops) for _ in range(vcfg.depth))
         self.merger = PatchMerger(out_dim, dim, self.merge)
         head_dim = dim // vcfg.num_heads
         theta = (getattr(vcfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
@@ -269,7 +186,7 @@ class VisionTransformer(nn.Module):
         patch_order = torch.from_numpy((order[:, None] * unit + np.arange(unit)).reshape(-1)).to(device)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).index_select(0, patch_order)
         pos = torch.from_numpy(np.stack([rows, cols], 1)).to(device).index_select(0, patch_order)
-        freqs = pos.float()[:, :, None] * _inverse_frequencies(self.theta, self.rotary_dim, device)  # [N, 2, head_dim/4]
+        freqs = pos.float()[:, :, None] * inverse_frequencies(self.theta, self.rotary_dim, device)  # [N, 2, head_dim/4]
         freqs = freqs.flatten(1)  # rows' frequencies, then columns'
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -289,24 +206,21 @@ def _check_silu(cfg) -> None:
         raise ValueError(f"Qwen2.5-VL with hidden_act={cfg.hidden_act!r} is not supported (only silu).")
 
 
-def _inverse_frequencies(theta: float, dim: int, device: torch.device) -> torch.Tensor:
-    """Rotary frequencies theta^(-2i/dim), i < dim/2 (computed per call: the module is built on the meta device)."""
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
-
-
 # ----------------------------------------------------------------------------- the backbone
 class Qwen2_5_VLModel(nn.Module):
     """Token ids (+ images) -> the last hidden state of every token, `[T, hidden]`."""
 
     causal = True
-    compile_fused = _COMPILE  # fused elementwise kernels on CUDA; the engine clears it for enforce_eager
+    compiles_fused_ops = True  # takes `compile_fused`
 
-    def __init__(self, config, position_offset: int = 0):
+    def __init__(self, config, position_offset: int = 0, compile_fused: bool = True):
+        """compile_fused: compile the elementwise chains for CUDA (`FusedOps`); False under enforce_eager."""
         super().__init__()
         self.config = config
         self.text_config = config.get_text_config()
-        self.text = Qwen2TextModel(self.text_config)
-        self.visual = VisionTransformer(config.vision_config, self.text_config.hidden_size)
+        ops = FusedOps(compile_fused)
+        self.text = Qwen2TextModel(self.text_config, ops)
+        self.visual = VisionTransformer(config.vision_config, self.text_config.hidden_size, ops)
         self.image_token_id = config.image_token_id
 
     @property
@@ -315,7 +229,6 @@ class Qwen2_5_VLModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 images: BatchImages | None = None) -> torch.Tensor:
-        _compile_state.enabled = self.compile_fused
         x = self.text.embed_tokens(input_ids)
         if images is not None:
             pixels = torch.cat([im.pixel_values for im in images.inputs]).to(x.device, non_blocking=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tokenpool.config import PoolerConfig
+from tokenpool.layers.norm import RMSNorm
 from tokenpool.layers.pooler import embed_pooler, token_pooler
 from tokenpool.layers.pooling import TokenPooling
 from tokenpool.loader.st_config import SentenceTransformerConfig
@@ -15,7 +16,7 @@ from tokenpool.loader.weights import checkpoint_files, iterate_weights
 from tokenpool.models.bert import BertModel, position_offset_for
 from tokenpool.models.bge_m3 import build_bge_m3_poolers, has_bge_m3_heads
 from tokenpool.models.pooling_model import PoolingModel
-from tokenpool.models.qwen2_5_vl import Qwen2_5_VLModel, RMSNorm
+from tokenpool.models.qwen2_5_vl import Qwen2_5_VLModel
 
 logger = logging.getLogger("tokenpool")
 
@@ -41,8 +42,12 @@ def supported_architectures() -> list[str]:
 
 
 def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig,
-                pooler_config: PoolerConfig | None, dtype: torch.dtype, device: torch.device) -> PoolingModel:
-    """Instantiate the backbone on `device` in `dtype`, load its weights, and attach the task poolers."""
+                pooler_config: PoolerConfig | None, dtype: torch.dtype, device: torch.device,
+                compile_fused: bool = True) -> PoolingModel:
+    """Instantiate the backbone on `device` in `dtype`, load its weights, and attach the task poolers.
+
+    compile_fused: backbones with compiled elementwise chains (`FusedOps`) compile them; False keeps eager ops.
+    """
     architectures = list(getattr(hf_config, "architectures", None) or [])
     arch = next((a for a in architectures if a in ARCHITECTURES), None)
     if arch is None:
@@ -54,7 +59,8 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
     decoder = getattr(backbone_cls, "causal", False)
     offset = 0 if decoder else position_offset_for(hf_config)
     with torch.device("meta"):
-        backbone = backbone_cls(hf_config, position_offset=offset)
+        extra = {"compile_fused": compile_fused} if getattr(backbone_cls, "compiles_fused_ops", False) else {}
+        backbone = backbone_cls(hf_config, position_offset=offset, **extra)
     backbone = backbone.to(dtype)
     hidden_dtype = dtype
     if device.type == "cpu" and dtype != torch.float32:
