@@ -1,10 +1,12 @@
-"""Outputs own their memory: one request's result pickles to its own bytes, not its batch's; the batch-level
-output gives the same values as views of one tensor."""
+"""One request's result pickles to its own bytes, not its batch's (each has a storage of its own, with no copy);
+the batch-level output gives the same values as views of one tensor."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 
+import pytest
 import torch
 
 from tokenpool import LLM
@@ -45,3 +47,23 @@ def test_batch_output_is_views_of_one_tensor(minilm_path):
             assert torch.equal(batch.flat[offset:offset + view.numel()].view(view.shape), view)
     for i, exp in enumerate(expected):
         assert torch.equal(got[f"b{i}"].outputs.data, exp.outputs.data)
+
+
+def test_encode_restores_the_garbage_collector(minilm_path):
+    """LLM.encode pauses the cyclic GC while it runs (a host-cost fix) and restores it, also when it fails."""
+    llm = LLM(str(minilm_path), dtype="float32", device="cpu")
+    seen = []
+    model = llm.llm_engine.model
+    handle = model.register_forward_pre_hook(lambda *_: seen.append(gc.isenabled()))
+    try:
+        llm.encode(TEXTS, pooling_task="token_embed", use_tqdm=False)
+        assert seen and not any(seen) and gc.isenabled()
+        with pytest.raises(ValueError):
+            llm.encode([{"prompt_token_ids": [10**9]}], pooling_task="token_embed", use_tqdm=False)
+        assert gc.isenabled()
+        gc.disable()  # a caller that had it off keeps it off
+        llm.encode(TEXTS[:1], pooling_task="token_embed", use_tqdm=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        handle.remove()

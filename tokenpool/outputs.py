@@ -82,12 +82,11 @@ class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
 class BatchOutput:
     """The outputs of one finished batch without per-request copies (`LLMEngine.step_batch`).
 
-    flat: every output's values in one float32 tensor (None when the batch was launched for per-request
-    outputs, which then own their memory); outputs: the finished requests, whose `outputs.data` are views
-    of `flat` (a dict of views for the combined task). Aborted requests are left out.
+    flat: every output's values in one float32 tensor; outputs: the finished requests, whose `outputs.data`
+    are views of `flat` (a dict of views for the combined task). Aborted requests are left out.
     """
 
-    flat: torch.Tensor | None
+    flat: torch.Tensor
     outputs: list[PoolingRequestOutput]
 
     @property
@@ -97,5 +96,5 @@ class BatchOutput:
     @property
     def offsets(self) -> list[int]:
         """Where each request's values start in `flat` (elements; requests with tensor outputs)."""
-        base = self.flat.storage_offset() if self.flat is not None else 0
+        base = self.flat.storage_offset()
         return [o.outputs.data.storage_offset() - base for o in self.outputs if isinstance(o.outputs.data, torch.Tensor)]

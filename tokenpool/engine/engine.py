@@ -229,9 +229,8 @@ class LLMEngine:
 
         Keeping one batch in flight lets the host prepare and launch batch N+1 while the device still
         runs batch N (on the CPU, launching is running, so this is plain sequential execution). Each output
-        owns its memory (see `step_batch` for the batch's outputs without per-request copies).
+        has a storage of its own (pickles compactly); see `step_batch` for the batch as one flat tensor.
         """
-        self.runner.owned_outputs = True
         try:
             done = self._advance()
             return [] if done is None else self._request_outputs(done.batch, self.runner.finish(done))
@@ -239,9 +238,8 @@ class LLMEngine:
             raise self._failed(e) from e
 
     def step_batch(self) -> BatchOutput | None:
-        """`step` for consumers that want no per-request copies (an index, a Ray actor): the finished batch's
+        """`step` for consumers that want the batch as one tensor (an index, a Ray actor): the finished batch's
         outputs as views of one flat float32 tensor, or None when no batch finished."""
-        self.runner.owned_outputs = False
         try:
             done = self._advance()
             if done is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -201,7 +203,8 @@ class LLM:
         finished: dict[str, PoolingRequestOutput] = {}
         ahead = 2 * engine.max_num_batched_tokens
         queued = 0
-        with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+        with tqdm(total=n, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar, \
+                _cyclic_gc_paused():
             has_images = any(isinstance(p, dict) and p.get("multi_modal_data") for p in prompts)
             try:
                 while queued < n or engine.has_unfinished_requests():
@@ -223,6 +226,24 @@ class LLM:
                 engine.abort(ids)
                 raise
         return list(map(finished.__getitem__, ids))
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cyclic garbage collector off for the duration (process-wide; restored after).
+
+    A run allocates a few container objects per prompt, which triggers full collections that walk every
+    tracked object, the caller's prompt lists included: ~10 us per prompt of 20,000 pre-tokenized passages
+    (a third of the host's cost per request, bench/host_overhead.py), ~3% of BGE-M3's GPU throughput.
+    Nothing of a run forms reference cycles; memory is freed by reference counting as before.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _prompt_key(prompt: Any) -> Any:
