@@ -9,7 +9,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from tokenpool.engine.async_engine import AsyncLLMEngine
-from tokenpool.entrypoints.server import routes_misc, routes_pooling, routes_score
+import tokenpool.entrypoints.server.routes_misc as routes_misc
+import tokenpool.entrypoints.server.routes_pooling as routes_pooling
+import tokenpool.entrypoints.server.routes_score as routes_score
 from tokenpool.entrypoints.server.errors import install_error_handlers
 from tokenpool.entrypoints.server.metrics import ServerMetrics
 from tokenpool.entrypoints.server.middleware import PUBLIC_PATHS, GuardMiddleware, Load
