@@ -66,3 +66,28 @@ def test_qwen_fused_elementwise_chains_equal_eager(tokens):
         assert got.shape == want.shape and got.dtype == want.dtype
         # One bf16 rounding apart at most (the fused kernel keeps fp32 between ops where eager rounds).
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("attend", [False, True])
+def test_colbert_modes_on_cuda_equal_the_cpu(tmp_path, attend):
+    """Query expansion whose positions are not keys runs FlashAttention varlen with separate key offsets on
+    CUDA: bf16 there vs fp32 on the CPU (itself checked against sentence-transformers in test_colbert.py).
+    The tokenizer comes from bench/minilm_files (all-MiniLM-L6-v2's files, committed), so no package is needed."""
+    import pathlib
+
+    import torch.nn.functional as F
+
+    from tests.fixtures.colbert import SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_tiny_colbert
+    from tokenpool import LLM, PoolingParams
+
+    source = pathlib.Path(__file__).resolve().parents[1] / "bench" / "minilm_files"
+    folder = build_tiny_colbert(tmp_path / "cb", source, "pylate", attend)
+    texts = SAMPLE_QUERIES + SAMPLE_DOCUMENTS
+    params = [PoolingParams(input_type="query")] * len(SAMPLE_QUERIES) + [PoolingParams()] * len(SAMPLE_DOCUMENTS)
+    runs = [[o.outputs.data for o in LLM(str(folder), dtype=dtype, device=device).encode(
+        texts, params, pooling_task="token_embed", use_tqdm=False)]
+        for dtype, device in (("float32", "cpu"), ("bfloat16", "cuda"))]
+    for want, got in zip(*runs):
+        assert want.shape == got.shape
+        assert F.cosine_similarity(want, got, dim=-1).min().item() >= 0.99

@@ -134,12 +134,13 @@ def test_pooler_config_dimensions_is_embeds_default(tmp_path, minilm_path):
         llm.embed(TEXTS, PoolingParams(dimensions=64), use_tqdm=False)
 
 
-def test_pylate_layout_without_pooling_is_refused(tmp_path, minilm_path):
-    """Dense layers with no Pooling module: a ColBERT model whose projection would be skipped silently."""
+def test_pylate_layout_without_its_markers_is_refused(tmp_path, minilm_path):
+    """Dense layers with no Pooling module are a PyLate ColBERT folder; with no ColBERT settings saved, PyLate
+    would add its default markers with untrained embeddings: refused, not encoded differently."""
     folder = _tiny_bert(tmp_path / "colbert", minilm_path, modes=["mean_tokens"], dense=True, normalize=False)
     modules = json.loads((folder / "modules.json").read_text())
     (folder / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Pooling")]))
-    with pytest.raises(ValueError, match="ColBERT checkpoints are not supported yet"):
+    with pytest.raises(ValueError, match="marker '\\[Q\\] ' is not in the tokenizer"):
         LLM(str(folder), dtype="float32")
 
 

@@ -17,6 +17,8 @@ class PoolingParams:
         activation: another old alias of ``use_activation``.
         truncate_prompt_tokens: keep at most this many tokens (``-1``: the model's context length).
         task: the pooling task; filled in by `LLM.encode` / the server, rarely set by hand.
+        input_type: "query" or "document" for ColBERT models (markers, query expansion, the document
+            skiplist); ``None`` means "document". Models without modes accept it and ignore it.
     """
 
     use_activation: bool | None = None
@@ -25,8 +27,11 @@ class PoolingParams:
     activation: bool | None = None
     truncate_prompt_tokens: int | None = None
     task: str | None = None
+    input_type: str | None = None
 
     def __post_init__(self) -> None:
+        if self.input_type not in (None, "query", "document"):
+            raise ValueError(f"input_type must be 'query' or 'document', got {self.input_type!r}.")
         for alias_name in ("normalize", "activation"):
             alias = getattr(self, alias_name)
             if alias is None:
@@ -46,4 +51,5 @@ class PoolingParams:
             dimensions=self.dimensions,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             task=self.task,
+            input_type=self.input_type,
         )

@@ -16,6 +16,7 @@ from tokenpool.inputs.preprocess import InputProcessor
 from tokenpool.inputs.prompt import ProcessedPrompt
 from tokenpool.loader.model_files import resolve_model_dir
 from tokenpool.loader.st_config import read_st_config
+from tokenpool.loader.colbert import MODES as COLBERT_MODES, ColbertIds
 from tokenpool.models.bge_m3 import lexical_weights
 from tokenpool.models.registry import build_model
 from tokenpool.outputs import BatchOutput, PoolingOutput, PoolingRequestOutput
@@ -38,7 +39,8 @@ class ModelInfo:
     outputs come from one forward pass, else None; output_dims: the width of each task's output rows (0 for
     scalars per token); lexical_weights: token_classify outputs also come keyed by token id (BGE-M3's sparse
     head), leaving out `lexical_skip_ids`; image_placeholder: how a chat message's image is written into the
-    prompt text, where the model reads images.
+    prompt text, where the model reads images; input_types: the encoding modes a request can ask for
+    (`PoolingParams.input_type`: ("query", "document") for ColBERT checkpoints, else none).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModelInfo:
     lexical_skip_ids: frozenset[int]
     supports_images: bool
     image_placeholder: str
+    input_types: tuple[str, ...] = ()
 
 
 class BatchFailed(RuntimeError):
@@ -111,8 +114,15 @@ class LLMEngine:
             from tokenpool.multimodal.inputs import ImagePromptProcessor
 
             image_processor = ImagePromptProcessor(self.model_dir, self.hf_config)
+        colbert = None
+        if self.model.colbert is not None:
+            if self.tokenizer is None:
+                raise ValueError("ColBERT models need their tokenizer for the query / document markers "
+                                 "(skip_tokenizer_init=True was given).")
+            colbert = ColbertIds.resolve(self.model.colbert, self.tokenizer)
         self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.hf_config.get_text_config().vocab_size,
-                                     do_lower_case=st_config.do_lower_case, image_processor=image_processor)
+                                     do_lower_case=st_config.do_lower_case, image_processor=image_processor,
+                                     colbert=colbert)
         self._special_ids = self._lexical_skip_ids()
         self.info = ModelInfo(
             name=self.model.name, model_dir=str(self.model_dir), tasks=self.model.supported_tasks,
@@ -120,7 +130,8 @@ class LLMEngine:
             output_dims=self.model.output_dims(), max_model_len=self.max_model_len,
             vocab_size=self.processor.vocab_size, lexical_weights=self.model.lexical_head,
             lexical_skip_ids=self._special_ids, supports_images=image_processor is not None,
-            image_placeholder=getattr(image_processor, "placeholder", ""))
+            image_placeholder=getattr(image_processor, "placeholder", ""),
+            input_types=COLBERT_MODES if colbert is not None else ())
         self._requests: dict[str, Request] = {}
         self._inflight: InFlight | None = None
 

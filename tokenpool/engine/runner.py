@@ -110,9 +110,13 @@ class ModelRunner:
         dims = [p.dimensions for p in params]
         if self.default_dimensions is not None:
             dims = [self.default_dimensions if d is None else d for d in dims]
+        keep = [r.prompt.keep_rows for r in requests]
         slots = PoolingSlots(ends - lens_np, lens_np, [r.task for r in requests], acts,
-                             None if dims.count(None) == len(dims) else dims)
+                             None if dims.count(None) == len(dims) else dims,
+                             None if keep.count(None) == len(keep) else keep)
         attn = AttentionMetadata(cu_seqlens, seq_lens, max(seq_lens))
+        if any(r.prompt.num_keys is not None for r in requests):
+            attn = attn.with_key_lens([r.prompt.num_keys or n for r, n in zip(requests, seq_lens)])
         return ModelInput(input_ids, positions, attn, slots, images)
 
     @torch.inference_mode()

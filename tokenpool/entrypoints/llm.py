@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 from collections.abc import Sequence
@@ -113,7 +114,8 @@ class LLM:
         """Score pairs: 1 x N, N x 1 or N x N (pairwise).
 
         pooling_task "embed" (default where the model has it): cosine of the pooled embeddings;
-        "token_embed": late interaction, MaxSim over the per-token embeddings.
+        "token_embed": late interaction, MaxSim over the per-token embeddings. Models with query / document
+        modes (ColBERT) encode `data_1` as queries and `data_2` as documents.
         """
         if pooling_task is None:
             pooling_task = "embed" if "embed" in self.supported_tasks else "token_embed"
@@ -123,14 +125,19 @@ class LLM:
         if not pairs:
             raise ValueError("score got no inputs.")
         # Every distinct prompt is encoded once (a 1 x N query: once, not N times).
-        keys: dict = {}  # key -> the first prompt with it
+        sides = ("query", "document") if self.llm_engine.info.input_types else (None, None)
+        keys: dict = {}  # (side, key) -> the first prompt with it
         key_pairs = []
         for a, b in pairs:
-            ka, kb = _prompt_key(a), _prompt_key(b)
+            ka, kb = (sides[0], _prompt_key(a)), (sides[1], _prompt_key(b))
             keys.setdefault(ka, a)
             keys.setdefault(kb, b)
             key_pairs.append((ka, kb))
-        outputs = self.encode(list(keys.values()), pooling_params, use_tqdm=use_tqdm, pooling_task=pooling_task,
+        params = pooling_params
+        if sides[0] is not None:
+            base = pooling_params or PoolingParams()
+            params = [dataclasses.replace(base, input_type=side) for side, _ in keys]
+        outputs = self.encode(list(keys.values()), params, use_tqdm=use_tqdm, pooling_task=pooling_task,
                               tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         by_key = dict(zip(keys, outputs))
         vectors = {key: out.outputs.data for key, out in by_key.items()}
@@ -181,13 +188,15 @@ class LLM:
         first = params[0]
         if params.count(first) == len(params):  # the usual case: one PoolingParams for all (identity first)
             limit = first.truncate_prompt_tokens if first.truncate_prompt_tokens is not None else truncate
-            return process(prompts, limit, add_special, first_index)
+            types = [first.input_type] * len(prompts) if first.input_type is not None else None
+            return process(prompts, limit, add_special, first_index, types)
         limits = [p.truncate_prompt_tokens if p.truncate_prompt_tokens is not None else truncate for p in params]
         result: list[ProcessedPrompt] = [None] * len(prompts)  # type: ignore[list-item]
         for limit in dict.fromkeys(limits):
             idx = [i for i, lim in enumerate(limits) if lim == limit]
             group = prompts if len(idx) == len(prompts) else [prompts[i] for i in idx]
-            for i, prompt in zip(idx, process(group, limit, add_special, first_index)):
+            types = [params[i].input_type for i in idx]
+            for i, prompt in zip(idx, process(group, limit, add_special, first_index, types)):
                 result[i] = prompt
         return result
 

@@ -20,8 +20,9 @@ class InputProcessor:
     """
 
     def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int, do_lower_case: bool = False,
-                 image_processor: Any = None):
+                 image_processor: Any = None, colbert: Any = None):
         self.tokenizer = tokenizer
+        self.colbert = colbert  # tokenpool.loader.colbert.ColbertIds: query / document modes
         self.image_processor = image_processor  # tokenpool.multimodal.inputs.ImagePromptProcessor
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -38,9 +39,15 @@ class InputProcessor:
         return [p.token_ids for p in self.process(prompts, truncate_prompt_tokens, add_special_tokens, first_index)]
 
     def process(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
-                add_special_tokens: bool = True, first_index: int = 0) -> list[ProcessedPrompt]:
-        """Each prompt validated and tokenized, images preprocessed: what `LLMEngine.add_requests` takes."""
+                add_special_tokens: bool = True, first_index: int = 0,
+                input_types: Sequence[str | None] | None = None) -> list[ProcessedPrompt]:
+        """Each prompt validated and tokenized, images preprocessed: what `LLMEngine.add_requests` takes.
+
+        input_types: per prompt, "query" / "document" / None (a document), for ColBERT models; ignored by
+        models without modes (as sentence-transformers ignores them)."""
         limit = self._truncation_limit(truncate_prompt_tokens)
+        if self.colbert is not None:
+            return self._process_colbert(prompts, limit, first_index, input_types)
         if self.image_processor is None:
             fast = self._token_prompts(prompts, limit)
             if fast is not None:
@@ -125,6 +132,39 @@ class InputProcessor:
                 self.image_processor.check_text_only(ids, i)
             self.check_length(ids, i)  # type: ignore[arg-type]
         return result  # type: ignore[return-value]
+
+    def _process_colbert(self, prompts: Sequence[PromptType], limit: int | None, first_index: int,
+                         input_types: Sequence[str | None] | None) -> list[ProcessedPrompt]:
+        """Texts in their mode: [first, marker] + text ids (truncated to the mode's length, and to `limit`) +
+        [last], queries expanded with the mask token. Token-id prompts are taken as the model's input as they
+        are (markers included, no expansion); a document's skiplist applies to both."""
+        colbert = self.colbert
+        modes = list(input_types) if input_types is not None else [None] * len(prompts)
+        texts: dict[int, str] = {}
+        given: dict[int, list[int]] = {}
+        for j, prompt in enumerate(prompts):
+            i = first_index + j
+            if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+                raise ValueError("This model does not accept multimodal inputs (multi_modal_data was given).")
+            if isinstance(prompt, str):
+                texts[j] = prompt
+            elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                given[j] = self._check_ids(prompt["prompt_token_ids"], i, limit)
+            elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+                texts[j] = prompt["prompt"]
+            else:
+                raise ValueError(f"Prompt {i} must be a str, a TextPrompt or a TokensPrompt.")
+        out: list[ProcessedPrompt | None] = [None] * len(prompts)
+        if texts:
+            for j, ids in zip(texts, self.tokenize(list(texts.values()), None, add_special_tokens=False)):
+                token_ids, num_keys, keep = colbert.build(ids, modes[j] or "document", limit)
+                out[j] = ProcessedPrompt(token_ids, num_keys=num_keys, keep_rows=keep)
+        for j, ids in given.items():
+            keep = colbert.document_rows(ids) if (modes[j] or "document") == "document" else None
+            out[j] = ProcessedPrompt(ids, keep_rows=keep)
+        for j, p in enumerate(out):
+            self.check_length(p.token_ids, first_index + j)
+        return out  # type: ignore[return-value]
 
     def tokenize(self, texts: list[str], limit: int | None = None, add_special_tokens: bool = True) -> list[list[int]]:
         if self.tokenizer is None:

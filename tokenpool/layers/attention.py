@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,21 @@ class AttentionMetadata:
     # (left, right): a token attends the tokens i-left..i+right of its sequence (-1: unbounded), as
     # FlashAttention's window_size; ModernBERT's local layers use (w/2, w/2). Combined with `causal`.
     window: tuple[int, int] = (-1, -1)
+    # Only the first key_lens[i] rows of sequence i are keys (ColBERT query expansion without attention to
+    # the expansion positions: they read the text, nothing reads them); None: every row is a key.
+    # kv_rows: those rows' indices in the batch; cu_seqlens_k: their offsets once gathered.
+    key_lens: list[int] | None = None
+    kv_rows: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+
+    def with_key_lens(self, key_lens: list[int]) -> "AttentionMetadata":
+        starts = np.cumsum([0] + self.seq_lens[:-1])
+        rows = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, key_lens)]).astype(np.int64)
+        device = self.cu_seqlens.device
+        cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(key_lens)]).astype(np.int32))
+        return dataclasses.replace(self, key_lens=list(key_lens),
+                                   kv_rows=torch.from_numpy(rows).to(device, non_blocking=True),
+                                   cu_seqlens_k=cu_k.to(device, non_blocking=True))
 
     @property
     def window_bounds(self) -> tuple[int, int]:
@@ -51,6 +69,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     """Attention of each sequence to itself. q: `[T, heads, head_dim]`, k, v: `[T, kv_heads, head_dim]` (grouped
     KV heads: kv_heads divides heads) -> `[T, heads, head_dim]`."""
     groups = q.shape[1] // k.shape[1]
+    cu_k, max_k = meta.cu_seqlens, meta.max_seqlen
+    if meta.kv_rows is not None:
+        k, v = k.index_select(0, meta.kv_rows), v.index_select(0, meta.kv_rows)
+        cu_k, max_k = meta.cu_seqlens_k, max(meta.key_lens)
     if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         kwargs = {}
         if groups > 1 and _VARLEN_GQA:
@@ -58,9 +80,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         elif groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return _varlen_attn(
-            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+            q, k, v, meta.cu_seqlens, cu_k, meta.max_seqlen, max_k,
             window_size=meta.window_bounds, **kwargs,
         )
+    if meta.kv_rows is not None:  # a few short queries: PyTorch's per-sequence kernel with its own key rows
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        dtype = q.dtype
+        if q.device.type == "cpu" and gemm_mode(dtype) == "emulated":
+            q, k, v = q.float(), k.float(), v.float()
+        return _per_sequence_sdpa(q, k, v, meta).to(dtype)
     if q.device.type == "cpu":
         return _cpu_attention(q, k, v, meta)
     if groups > 1:
@@ -131,18 +160,21 @@ def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: 
     a band mask. Rows past the last sequence come out as zeros."""
     out = torch.zeros_like(q)
     left, right = meta.window_bounds
-    start = 0
-    for length in meta.seq_lens:
+    key_lens = meta.key_lens or meta.seq_lens  # k, v hold only the key rows when key_lens is set
+    start = key_start = 0
+    for length, keys in zip(meta.seq_lens, key_lens):
         end = start + length
         # [L, H, D] -> [H, L, D]
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        qs = q[start:end].transpose(0, 1)
+        ks, vs = (t[key_start:key_start + keys].transpose(0, 1) for t in (k, v))
+        key_start += keys
         if (left, right) == (-1, 0):
             res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         elif (left, right) == (-1, -1):
             res = F.scaled_dot_product_attention(qs, ks, vs)
         else:
             pos = torch.arange(length, device=q.device)
-            offset = pos[None, :] - pos[:, None]  # key - query
+            offset = pos[None, :keys] - pos[:, None]  # key - query
             band = torch.ones_like(offset, dtype=torch.bool)
             if left >= 0:
                 band &= offset >= -left

@@ -25,7 +25,9 @@ class PoolingSlots:
     """The slots of a batch as columns: slot i starts at row `starts[i]` and has `lengths[i]` rows.
 
     starts, lengths: int64 numpy arrays; tasks, use_activation: one entry per slot; dimensions: one entry
-    per slot, or None when no slot truncates its embedding.
+    per slot, or None when no slot truncates its embedding; keep: per slot, the rows (offsets in the slot)
+    that per-token outputs are made of (a ColBERT document without its skiplist tokens) or None for all of
+    them; None when every slot keeps all its rows.
     """
 
     starts: np.ndarray
@@ -33,6 +35,7 @@ class PoolingSlots:
     tasks: list[str]
     use_activation: list[bool | None]
     dimensions: list[int | None] | None = None
+    keep: list[list[int] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -41,8 +44,10 @@ class PoolingSlots:
         """The slots at `indices`, all asking for `task`."""
         acts = self.use_activation
         dims = None if self.dimensions is None else [self.dimensions[i] for i in indices]
+        keep = None if self.keep is None else [self.keep[i] for i in indices]
         return PoolingSlots(self.starts[indices], self.lengths[indices], [task] * len(indices),
-                            [acts[i] for i in indices], None if dims is None or dims.count(None) == len(dims) else dims)
+                            [acts[i] for i in indices], None if dims is None or dims.count(None) == len(dims) else dims,
+                            None if keep is None or keep.count(None) == len(keep) else keep)
 
     def contiguous_span(self) -> tuple[int, int] | None:
         """(start, end) when the slots tile one contiguous range of rows in order, else None."""
@@ -154,8 +159,23 @@ class TokenPooling(nn.Module):
         return hidden_size
 
     def forward(self, hidden: torch.Tensor, slots: PoolingSlots) -> tuple[torch.Tensor, list[int]]:
+        if slots.keep is not None:
+            return self._kept_rows(hidden, slots)
         span = slots.contiguous_span() if self.skip_first == self.skip_last == 0 else None
         if span is not None:
             return hidden[span[0]:span[1]], slots.lengths.tolist()
         idx, counts = row_index(slots, self.skip_first, self.skip_last, hidden.device)
+        return hidden.index_select(0, idx), counts
+
+    def _kept_rows(self, hidden: torch.Tensor, slots: PoolingSlots) -> tuple[torch.Tensor, list[int]]:
+        """Slots with a `keep` list (the skip counts apply to the others)."""
+        parts, counts = [], []
+        for start, length, keep in zip(slots.starts.tolist(), slots.lengths.tolist(), slots.keep):
+            if keep is None:
+                rows = np.arange(start + self.skip_first, start + max(length - self.skip_last, self.skip_first))
+            else:
+                rows = start + np.asarray(keep, dtype=np.int64)
+            parts.append(rows)
+            counts.append(len(rows))
+        idx = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(hidden.device, non_blocking=True)
         return hidden.index_select(0, idx), counts

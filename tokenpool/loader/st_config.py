@@ -38,14 +38,36 @@ class DenseSpec:
     bias: bool
     activation: str
     state_dict: dict[str, torch.Tensor]
+    use_residual: bool = False  # PyLate: y = act(W x + b) + x, or + R x (`residual.weight`) when widths differ
 
     def build(self) -> torch.nn.Module:
         act_cls = _ACTIVATIONS.get(self.activation)
         if act_cls is None:
             raise ValueError(f"Unsupported Dense activation {self.activation!r}.")
         linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias)
-        linear.load_state_dict({k.removeprefix("linear."): v for k, v in self.state_dict.items()})
-        return torch.nn.Sequential(linear, act_cls())
+        state = {k.removeprefix("linear."): v for k, v in self.state_dict.items() if k.startswith("linear.")}
+        linear.load_state_dict(state)
+        if not self.use_residual:
+            return torch.nn.Sequential(linear, act_cls())
+        residual = None
+        if self.in_features != self.out_features:
+            if "residual.weight" not in self.state_dict:
+                raise ValueError(f"Dense {self.in_features} -> {self.out_features} with use_residual needs a "
+                                 "residual.weight (widths differ).")
+            residual = torch.nn.Linear(self.in_features, self.out_features, bias=False)
+            residual.load_state_dict({"weight": self.state_dict["residual.weight"]})
+        return ResidualDense(linear, act_cls(), residual)
+
+
+class ResidualDense(torch.nn.Module):
+    """PyLate's Dense with `use_residual`: `act(linear(x)) + x`, or `+ residual(x)` when the widths differ."""
+
+    def __init__(self, linear: torch.nn.Linear, activation: torch.nn.Module, residual: torch.nn.Linear | None):
+        super().__init__()
+        self.linear, self.activation, self.residual = linear, activation, residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(x)) + (x if self.residual is None else self.residual(x))
 
 
 @dataclass
@@ -61,6 +83,9 @@ class SentenceTransformerConfig:
     max_seq_length: int | None = None
     do_lower_case: bool = False
     has_modules: bool = False
+    # Dense layers with no Pooling module (PyLate's ColBERT layout): they project every token, so the folder
+    # must be read as a ColBERT model (tokenpool.loader.colbert); the registry refuses it otherwise.
+    token_level: bool = False
 
 
 def read_st_config(model_dir: Path) -> SentenceTransformerConfig:
@@ -85,11 +110,7 @@ def read_st_config(model_dir: Path) -> SentenceTransformerConfig:
             cfg.dense.append(_read_dense(folder))
         elif kind == "Normalize":
             cfg.normalize = True
-    if cfg.dense and not has_pooling:
-        # PyLate's ColBERT layout: the Dense layers project every token. Read as a sentence embedder, its
-        # token_embed would be the unprojected hidden states: wrong numbers, no error. Refuse it instead.
-        raise ValueError(f"{model_dir} is a token-level (ColBERT / PyLate) sentence-transformers model: Dense "
-                         "layers without a Pooling module. ColBERT checkpoints are not supported yet.")
+    cfg.token_level = bool(cfg.dense) and not has_pooling  # PyLate's ColBERT layout: Dense on every token
     return cfg
 
 
@@ -123,6 +144,8 @@ def _read_dense(folder: Path) -> DenseSpec:
         in_features=data["in_features"],
         out_features=data["out_features"],
         bias=data.get("bias", True),
-        activation=data.get("activation_function", "torch.nn.modules.linear.Identity"),
+        # sentence-transformers' Dense defaults to Tanh when its config does not name an activation.
+        activation=data.get("activation_function", "torch.nn.modules.activation.Tanh"),
         state_dict=state,
+        use_residual=bool(data.get("use_residual", False)),
     )

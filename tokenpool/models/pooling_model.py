@@ -17,12 +17,14 @@ class PoolingModel(nn.Module):
     """`forward` runs the backbone over a packed batch; `pool` applies each request's task pooler.
 
     lexical_head: True when `token_classify` is a sparse lexical-weight head (BGE-M3), whose outputs are
-    also returned keyed by token id (it gates only that, not the combined task).
+    also returned keyed by token id (it gates only that, not the combined task). colbert: a ColBERT
+    checkpoint's settings (`tokenpool.loader.colbert.ColbertSettings`: query / document modes), else None.
     """
 
     def __init__(self, backbone: nn.Module, poolers: dict[str, nn.Module], max_model_len: int,
-                 lexical_head: bool = False, name: str = ""):
+                 lexical_head: bool = False, name: str = "", colbert=None):
         super().__init__()
+        self.colbert = colbert
         self.backbone = backbone
         self.poolers = nn.ModuleDict(poolers)
         self.max_model_len = max_model_len

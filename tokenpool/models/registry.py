@@ -11,6 +11,7 @@ from tokenpool.config import PoolerConfig
 from tokenpool.layers.norm import RMSNorm
 from tokenpool.layers.pooler import embed_pooler, token_pooler
 from tokenpool.layers.pooling import TokenPooling
+from tokenpool.loader.colbert import read_colbert_settings, stanford_projection
 from tokenpool.loader.st_config import SentenceTransformerConfig
 from tokenpool.loader.weights import checkpoint_files, iterate_weights
 from tokenpool.models.bert import BertModel, position_offset_for
@@ -30,6 +31,7 @@ ARCHITECTURES = {
     "XLMRobertaModel": BertModel,
     "XLMRobertaForMaskedLM": BertModel,
     "BgeM3EmbeddingModel": BertModel,
+    "HF_ColBERT": BertModel,  # Stanford ColBERT
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLModel,
     "Qwen2_5_VLModel": Qwen2_5_VLModel,
 }
@@ -55,6 +57,7 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
             f"Model architecture {architectures or '(none in config.json)'} is not supported. "
             f"Supported: {', '.join(supported_architectures())}."
         )
+    colbert = read_colbert_settings(model_dir, hf_config, st_config)
     backbone_cls = ARCHITECTURES[arch]
     decoder = getattr(backbone_cls, "causal", False)
     offset = 0 if decoder else position_offset_for(hf_config)
@@ -72,13 +75,22 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
                 module.float()
         hidden_dtype = torch.float32
     backbone = backbone.to_empty(device=device)
-    backbone.load_weights(iterate_weights(checkpoint_files(model_dir)))
+    stanford: dict[str, torch.Tensor] = {}
+    backbone.load_weights(_set_aside(iterate_weights(checkpoint_files(model_dir)),
+                                     ("linear.weight",) if arch == "HF_ColBERT" else (),
+                                     stanford))
     backbone.eval().requires_grad_(False)
 
     bge_m3 = has_bge_m3_heads(model_dir)
     if arch == "BgeM3EmbeddingModel" and not bge_m3:
         raise ValueError(f"BgeM3EmbeddingModel needs colbert_linear.pt and sparse_linear.pt in {model_dir}.")
-    if bge_m3:
+    if colbert is not None:
+        if colbert.format == "stanford" and "linear.weight" not in stanford:
+            raise ValueError(f"{model_dir}: a Stanford ColBERT checkpoint (HF_ColBERT) without linear.weight.")
+        dense = colbert.dense or [stanford_projection(stanford)]
+        logger.info("ColBERT checkpoint (%s format): token_embed in query and document modes", colbert.format)
+        poolers = {"token_embed": token_pooler("token_embed", torch.nn.Sequential(*(d.build() for d in dense)))}
+    elif bge_m3:
         logger.info("BGE-M3 heads found in %s: embed (dense), token_embed (colbert), token_classify (sparse)", model_dir)
         poolers = build_bge_m3_poolers(model_dir)
     else:
@@ -91,8 +103,17 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
         if isinstance(pooler.method, TokenPooling) and pooler.head.proj is not None:
             pooler.head.proj.to(hidden_dtype)  # per-token heads run in the precision of the hidden states
     max_model_len = hf_config.get_text_config().max_position_embeddings - offset
-    model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch)
+    model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch, colbert=colbert)
     return model.eval().requires_grad_(False)
+
+
+def _set_aside(weights, names: tuple[str, ...], into: dict):
+    """`weights` without the tensors named in `names`, which go into `into` (heads stored in the backbone's file)."""
+    for name, tensor in weights:
+        if name in names:
+            into[name] = tensor
+        else:
+            yield name, tensor
 
 
 def _sentence_transformer_poolers(st: SentenceTransformerConfig, default_mode: str = "cls") -> dict:

@@ -118,6 +118,9 @@ class _Inputs(OpenAIBaseModel):
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (default: true for `input`, false for `messages`).")
     mm_processor_kwargs: dict | None = None
+    input_type: Literal["query", "document"] | None = Field(
+        None, description="ColBERT models: encode as a query (marker, expansion) or a document (marker, skiplist; "
+                          "the default). Models without modes ignore it.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -193,6 +196,9 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = optional("Chat-style input.")
     add_special_tokens: bool | None = Field(None, description="Default: true for `prompt`, false for `messages`.")
     return_token_strs: bool = False
+    input_type: Literal["query", "document"] | None = Field(
+        None, description="ColBERT models: encode as a query (marker, expansion) or a document (marker, skiplist; "
+                          "the default). Models without modes ignore it.")
 
     @model_validator(mode="after")
     def _one_source(self):

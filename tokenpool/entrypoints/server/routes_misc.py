@@ -43,7 +43,12 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
     expanded = (await s.tokenize_input(None, request.messages, None, add))[0] if images else None
 
     def run() -> tuple[list[int], list[str] | None]:
-        ids = expanded.token_ids if expanded is not None else s.processor.tokenize([text], None, add)[0]
+        if expanded is not None:
+            ids = expanded.token_ids
+        elif s.input_types:  # a ColBERT model: the ids of the mode (markers, expansion)
+            ids = s.processor.process([text], None, add, 0, [request.input_type])[0].token_ids
+        else:
+            ids = s.processor.tokenize([text], None, add)[0]
         return ids, tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
 
     ids, strs = await s.engine.run_in_tokenizer_thread(run)

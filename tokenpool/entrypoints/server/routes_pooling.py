@@ -83,9 +83,9 @@ async def create_pooling(request: PoolingRequest, raw_request: Request) -> Respo
     s.check_common(request.priority)
     task = request.task or s.default_task
     s.check_task(task)
-    params = s.pooling_params(task, request.use_activation, request.dimensions)
+    params = s.pooling_params(task, request.use_activation, request.dimensions, request.input_type)
     token_ids = await s.tokenize_input(request.input, request.messages, request.truncate_prompt_tokens,
-                                       request.add_special_tokens, request.mm_processor_kwargs)
+                                       request.add_special_tokens, request.mm_processor_kwargs, request.input_type)
     outputs = await s.encode(raw_request, token_ids, task, params)
     return _list_response(s, "pooling", request, "/pooling", outputs, "pooling", "data")
 
@@ -101,9 +101,9 @@ async def create_embeddings(request: EmbeddingRequest, raw_request: Request) -> 
     s.check_model(request.model)
     s.check_common(request.priority)
     s.require_task("embed", "Embeddings API")
-    params = s.pooling_params("embed", request.use_activation, request.dimensions)
+    params = s.pooling_params("embed", request.use_activation, request.dimensions, request.input_type)
     token_ids = await s.tokenize_input(request.input, request.messages, request.truncate_prompt_tokens,
-                                       request.add_special_tokens, request.mm_processor_kwargs)
+                                       request.add_special_tokens, request.mm_processor_kwargs, request.input_type)
     outputs = await s.encode(raw_request, token_ids, "embed", params)
     return _list_response(s, "embd", request, "/v1/embeddings", outputs, "embedding", "embedding")
 

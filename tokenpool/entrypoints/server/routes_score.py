@@ -35,15 +35,23 @@ def _score_task(s: ServingState, asked: str | None) -> str:
     raise APIError(f"The model `{s.model_name}` cannot score: it has neither 'embed' nor 'token_embed'.", status=501)
 
 
-async def _encode_texts(s: ServingState, raw_request: Request, texts: list[str], task: str,
-                        request: ScoreRequest | RerankRequest) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """{text: output} and {text: token count} for each distinct text."""
-    unique = list(dict.fromkeys(texts))
-    token_ids = await s.tokenize(unique, request.truncate_prompt_tokens, request.add_special_tokens)
-    params = s.pooling_params(task, request.use_activation, None)
-    outputs = await s.encode(raw_request, token_ids, task, params)
-    return ({t: o.outputs.data for t, o in zip(unique, outputs)},
-            {t: len(ids) for t, ids in zip(unique, token_ids)})
+async def _encode_pairs(s: ServingState, raw_request: Request, pairs: list[tuple[str, str]], task: str,
+                        request: ScoreRequest | RerankRequest) -> tuple[list[tuple], dict[tuple, torch.Tensor], int]:
+    """Each distinct text of each side encoded once: the pairs as keys, {key: output}, and the prompt tokens.
+    Models with query / document modes (ColBERT) encode the left side as queries, the right as documents."""
+    modes = ("query", "document") if s.input_types else (None, None)
+    keyed = [((modes[0], a), (modes[1], b)) for a, b in pairs]
+    vectors: dict[tuple, torch.Tensor] = {}
+    tokens = 0
+    for side in dict.fromkeys(modes):
+        unique = list(dict.fromkeys(k for pair in keyed for k in pair if k[0] == side))
+        texts = [text for _, text in unique]
+        token_ids = await s.tokenize(texts, request.truncate_prompt_tokens, request.add_special_tokens, side)
+        params = s.pooling_params(task, request.use_activation, None, side)
+        outputs = await s.encode(raw_request, token_ids, task, params)
+        vectors.update((k, o.outputs.data) for k, o in zip(unique, outputs))
+        tokens += sum(len(ids.token_ids) for ids in token_ids)
+    return keyed, vectors, tokens
 
 
 def _pairs(left: list[str], right: list[str]) -> list[tuple[str, str]]:
@@ -63,10 +71,10 @@ async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
     s.check_common(request.priority)
     task = _score_task(s, request.task)
     pairs = _pairs(request.left(), request.right())
-    vectors, lengths = await _encode_texts(s, raw_request, [t for pair in pairs for t in pair], task, request)
-    scores = score_pairs(pairs, vectors, "cosine" if task == "embed" else "maxsim")
+    keyed, vectors, tokens = await _encode_pairs(s, raw_request, pairs, task, request)
+    scores = score_pairs(keyed, vectors, "cosine" if task == "embed" else "maxsim")
     data = [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)]
-    n = s.add_prompt_tokens("/score", sum(lengths.values()))
+    n = s.add_prompt_tokens("/score", tokens)
     return json_response({"id": s.response_id("score", request.request_id), "object": "list",
                           "created": int(time.time()), "model": request.model or s.model_name, "data": data,
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0,
@@ -82,9 +90,9 @@ async def create_rerank(request: RerankRequest, raw_request: Request) -> Respons
     s.check_model(request.model)
     s.check_common(request.priority)
     task = _score_task(s, request.task)
-    vectors, lengths = await _encode_texts(s, raw_request, [request.query, *request.documents], task, request)
-    scores = score_pairs([(request.query, doc) for doc in request.documents], vectors,
-                         "cosine" if task == "embed" else "maxsim")
+    pairs = [(request.query, doc) for doc in request.documents]
+    keyed, vectors, tokens = await _encode_pairs(s, raw_request, pairs, task, request)
+    scores = score_pairs(keyed, vectors, "cosine" if task == "embed" else "maxsim")
     scored = sorted(((score, i, doc) for i, (score, doc) in enumerate(zip(scores, request.documents))),
                     key=lambda r: (-r[0], r[1]))
     if request.top_n:
@@ -95,6 +103,6 @@ async def create_rerank(request: RerankRequest, raw_request: Request) -> Respons
         if request.return_documents:
             result["document"] = {"text": doc}
         results.append(result)
-    n = s.add_prompt_tokens("/rerank", sum(lengths.values()))
+    n = s.add_prompt_tokens("/rerank", tokens)
     return json_response({"id": s.response_id("rerank", request.request_id), "model": request.model or s.model_name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}, "results": results})

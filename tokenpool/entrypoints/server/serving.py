@@ -68,6 +68,7 @@ class ServingState:
         self.tasks = tuple(t for t in info.tasks if t in PUBLIC_TASKS)
         self.has_combined_task = info.combined_task is not None
         self.lexical_head = info.lexical_weights
+        self.input_types = info.input_types  # ("query", "document") for ColBERT models
         self.supports_images = info.supports_images
         self.image_placeholder = info.image_placeholder
         self.special_ids = info.lexical_skip_ids
@@ -98,7 +99,8 @@ class ServingState:
         if priority != 0:
             raise APIError("priority must be 0: this server schedules first come, first served.", param="priority")
 
-    def pooling_params(self, task: str, use_activation: bool | None, dimensions: int | None) -> PoolingParams:
+    def pooling_params(self, task: str, use_activation: bool | None, dimensions: int | None,
+                       input_type: str | None = None) -> PoolingParams:
         if dimensions is not None:
             if task != "embed":
                 raise APIError("`dimensions` applies to the 'embed' task only.", param="dimensions")
@@ -106,21 +108,25 @@ class ServingState:
             if dimensions > width:
                 raise APIError(f"dimensions={dimensions} is larger than the embedding size ({width}).",
                                param="dimensions")
-        return PoolingParams(use_activation=use_activation, dimensions=dimensions, task=task)
+        return PoolingParams(use_activation=use_activation, dimensions=dimensions, task=task, input_type=input_type)
 
     # ----- tokenization (tokenizer thread) -----
     async def tokenize(self, prompts: list[Any], truncate_prompt_tokens: int | None,
-                       add_special_tokens: bool) -> list[ProcessedPrompt]:
-        """Validate and tokenize prompts (str or {"prompt_token_ids": [...]}); 400 on bad input."""
+                       add_special_tokens: bool, input_type: str | None = None) -> list[ProcessedPrompt]:
+        """Validate and tokenize prompts (str or {"prompt_token_ids": [...]}) in `input_type`'s mode (ColBERT
+        models); 400 on bad input."""
+        types = [input_type] * len(prompts) if input_type is not None else None
         try:
             return await self.engine.run_in_tokenizer_thread(
-                self.processor.process, prompts, truncate_prompt_tokens, add_special_tokens, inline=_tiny(prompts))
+                self.processor.process, prompts, truncate_prompt_tokens, add_special_tokens, 0, types,
+                inline=_tiny(prompts))
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param="input") from e
 
     async def tokenize_input(self, input_value: Any, messages: list[ChatMessage] | None,
                              truncate_prompt_tokens: int | None, add_special_tokens: bool | None,
-                             mm_processor_kwargs: dict | None = None) -> list[ProcessedPrompt]:
+                             mm_processor_kwargs: dict | None = None,
+                             input_type: str | None = None) -> list[ProcessedPrompt]:
         """`input` (str | list[str] | list[int] | list[list[int]]) or `messages` -> token ids per prompt.
         `mm_processor_kwargs` (e.g. max_pixels) go to the image processor: messages with images only."""
         if mm_processor_kwargs and (messages is None or not self.supports_images):
@@ -142,7 +148,7 @@ class ServingState:
             elif mm_processor_kwargs:
                 raise APIError("`mm_processor_kwargs` applies to `messages` with images; these messages have none.",
                                param="mm_processor_kwargs")
-            return await self.tokenize([prompt], truncate_prompt_tokens, add)
+            return await self.tokenize([prompt], truncate_prompt_tokens, add, input_type)
         add = True if add_special_tokens is None else add_special_tokens
         if isinstance(input_value, str):
             prompts: list[Any] = [input_value]
@@ -152,7 +158,7 @@ class ServingState:
             prompts = input_value
         else:
             prompts = [{"prompt_token_ids": ids} for ids in input_value]
-        return await self.tokenize(prompts, truncate_prompt_tokens, add)
+        return await self.tokenize(prompts, truncate_prompt_tokens, add, input_type)
 
     # ----- engine -----
     async def encode(self, raw_request: Request, token_ids: list[ProcessedPrompt], task: str | list[str],
