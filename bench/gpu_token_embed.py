@@ -2,6 +2,7 @@
 
     python bench/gpu_token_embed.py --shape bge-m3      # XLM-R large + colbert head, 20k passages
     python bench/gpu_token_embed.py --shape minilm      # 6 layers, hidden 384
+    python bench/gpu_token_embed.py --shape modernbert  # ModernBERT-base: 22 layers, local window 128
 
 Needs only torch, transformers, safetensors, numpy (no server dependencies). A random-weight model with
 the real configuration is saved in Hugging Face layout (so tokenpool loads it through its real loader),
@@ -13,7 +14,8 @@ best of its attention implementations (probed on a slice of the corpus).
 MFU = tokens/s x FLOPs per token / measured bf16 matmul rate, with
     FLOPs per token = layers x (2 x (4 H^2 + 2 H I) + 4 H L_eff) + 2 H D_head
 (QKV + output projections, FFN, attention scores and values; L_eff = sum(n^2) / sum(n) over passages;
-the colbert head for bge-m3). The matmul rate is measured on this card: 8192^3 bf16 torch.mm.
+the colbert head for bge-m3). ModernBERT: its GeGLU FFN is 3 H I, and a local layer's L_eff counts the keys
+inside the window (64 each side) only. The matmul rate is measured on this card: 8192^3 bf16 torch.mm.
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ SHAPES = {
                    num_attention_heads=16, intermediate_size=4096, max_position_embeddings=8194, head=True),
     "minilm": dict(kind="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                    num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512, head=False),
+    # ModernBERT-base: pre-norm, GeGLU, rotary, every third layer global, the others a 128-token window.
+    "modernbert": dict(kind="modernbert", vocab_size=50368, hidden_size=768, num_hidden_layers=22,
+                       num_attention_heads=12, intermediate_size=1152, max_position_embeddings=8192, head=False),
     "tiny": dict(kind="xlm-roberta", vocab_size=1000, hidden_size=64, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=514, head=True),
 }
+
+
+MODERNBERT_WINDOW = 128
 
 
 def corpus(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
@@ -73,10 +81,19 @@ def matmul_tflops(device: str) -> float:
 
 
 def build_checkpoint(shape: dict, folder: Path, device: str) -> None:
-    from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+    from transformers import BertConfig, BertModel, ModernBertConfig, ModernBertModel, XLMRobertaConfig, XLMRobertaModel
 
     common = {k: shape[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                      "intermediate_size", "max_position_embeddings")}
+    if shape["kind"] == "modernbert":
+        config = ModernBertConfig(**common, local_attention=MODERNBERT_WINDOW, global_attn_every_n_layers=3,
+                                  pad_token_id=0, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2,
+                                  architectures=["ModernBertModel"])
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = ModernBertModel(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model.save_pretrained(folder)
+        return
     if shape["kind"] == "xlm-roberta":
         config = XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                                   architectures=["XLMRobertaModel"])
@@ -100,7 +117,8 @@ class TransformersBaseline:
     def __init__(self, folder: Path, shape: dict, device: str, dtype: torch.dtype, attn: str):
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn, add_pooling_layer=False).to(device).eval()
+        extra = {} if shape["kind"] == "modernbert" else {"add_pooling_layer": False}
+        self.model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn, **extra).to(device).eval()
         self.head = None
         if shape["head"]:
             state = torch.load(folder / "colbert_linear.pt", weights_only=True)
@@ -154,6 +172,13 @@ def flops_per_token(shape: dict, passages: list[list[int]]) -> float:
     lengths = np.array([len(p) for p in passages], dtype=np.float64)
     l_eff = float((lengths**2).sum() / lengths.sum())
     head = 2 * h * h if shape["head"] else 0
+    if shape["kind"] == "modernbert":
+        half = MODERNBERT_WINDOW // 2
+        keys = sum(float(np.minimum(np.arange(n), half).sum() * 2 + n) for n in lengths.astype(int))
+        l_local = keys / lengths.sum()  # keys per token inside the window (the token itself included)
+        n_global = len(range(0, layers, 3))
+        attention = 4 * h * (n_global * l_eff + (layers - n_global) * l_local)
+        return layers * 2 * (4 * h * h + 3 * h * inter) + attention + head
     return layers * (2 * (4 * h * h + 2 * h * inter) + 4 * h * l_eff) + head
 
 

@@ -1,4 +1,4 @@
-"""ColBERT checkpoints on a BERT backbone (PyLate and Stanford formats) against sentence-transformers 6's
+"""ColBERT checkpoints on BERT and ModernBERT backbones (PyLate and Stanford formats) against sentence-transformers 6's
 `MultiVectorEncoder` (`encode_query` / `encode_document`) on the same tiny random folders: the same kept
 rows in the same order, cosine >= 0.99999 per row in fp32, MaxSim scores equal to 1e-4 relative."""
 
@@ -16,18 +16,22 @@ from tests.toolkit import assert_batch_invariant
 from tokenpool import LLM, PoolingParams
 from tokenpool.scoring import maxsim
 
-VARIANTS = {  # name: (format, attend to the expansion positions)
-    "pylate": ("pylate", False),
-    "pylate-attend": ("pylate", True),
-    "pylate-two-dense-residual": ("pylate2", False),
-    "stanford": ("stanford", False),
+VARIANTS = {  # name: (format, attend to the expansion positions, backbone)
+    "pylate": ("pylate", False, "bert"),
+    "pylate-attend": ("pylate", True, "bert"),
+    "pylate-two-dense-residual": ("pylate2", False, "bert"),
+    "stanford": ("stanford", False, "bert"),
+    # GTE-ModernColBERT's layout: documents longer than the local window's reach, queries not
+    "modernbert": ("pylate", False, "modernbert"),
+    "modernbert-attend-two-dense": ("pylate2", True, "modernbert"),
 }
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, minilm_path):
     root = tmp_path_factory.mktemp("colbert")
-    return {name: build_tiny_colbert(root / name, minilm_path, fmt, attend) for name, (fmt, attend) in VARIANTS.items()}
+    return {name: build_tiny_colbert(root / name, minilm_path, fmt, attend, backbone=backbone)
+            for name, (fmt, attend, backbone) in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +149,17 @@ def test_a_folder_whose_markers_are_missing_is_refused(tmp_path, minilm_path):
     (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="marker '\\[QUERY\\] ' is not in the tokenizer"):
         LLM(str(folder), dtype="float32")
+
+
+def test_modernbert_queries_longer_than_the_window_reach_are_refused_without_attention(tmp_path, minilm_path):
+    """Expansion positions that are not keys, further from the text than a local layer reaches, would see no
+    key: no reference behaviour, so such a configuration is refused at load."""
+    folder = build_tiny_colbert(tmp_path / "m", minilm_path, "pylate", backbone="modernbert")
+    cfg = json.loads((folder / "config_sentence_transformers.json").read_text())
+    cfg["query_length"] = 40
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="query_length 40 with non-attended query expansion"):
+        LLM(str(folder), dtype="float32")
+    cfg["attend_to_expansion_tokens"] = True  # every position is a key: fine at any length
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    assert _encode(LLM(str(folder), dtype="float32"), ["colbert"], "query")[0].shape[0] == 40

@@ -28,10 +28,14 @@ def test_fused_add_layer_norm(hidden, dtype):
 
 
 @cuda
-def test_varlen_attention_equals_per_sequence_sdpa():
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64), (3, 3)])
+def test_varlen_attention_equals_per_sequence_sdpa(window):
+    """FlashAttention varlen, unbounded and with ModernBERT's symmetric window (a band mask in the reference)."""
+    import dataclasses
+
     torch.manual_seed(0)
     lens = [1, 17, 200, 64, 511, 3]
-    meta = AttentionMetadata.from_seq_lens(lens, torch.device("cuda"))
+    meta = dataclasses.replace(AttentionMetadata.from_seq_lens(lens, torch.device("cuda")), window=window)
     q, k, v = (torch.randn(sum(lens), 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     got = varlen_attention(q, k, v, meta)
     want = _per_sequence_sdpa(q.float(), k.float(), v.float(), meta)
@@ -41,8 +45,9 @@ def test_varlen_attention_equals_per_sequence_sdpa():
 
 @cuda
 @pytest.mark.parametrize("tokens", [1, 777, 5000])
-def test_qwen_fused_elementwise_chains_equal_eager(tokens):
-    """The torch.compile'd chains of Qwen2.5-VL (add + RMSNorm, rotary, SiLU x up) vs the same eager ops."""
+def test_fused_elementwise_chains_equal_eager(tokens):
+    """The torch.compile'd chains of Qwen2.5-VL (add + RMSNorm, rotary, SiLU x up) and ModernBERT (add +
+    LayerNorm without bias, GELU x gate) vs the same eager ops."""
     from tokenpool.layers import activation, norm, rotary
     from tokenpool.layers.fused import FusedOps
 
@@ -61,6 +66,9 @@ def test_qwen_fused_elementwise_chains_equal_eager(tokens):
         (fused.add_rms_norm(delta, x, weight, 1e-6, dt)[1], norm.add_rms_norm(delta, x, weight, 1e-6, dt)[1]),
         (fused.rotate(heads, cos, sin), rotary.rotate(heads, cos, sin)),
         (fused.silu_mul(gate_up), activation.silu_mul(gate_up)),
+        (fused.gelu_mul(gate_up, "none"), activation.gelu_mul(gate_up, "none")),
+        (fused.add_pre_layer_norm(delta, x, weight, None, 1e-5, dt)[1],
+         norm.add_pre_layer_norm(delta, x, weight, None, 1e-5, dt)[1]),
     ]
     for got, want in pairs:
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -91,3 +99,29 @@ def test_colbert_modes_on_cuda_equal_the_cpu(tmp_path, attend):
     for want, got in zip(*runs):
         assert want.shape == got.shape
         assert F.cosine_similarity(want, got, dim=-1).min().item() >= 0.99
+
+
+@cuda
+def test_modernbert_on_cuda_equals_the_cpu(tmp_path):
+    """The tiny ModernBERT (local window of 8, texts many windows long; itself checked against transformers in
+    test_modernbert.py) and its ColBERT form (queries with non-attended expansion, documents past the window's
+    reach) in bf16 on CUDA (FlashAttention varlen with a window) vs fp32 on the CPU."""
+    import pathlib
+
+    import torch.nn.functional as F
+
+    from tests.fixtures.colbert import SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_tiny_colbert
+    from tests.fixtures.modernbert import SAMPLE_TEXTS, build_tiny_modernbert
+    from tokenpool import LLM, PoolingParams
+
+    backbone = build_tiny_modernbert(tmp_path / "mb")
+    colbert = build_tiny_colbert(tmp_path / "cb", pathlib.Path("unused"), "pylate", backbone="modernbert")
+    texts = SAMPLE_QUERIES + SAMPLE_DOCUMENTS
+    params = [PoolingParams(input_type="query")] * len(SAMPLE_QUERIES) + [PoolingParams()] * len(SAMPLE_DOCUMENTS)
+    for folder, inputs, p in ((backbone, SAMPLE_TEXTS, None), (colbert, texts, params)):
+        runs = [[o.outputs.data for o in LLM(str(folder), dtype=dtype, device=device).encode(
+            inputs, p, pooling_task="token_embed", use_tqdm=False)]
+            for dtype, device in (("float32", "cpu"), ("bfloat16", "cuda"))]
+        for want, got in zip(*runs):
+            assert want.shape == got.shape
+            assert F.cosine_similarity(want, got.float(), dim=-1).min().item() >= 0.99

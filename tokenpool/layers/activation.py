@@ -1,4 +1,4 @@
-"""Gated activations: the MLP's gate and up projections come out of one stacked GEMM."""
+"""Gated activations: the MLP's two halves come out of one stacked GEMM."""
 
 from __future__ import annotations
 
@@ -11,3 +11,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
+
+def gelu_mul(input_gate: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GeGLU's `gelu(input) * gate` for `[tokens, 2 * intermediate]` = (input, gate) side by side (ModernBERT)."""
+    x, gate = input_gate.chunk(2, dim=-1)
+    return F.gelu(x, approximate=approximate) * gate

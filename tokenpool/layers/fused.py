@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from tokenpool.layers.activation import silu_mul
-from tokenpool.layers.norm import add_rms_norm, rms_norm
+from tokenpool.layers.activation import gelu_mul, silu_mul
+from tokenpool.layers.norm import add_pre_layer_norm, add_rms_norm, rms_norm
 from tokenpool.layers.rotary import rotate
 
 logger = logging.getLogger("tokenpool")
@@ -51,7 +51,8 @@ class _CompiledOnCuda:
 
 
 class FusedOps:
-    """The elementwise chains a decoder needs: `rms_norm`, `add_rms_norm`, `rotate`, `silu_mul`.
+    """The elementwise chains of the rotary backbones: `rms_norm`, `add_rms_norm`, `rotate`, `silu_mul` (Qwen2),
+    `add_pre_layer_norm`, `gelu_mul` (ModernBERT).
 
     `compile=False` (or TOKENPOOL_COMPILE=0) gives the plain eager functions; on CPU tensors they are always
     eager (the CPU's time is in the GEMMs and attention, and inductor's first compile costs ~a minute there).
@@ -64,3 +65,5 @@ class FusedOps:
         self.add_rms_norm = wrap(add_rms_norm)
         self.rotate = wrap(rotate)
         self.silu_mul = wrap(silu_mul)
+        self.add_pre_layer_norm = wrap(add_pre_layer_norm)
+        self.gelu_mul = wrap(gelu_mul)

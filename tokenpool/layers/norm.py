@@ -70,6 +70,13 @@ def add_layer_norm_cast(y: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNo
     return out, out.to(gemm_dtype)
 
 
+def add_pre_layer_norm(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: returns (x + delta, layer_norm(x + delta) in the GEMM dtype)."""
+    x = x + delta
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
+
+
 def reference_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """The unfused form, for tests."""
     return F.layer_norm(x + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

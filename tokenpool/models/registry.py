@@ -16,6 +16,7 @@ from tokenpool.loader.st_config import SentenceTransformerConfig
 from tokenpool.loader.weights import checkpoint_files, iterate_weights
 from tokenpool.models.bert import BertModel, position_offset_for
 from tokenpool.models.bge_m3 import build_bge_m3_poolers, has_bge_m3_heads
+from tokenpool.models.modernbert import ModernBertModel
 from tokenpool.models.pooling_model import PoolingModel
 from tokenpool.models.qwen2_5_vl import Qwen2_5_VLModel
 
@@ -32,6 +33,8 @@ ARCHITECTURES = {
     "XLMRobertaForMaskedLM": BertModel,
     "BgeM3EmbeddingModel": BertModel,
     "HF_ColBERT": BertModel,  # Stanford ColBERT
+    "ModernBertModel": ModernBertModel,
+    "ModernBertForMaskedLM": ModernBertModel,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLModel,
     "Qwen2_5_VLModel": Qwen2_5_VLModel,
 }
@@ -64,6 +67,8 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
     with torch.device("meta"):
         extra = {"compile_fused": compile_fused} if getattr(backbone_cls, "compiles_fused_ops", False) else {}
         backbone = backbone_cls(hf_config, position_offset=offset, **extra)
+    if colbert is not None:
+        _check_expansion_window(colbert, backbone)
     backbone = backbone.to(dtype)
     hidden_dtype = dtype
     if device.type == "cpu" and dtype != torch.float32:
@@ -105,6 +110,18 @@ def build_model(model_dir: Path, hf_config, st_config: SentenceTransformerConfig
     max_model_len = hf_config.get_text_config().max_position_embeddings - offset
     model = PoolingModel(backbone, poolers, max_model_len, lexical_head=bge_m3, name=arch, colbert=colbert)
     return model.eval().requires_grad_(False)
+
+
+def _check_expansion_window(colbert, backbone) -> None:
+    """Query expansion positions that are not keys must each see a key in local (windowed) layers. Supported:
+    queries no longer than the window's reach (every query row then sees every key row, as in every released
+    ModernBERT ColBERT: query_length 32, window 64 either side); longer ones have no reference behaviour."""
+    reach = getattr(backbone, "local_window", None)
+    if reach is not None and colbert.expansion and not colbert.attend_expansion and colbert.query_length - 1 > reach:
+        raise ValueError(
+            f"query_length {colbert.query_length} with non-attended query expansion is longer than the local "
+            f"attention window reaches ({reach} tokens each side): expansion positions far from the text would "
+            f"see no key. Supported: query_length <= {reach + 1}, or attend_to_expansion_tokens true.")
 
 
 def _set_aside(weights, names: tuple[str, ...], into: dict):

@@ -1,0 +1,187 @@
+"""ModernBERT over packed variable-length batches (answerdotai/ModernBERT-base and the ColBERT / dense models
+built on it: GTE-ModernColBERT, gte-modernbert-base, ...).
+
+Pre-norm encoder without biases (by default):
+
+    h = LayerNorm_emb(tok_embeddings[ids])                       no position or token-type embeddings
+    layer i: h = h + Wo(Attention(i == 0 ? h : LayerNorm_attn(h)))  rotary q/k, per-layer theta and window
+             h = h + Wo_mlp(gelu(input) * gate), (input, gate) = Wi(LayerNorm_mlp(h))
+    out = LayerNorm_final(h)
+
+Layers alternate between global attention (the whole sequence, theta `global`) and local attention (a token
+sees `local_attention // 2` tokens either side, theta `local`): FlashAttention's window on CUDA, the C
+kernel's window (or a band mask) on the CPU. The config's two forms are read: transformers 4
+(`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) and transformers 5 (`layer_types`,
+`rope_parameters`), the latter deciding where both are present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.fused import FusedOps
+from tokenpool.layers.linear import Linear
+from tokenpool.layers.rotary import RotaryEmbedding
+from tokenpool.loader.mapping import WeightMap, load_weights
+
+# config.hidden_activation -> F.gelu's `approximate`
+_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernBertLayout:
+    """Which layers are local (sliding window) and the rotary theta of each kind, from either config form."""
+
+    local: tuple[bool, ...]
+    window: int  # local_attention: a local layer's token sees window // 2 tokens on each side
+    global_theta: float
+    local_theta: float
+
+    @classmethod
+    def from_config(cls, config) -> "ModernBertLayout":
+        layers = config.num_hidden_layers
+        types = getattr(config, "layer_types", None)
+        if types:  # transformers 5: the list decides (a save may still carry the old integer)
+            if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+                raise ValueError(f"ModernBERT layer_types {types} must name {layers} layers, each "
+                                 "'full_attention' or 'sliding_attention'.")
+            local = tuple(t == "sliding_attention" for t in types)
+        else:  # transformers 4: layer i is global when i % n == 0
+            every = getattr(config, "global_attn_every_n_layers", None) or 3
+            local = tuple(i % every != 0 for i in range(layers))
+        rope = getattr(config, "rope_parameters", None) or {}
+        if "full_attention" in rope:
+            global_theta = rope["full_attention"]["rope_theta"]
+            local_theta = rope.get("sliding_attention", rope["full_attention"])["rope_theta"]
+        else:
+            global_theta = getattr(config, "global_rope_theta", None) or 160000.0
+            # transformers 4: a null local theta means the global one
+            local_theta = getattr(config, "local_rope_theta", None) or global_theta
+        window = int(getattr(config, "local_attention", 128))
+        if any(local) and window < 2:
+            raise ValueError(f"ModernBERT local_attention {window} must be at least 2.")
+        return cls(local, window, float(global_theta), float(local_theta))
+
+
+class ModernBertEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class ModernBertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.Wqkv = Linear(hidden, 3 * hidden, bias=config.attention_bias)
+        self.Wo = Linear(hidden, hidden, bias=config.attention_bias)
+
+
+class ModernBertMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.Wi = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)  # (input, gate)
+        self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+
+class ModernBertLayer(nn.Module):
+    def __init__(self, config, index: int, ops: FusedOps):
+        super().__init__()
+        hidden = config.hidden_size
+        # Layer 0 reads the embedding norm's output directly (transformers: an Identity attention norm).
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.norm_eps, bias=config.norm_bias) if index else None
+        self.attn = ModernBertAttention(config)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=config.norm_eps, bias=config.norm_bias)
+        self.mlp = ModernBertMLP(config)
+        try:
+            self.approximate = _GELU[config.hidden_activation]
+        except KeyError:
+            raise ValueError(f"Unsupported ModernBERT hidden_activation {config.hidden_activation!r}; "
+                             f"supported: {', '.join(_GELU)}.") from None
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream `[T, hidden]` (fp32 under bf16 GEMMs on the CPU); delta: the previous layer's
+        MLP output, not yet added (None for layer 0). Returns (x, this layer's MLP output)."""
+        ops, attn, dtype = self.ops, self.attn, self.attn.Wqkv.weight.dtype
+        if delta is None:
+            a = x.to(dtype)
+        else:
+            x, a = ops.add_pre_layer_norm(delta, x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
+                                          dtype)
+        tokens = x.shape[0]
+        q, k, v = attn.Wqkv(a).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+        cos, sin = rope
+        ctx = varlen_attention(ops.rotate(q, cos, sin), ops.rotate(k, cos, sin), v, meta).reshape(tokens, -1)
+        x, m = ops.add_pre_layer_norm(attn.Wo(ctx), x, self.mlp_norm.weight, self.mlp_norm.bias, self.mlp_norm.eps,
+                                      dtype)
+        return x, self.mlp.Wo(ops.gelu_mul(self.mlp.Wi(m), self.approximate))
+
+
+class ModernBertModel(nn.Module):
+    """The encoder backbone: token ids + per-sequence positions -> final-normed hidden states `[T, hidden]`."""
+
+    compiles_fused_ops = True
+
+    def __init__(self, config, position_offset: int = 0, compile_fused: bool = True):
+        super().__init__()
+        if position_offset:
+            raise ValueError("ModernBERT numbers positions from 0 (rotary); a position offset is not supported.")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                             f"{config.num_attention_heads}.")
+        self.config = config
+        self.layout = ModernBertLayout.from_config(config)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_global = RotaryEmbedding(head_dim, self.layout.global_theta)
+        self.rotary_local = RotaryEmbedding(head_dim, self.layout.local_theta)
+        ops = FusedOps(compile=compile_fused)
+        self.embeddings = ModernBertEmbeddings(config)
+        self.layers = nn.ModuleList(ModernBertLayer(config, i, ops) for i in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def local_window(self) -> int | None:
+        """Tokens a local layer's token sees on each side, or None without local layers."""
+        return self.layout.window // 2 if any(self.layout.local) else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        half = self.layout.window // 2
+        local_meta = dataclasses.replace(meta, window=(half, half))
+        ropes = {False: self.rotary_global(positions)}
+        if any(self.layout.local):
+            ropes[True] = self.rotary_local(positions) if self.layout.local_theta != self.layout.global_theta \
+                else ropes[False]
+        x, delta = self.embeddings(input_ids), None
+        for layer, local in zip(self.layers, self.layout.local):
+            x, delta = layer(x, delta, ropes[local], local_meta if local else meta)
+        if delta is not None:
+            x = x + delta
+        return self.final_norm(x)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a ModernBertModel or ModernBertForMaskedLM checkpoint into this module (the MLM head is skipped)."""
+        load_weights(self, weights, MODERNBERT_WEIGHTS)
+
+
+# Our module names are the checkpoint's: only task-model prefixes and heads differ.
+MODERNBERT_WEIGHTS = WeightMap(
+    prefixes=(("model.", ""), ("0.auto_model.", "")),
+    skip=("head.", "decoder.", "classifier.", "drop."),
+)
