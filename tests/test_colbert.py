@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.fixtures.colbert import DOCUMENT_LENGTH, QUERY_LENGTH, SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_tiny_colbert
+from tests.fixtures.colbert import (DOCUMENT_LENGTH, QUERY_LENGTH, SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_st6_colbert,
+                                   build_tiny_colbert)
 from tests.toolkit import assert_batch_invariant
 from tokenpool import LLM, PoolingParams
 from tokenpool.scoring import maxsim
@@ -25,13 +26,26 @@ VARIANTS = {  # name: (format, attend to the expansion positions, backbone)
     "modernbert": ("pylate", False, "modernbert"),
     "modernbert-attend-two-dense": ("pylate2", True, "modernbert"),
 }
+# sentence-transformers 6 native folders (build_st6_colbert's arguments): expansion strategies, a query cap,
+# the skiplist on both sides, plain-text prompts, the ModernBERT backbone.
+ST6_VARIANTS = {
+    "st6-fixed": dict(expansion={"strategy": "fixed", "attend": False, "length": QUERY_LENGTH}),
+    "st6-min-attend-skip-both": dict(expansion={"strategy": "min", "attend": True, "length": 8}, query_length=12,
+                                     skiplist_tasks=("query", "document")),
+    "st6-no-expansion-text-prompts": dict(expansion=None, query_length=10,
+                                          prompts=("search query: ", "search document: ")),
+    "st6-modernbert": dict(expansion={"strategy": "fixed", "attend": False, "length": QUERY_LENGTH},
+                           backbone="modernbert"),
+}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, minilm_path):
     root = tmp_path_factory.mktemp("colbert")
-    return {name: build_tiny_colbert(root / name, minilm_path, fmt, attend, backbone=backbone)
-            for name, (fmt, attend, backbone) in VARIANTS.items()}
+    built = {name: build_tiny_colbert(root / name, minilm_path, fmt, attend, backbone=backbone)
+             for name, (fmt, attend, backbone) in VARIANTS.items()}
+    built.update({name: build_st6_colbert(root / name, minilm_path, **kwargs) for name, kwargs in ST6_VARIANTS.items()})
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +76,14 @@ def _assert_rows_equal(ours, theirs):
         assert F.cosine_similarity(o, r.float(), dim=-1).min().item() >= 0.99999
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [*VARIANTS, *ST6_VARIANTS])
 def test_queries_and_documents_equal_the_reference(name, models, references):
     llm, (ref_queries, ref_documents) = models[name], references[name]
     queries, documents = _encode(llm, SAMPLE_QUERIES, "query"), _encode(llm, SAMPLE_DOCUMENTS)
     _assert_rows_equal(queries, ref_queries)
     _assert_rows_equal(documents, ref_documents)
-    assert all(q.shape[0] == QUERY_LENGTH for q in queries)  # expanded (or truncated) to the query length
+    if name in VARIANTS:  # expanded (or truncated) to the query length
+        assert all(q.shape[0] == QUERY_LENGTH for q in queries)
     assert max(d.shape[0] for d in documents) <= DOCUMENT_LENGTH
     ours = np.array([[maxsim(q.numpy(), d.numpy()) for d in documents] for q in queries])
     theirs = np.array([[maxsim(q.numpy(), d.numpy()) for d in ref_documents] for q in ref_queries])

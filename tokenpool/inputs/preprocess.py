@@ -136,8 +136,9 @@ class InputProcessor:
     def _process_colbert(self, prompts: Sequence[PromptType], limit: int | None, first_index: int,
                          input_types: Sequence[str | None] | None) -> list[ProcessedPrompt]:
         """Texts in their mode: [first, marker] + text ids (truncated to the mode's length, and to `limit`) +
-        [last], queries expanded with the mask token. Token-id prompts are taken as the model's input as they
-        are (markers included, no expansion); a document's skiplist applies to both."""
+        [last], queries expanded with the mask token; a prompt (sentence-transformers 6's markers) is prepended
+        to the text. Token-id prompts are taken as the model's input as they are (markers included, no
+        expansion); the skiplist applies to both."""
         colbert = self.colbert
         modes = list(input_types) if input_types is not None else [None] * len(prompts)
         texts: dict[int, str] = {}
@@ -156,12 +157,12 @@ class InputProcessor:
                 raise ValueError(f"Prompt {i} must be a str, a TextPrompt or a TokensPrompt.")
         out: list[ProcessedPrompt | None] = [None] * len(prompts)
         if texts:
-            for j, ids in zip(texts, self.tokenize(list(texts.values()), None, add_special_tokens=False)):
+            prompted = [colbert.prompt(modes[j] or "document") + text for j, text in texts.items()]
+            for j, ids in zip(texts, self.tokenize(prompted, None, add_special_tokens=False)):
                 token_ids, num_keys, keep = colbert.build(ids, modes[j] or "document", limit)
                 out[j] = ProcessedPrompt(token_ids, num_keys=num_keys, keep_rows=keep)
         for j, ids in given.items():
-            keep = colbert.document_rows(ids) if (modes[j] or "document") == "document" else None
-            out[j] = ProcessedPrompt(ids, keep_rows=keep)
+            out[j] = ProcessedPrompt(ids, keep_rows=colbert.kept_rows(ids, modes[j] or "document"))
         for j, p in enumerate(out):
             self.check_length(p.token_ids, first_index + j)
         return out  # type: ignore[return-value]
