@@ -70,6 +70,19 @@ def test_fused_elementwise_chains_equal_eager(tokens):
         (fused.add_pre_layer_norm(delta, x, weight, None, 1e-5, dt)[1],
          norm.add_pre_layer_norm(delta, x, weight, None, 1e-5, dt)[1]),
     ]
+    # The hand-written Triton kernels: GeGLU with exact GELU; rotary in place on the q and k heads of a fused
+    # qkv (16 + 2 heads of 128, as Qwen2.5-VL's; and ModernBERT's 12 + 12 of 64).
+    from tokenpool.layers.activation import exact_gelu_mul_cuda
+    from tokenpool.layers.rotary import rotate_heads_cuda_
+
+    pairs.append((exact_gelu_mul_cuda(gate_up), activation.gelu_mul(gate_up, "none")))
+    for heads, head_dim in ((18, 128), (24, 64)):
+        qkv = torch.randn(tokens, (heads + 6) * head_dim, device="cuda", dtype=dt)
+        c, s = rotary.RotaryEmbedding(head_dim, 160000.0)(torch.randint(0, 500, (tokens,), device="cuda"))
+        want = torch.cat([rotary.rotate(qkv[:, :heads * head_dim].view(tokens, heads, head_dim), c, s).flatten(1),
+                          qkv[:, heads * head_dim:]], dim=1)
+        assert rotate_heads_cuda_(qkv, c, s, heads, head_dim)
+        pairs.append((qkv, want))
     for got, want in pairs:
         assert got.shape == want.shape and got.dtype == want.dtype
         # One bf16 rounding apart at most (the fused kernel keeps fp32 between ops where eager rounds).

@@ -42,3 +42,51 @@ class RotaryEmbedding:
             freqs = per_freq.float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs have no Triton
+    triton = None
+
+
+def rotate_heads_cuda_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> bool:
+    """Rotate, in place, the first `heads` heads of every row of a CUDA `[T, width]` (a fused qkv output: the
+    q heads and then the k heads) by `[T, head_dim]` cos / sin, in fp32: `rotate` of those heads, without the
+    copies. Returns False (nothing done) where the Triton kernel does not apply.
+
+    torch.compile's dynamic-shape kernel of `rotate` on the strided q / k views moved ~0.6 TB/s on an H200
+    (runtime-stride divisions per element): a quarter of ModernBERT-base's forward time.
+    """
+    half = head_dim // 2
+    if (triton is None or not x.is_cuda or x.dim() != 2 or x.stride(1) != 1 or head_dim % 2 or cos.stride(1) != 1 or sin.stride() != cos.stride()
+            or x.shape[1] < heads * head_dim):
+        return False
+    n = x.shape[0] * heads * half  # (token, head, d < half) triples, one flat range
+    if n:
+        _rotate_kernel[(triton.cdiv(n, _BLOCK),)](x, cos, sin, n, x.stride(0), cos.stride(0), HEADS=heads, HALF=half,
+                                                 BLOCK=_BLOCK, num_warps=4)
+    return True
+
+
+_BLOCK = 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_kernel(x_ptr, cos_ptr, sin_ptr, n, row_stride, cos_stride, HEADS: tl.constexpr, HALF: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        t = i // (HEADS * HALF)  # divisions by compile-time constants
+        h = (i // HALF) % HEADS
+        d = i % HALF
+        first = x_ptr + t * row_stride + h * (2 * HALF) + d
+        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * cos_stride + d, mask=mask, other=0.0).to(tl.float32)  # cos / sin: first half
+        s = tl.load(sin_ptr + t * cos_stride + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(first, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(first + HALF, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)

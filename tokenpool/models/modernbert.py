@@ -23,10 +23,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tokenpool.layers.activation import exact_gelu_mul_cuda
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.fused import FusedOps
 from tokenpool.layers.linear import Linear
-from tokenpool.layers.rotary import RotaryEmbedding
+from tokenpool.layers.rotary import RotaryEmbedding, rotate_heads_cuda_
 from tokenpool.loader.mapping import WeightMap, load_weights
 
 # config.hidden_activation -> F.gelu's `approximate`
@@ -122,12 +123,17 @@ class ModernBertLayer(nn.Module):
             x, a = ops.add_pre_layer_norm(delta, x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
                                           dtype)
         tokens = x.shape[0]
-        q, k, v = attn.Wqkv(a).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+        qkv = attn.Wqkv(a)
         cos, sin = rope
-        ctx = varlen_attention(ops.rotate(q, cos, sin), ops.rotate(k, cos, sin), v, meta).reshape(tokens, -1)
+        q, k, v = qkv.view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+        if not rotate_heads_cuda_(qkv, cos, sin, 2 * attn.num_heads, attn.head_dim):  # in place on CUDA
+            q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
+        ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
         x, m = ops.add_pre_layer_norm(attn.Wo(ctx), x, self.mlp_norm.weight, self.mlp_norm.bias, self.mlp_norm.eps,
                                       dtype)
-        return x, self.mlp.Wo(ops.gelu_mul(self.mlp.Wi(m), self.approximate))
+        h = self.mlp.Wi(m)
+        act = exact_gelu_mul_cuda(h) if self.approximate == "none" else None
+        return x, self.mlp.Wo(act if act is not None else ops.gelu_mul(h, self.approximate))
 
 
 class ModernBertModel(nn.Module):

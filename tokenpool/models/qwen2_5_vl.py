@@ -28,7 +28,7 @@ from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.fused import FusedOps
 from tokenpool.layers.linear import Linear
 from tokenpool.layers.norm import RMSNorm
-from tokenpool.layers.rotary import RotaryEmbedding, inverse_frequencies
+from tokenpool.layers.rotary import RotaryEmbedding, inverse_frequencies, rotate_heads_cuda_
 from tokenpool.loader.mapping import WeightMap, load_weights
 from tokenpool.multimodal.types import BatchImages
 
@@ -64,10 +64,10 @@ class Qwen2DecoderLayer(nn.Module):
             h = ops.rms_norm(x, norm.weight, norm.eps).to(dtype)
         else:
             x, h = ops.add_rms_norm(delta, x, norm.weight, norm.eps, dtype)
-        q, k, v = self.qkv(h).split(self.sizes, dim=-1)
-        q = ops.rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(h)
+        q, k, v = (t.view(tokens, -1, self.head_dim) for t in qkv.split(self.sizes, dim=-1))
+        if not rotate_heads_cuda_(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim):  # in place
+            q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
         norm = self.post_attention_layernorm
         x, h = ops.add_rms_norm(self.o_proj(ctx), x, norm.weight, norm.eps, dtype)
