@@ -54,3 +54,15 @@ def test_require_passes_when_installed():
     with pytest.raises(KeyError):
         require("no-such-extra")
     assert issubclass(MissingExtraError, ImportError)
+
+
+def test_embed_corpus_without_the_ray_extra_is_one_line(tmp_path):
+    proc = _without(["ray"], f"from tokenpool.entrypoints.cli import main; main(['embed-corpus', {str(tmp_path)!r}, "
+                             f"{str(tmp_path / 'out')!r}])")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "tokenpool embed-corpus: tokenpool embed-corpus needs the 'ray' extra (missing: ray): "
+        "pip install 'tokenpool[ray]'"], proc.stderr
+    proc = _without(["ray"], "from tokenpool.ray import embed_dataset\n"
+                             "try:\n    embed_dataset(None, None)\nexcept ImportError as e:\n    print('ERR', e)\n")
+    assert "ERR tokenpool.ray.embed_dataset needs the 'ray' extra (missing: ray)" in proc.stdout, proc.stderr

@@ -15,6 +15,7 @@ EXTRAS = {
     "server": ("the HTTP server (tokenpool serve)", ("fastapi", "starlette", "pydantic", "uvicorn", "orjson",
                                                      "prometheus_client")),
     "image": ("Reading images", ("PIL",)),
+    "ray": ("tokenpool on Ray (embed_dataset, embed-corpus)", ("ray", "pyarrow")),
 }
 
 

