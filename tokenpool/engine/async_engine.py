@@ -120,6 +120,16 @@ class AsyncLLMEngine:
         """Prompts queued and not yet finished (in the inbox or in the core)."""
         return self._in_inbox + len(self._fed)
 
+    @property
+    def num_running(self) -> int:
+        """Prompts handed to the engine core (scheduled into batches), not yet finished."""
+        return len(self._fed)
+
+    @property
+    def num_queued(self) -> int:
+        """Prompts submitted but not yet handed to the engine core."""
+        return self._in_inbox
+
     # ----- API for handlers (event loop thread) -----
     async def run_in_tokenizer_thread(self, fn: Callable[..., _T], *args: Any, inline: bool = False) -> _T:
         """Run `fn(*args)` on the tokenizer thread (`TokenizerThread.run`; inline for tiny inputs)."""

@@ -72,6 +72,12 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
+    on_ray = serve.add_argument_group("Ray Serve (the 'ray' extra)")
+    on_ray.add_argument("--ray-replicas", type=_positive_int, default=None,
+                        help="Serve with N replicas (one engine each) on Ray Serve, same routes (default: no Ray).")
+    on_ray.add_argument("--ray-gpus-per-replica", type=float, default=0, help="0: CPU replicas; 1: a GPU each.")
+    on_ray.add_argument("--ray-cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica.")
+    on_ray.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
     serve.set_defaults(func=_serve)
 
     corpus = verbs.add_parser(
@@ -123,6 +129,8 @@ def _serve(args: argparse.Namespace) -> None:
     from tokenpool.extras import require
 
     require("server")  # before the model loads: a missing package should cost no wait
+    if args.ray_replicas is not None:
+        require("ray", "tokenpool serve --ray-replicas")
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             sys.exit(f"tokenpool serve: MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one.")
@@ -145,6 +153,12 @@ def _serve(args: argparse.Namespace) -> None:
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains or [],
     )
+    if args.ray_replicas is not None:
+        from tokenpool.ray import serve as ray_serve
+
+        ray_serve.run(engine_args, config, replicas=args.ray_replicas, gpus_per_replica=args.ray_gpus_per_replica,
+                      cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address)
+        return
     run_server(engine_args, config, log_level=args.uvicorn_log_level,
                access_log=not args.disable_uvicorn_access_log)
 

@@ -40,7 +40,9 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *,
     state = ServingState(engine, config, metrics, default_task, load)
     engine.on_step = metrics.on_step
     engine.expected_callers = load.expected
-    metrics.bind_engine(lambda: engine.num_waiting, lambda: engine.is_healthy, lambda: engine.counters.aborted)
+    metrics.bind_engine(lambda: engine.num_waiting, lambda: engine.is_healthy, lambda: engine.counters.aborted,
+                        running=lambda: engine.num_running, queued=lambda: engine.num_queued,
+                        model_name=state.model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -38,11 +38,20 @@ class ServerMetrics:
         self.aborted = Gauge("tokenpool_aborted_prompts", "Prompts dropped before running because their client "
                              "disconnected (since start).", registry=r)
         self.engine_healthy = Gauge("tokenpool_engine_healthy", "1 while the engine loop is alive.", registry=r)
+        # vLLM's names, which load-aware routers (e.g. the Gateway API inference extension) read
+        self.vllm_running = Gauge("vllm:num_requests_running", "Prompts in the engine core (vLLM's name).",
+                                  ["model_name"], registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Prompts queued for the engine core (vLLM's name).",
+                                  ["model_name"], registry=r)
 
     def bind_engine(self, num_waiting: Callable[[], int], healthy: Callable[[], bool],
-                    aborted: Callable[[], int]) -> None:
+                    aborted: Callable[[], int], running: Callable[[], int] | None = None,
+                    queued: Callable[[], int] | None = None, model_name: str = "") -> None:
         """Gauges read from the engine when scraped."""
         self.queue_depth.set_function(num_waiting)
+        if running is not None and queued is not None:
+            self.vllm_running.labels(model_name=model_name).set_function(running)
+            self.vllm_waiting.labels(model_name=model_name).set_function(queued)
         self.engine_healthy.set_function(lambda: 1.0 if healthy() else 0.0)
         self.aborted.set_function(aborted)
 
