@@ -204,3 +204,81 @@ def test_embed_corpus_errors_are_one_line(minilm_path, tmp_path):
     proc = _cli(str(tmp_path / "nothing-here"), str(tmp_path / "out"), "--model", str(minilm_path))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "No Parquet or JSONL files" in out and "Traceback" not in out
+
+
+# ----- vector stores as sinks -----
+
+def _token_dataset(minilm_path, texts, ids):
+    ds = ray.data.from_items(_rows(ids, texts), override_num_blocks=2)
+    return embed_dataset(ds, str(minilm_path), num_replicas=1, num_cpus_per_replica=0.5, batch_size=16,
+                         output_dtype="float32", dtype="float32")
+
+
+def _maxsim_ranking(query: np.ndarray, docs: dict) -> list:
+    from tokenpool.scoring import maxsim
+
+    return sorted(docs, key=lambda i: -maxsim(query, docs[i]))
+
+
+def test_lancedb_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, tmp_path):
+    pytest.importorskip("lancedb")
+    from tokenpool.ray.sinks import write_lancedb
+
+    ids = [f"doc-{i}" for i in range(12)]
+    docs = TEXTS[:12]
+    table = write_lancedb(_token_dataset(minilm_path, docs, ids), str(tmp_path / "db"), "passages")
+    stored = {r["id"]: np.asarray(r["embedding"], np.float32) for r in table.to_arrow().to_pylist()}
+    expected = dict(zip(ids, (t.numpy() for t in _expected(minilm_path, docs, "token_embed"))))
+    assert stored.keys() == expected.keys()
+    for i in ids:
+        assert np.allclose(stored[i], expected[i], atol=1e-6)
+    query = _expected(minilm_path, ["late interaction passage"], "token_embed")[0].numpy()
+    hits = table.search(query.tolist(), vector_column_name="embedding").limit(5).to_arrow()
+    assert hits.column("id").to_pylist() == _maxsim_ranking(query, expected)[:5]
+    with pytest.raises(ValueError, match="already exists"):
+        write_lancedb(_token_dataset(minilm_path, docs[:2], ids[:2]), str(tmp_path / "db"), "passages")
+
+
+def test_qdrant_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, tiny_bge_m3, tmp_path):
+    pytest.importorskip("qdrant_client")
+    from tokenpool.ray.sinks import point_id, write_qdrant
+
+    ids = [f"doc-{i}" for i in range(12)]
+    docs = TEXTS[:12]
+    url = os.environ.get("QDRANT_URL")
+    where = {"url": url} if url else {"path": str(tmp_path / "qdrant")}
+    name = f"passages_{os.getpid()}"
+    client = write_qdrant(_token_dataset(minilm_path, docs, ids), name, **where)
+    expected = dict(zip(ids, (t.numpy() for t in _expected(minilm_path, docs, "token_embed"))))
+    points = client.retrieve(name, ids=[point_id(i) for i in ids], with_vectors=True, with_payload=True)
+    assert {p.payload["id"] for p in points} == set(ids)
+    for p in points:
+        assert np.allclose(np.asarray(p.vector["embedding"], np.float32), expected[p.payload["id"]], atol=1e-5)
+    query = _expected(minilm_path, ["late interaction passage"], "token_embed")[0].numpy()
+    hits = client.query_points(name, query=query.tolist(), using="embedding", limit=5, with_payload=True).points
+    from tokenpool.scoring import maxsim
+
+    assert [h.payload["id"] for h in hits] == _maxsim_ranking(query, expected)[:5]
+    assert all(abs(h.score - maxsim(query, expected[h.payload["id"]])) < 1e-3 * abs(h.score) for h in hits)
+    # BGE-M3's "all": the colbert multivector plus a dense vector in one collection
+    all_ds = embed_dataset(ray.data.from_items(_rows(ids, docs)), str(tiny_bge_m3), task="all", num_replicas=1,
+                           num_cpus_per_replica=0.5, output_dtype="float32", dtype="float32")
+    write_qdrant(all_ds, name + "_m3", client=client)
+    info = client.get_collection(name + "_m3").config.params.vectors
+    assert set(info) == {"colbert", "dense"} and info["colbert"].multivector_config is not None
+    assert info["colbert"].hnsw_config.m == 0
+    if url:
+        client.delete_collection(name)
+        client.delete_collection(name + "_m3")
+
+
+def test_qdrant_refuses_a_document_over_its_multivector_cap(ray_cluster, tmp_path):
+    pytest.importorskip("qdrant_client")
+    from tokenpool.ray.sinks import write_qdrant
+
+    big = np.zeros((1025, 1024), np.float32)  # 1,049,600 floats > 1,048,576
+    big[:, 0] = 1
+    table = pa.table({"id": ["huge"], "num_tokens": pa.array([1025], pa.int32()),
+                      "embedding": pa.array([big.tolist()], pa.list_(pa.list_(pa.float32(), 1024)))})
+    with pytest.raises(ValueError, match="over Qdrant's 1,048,576-float multivector limit"):
+        write_qdrant(ray.data.from_arrow(table), "big", path=str(tmp_path / "q"))

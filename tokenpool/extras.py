@@ -16,6 +16,8 @@ EXTRAS = {
                                                      "prometheus_client")),
     "image": ("Reading images", ("PIL",)),
     "ray": ("tokenpool on Ray (embed_dataset, embed-corpus)", ("ray", "pyarrow")),
+    "lance": ("Writing to LanceDB", ("lancedb", "lance")),
+    "qdrant": ("Writing to Qdrant", ("qdrant_client",)),
 }
 
 
