@@ -13,19 +13,14 @@ import torch.nn.functional as F
 
 from tests.fixtures.colbert import (DOCUMENT_LENGTH, QUERY_LENGTH, SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_st6_colbert,
                                    build_tiny_colbert)
+from tests.reference import pylate_colbert as pylate_reference
 from tests.toolkit import assert_batch_invariant
 from tokenpool import LLM, PoolingParams
 from tokenpool.scoring import maxsim
 
-VARIANTS = {  # name: (format, attend to the expansion positions, backbone)
-    "pylate": ("pylate", False, "bert"),
-    "pylate-attend": ("pylate", True, "bert"),
-    "pylate-two-dense-residual": ("pylate2", False, "bert"),
-    "stanford": ("stanford", False, "bert"),
-    # GTE-ModernColBERT's layout: documents longer than the local window's reach, queries not
-    "modernbert": ("pylate", False, "modernbert"),
-    "modernbert-attend-two-dense": ("pylate2", True, "modernbert"),
-}
+# name: (format, attend to the expansion positions, backbone): the folders PyLate's outputs are stored for
+# (tests/reference/pylate_colbert.py), but the dual one, which sentence-transformers 6.2 misreads (below)
+VARIANTS = {name: spec for name, spec in pylate_reference.FOLDERS.items() if name != "dual"}
 # sentence-transformers 6 native folders (build_st6_colbert's arguments): expansion strategies, a query cap,
 # the skiplist on both sides, plain-text prompts, the ModernBERT backbone.
 ST6_VARIANTS = {

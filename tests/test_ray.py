@@ -282,3 +282,24 @@ def test_qdrant_refuses_a_document_over_its_multivector_cap(ray_cluster, tmp_pat
                       "embedding": pa.array([big.tolist()], pa.list_(pa.list_(pa.float32(), 1024)))})
     with pytest.raises(ValueError, match="over Qdrant's 1,048,576-float multivector limit"):
         write_qdrant(ray.data.from_arrow(table), "big", path=str(tmp_path / "q"))
+
+
+def test_embed_corpus_to_a_lance_table(minilm_path, tmp_path):
+    lancedb = pytest.importorskip("lancedb")
+    _write_inputs(tmp_path / "in", files=3, rows=10)
+    common = ["--model", str(minilm_path), "--dtype", "float32", "--output-dtype", "float32", "--no-progress",
+              "--cpus-per-replica", "1"]
+    proc = _cli(str(tmp_path / "in"), str(tmp_path / "db"), "--format", "lance", "--table", "passages", *common)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    table = lancedb.connect(str(tmp_path / "db")).open_table("passages").to_arrow()
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(f * 1000 + i for f in range(3) for i in range(10))  # each row once
+    assert not (tmp_path / "db" / "_parts").exists()
+    texts = {f * 1000 + i: f"file {f} row {i} " + "words " * (i % 11) for f in range(3) for i in range(10)}
+    want = _expected(minilm_path, [texts[i] for i in ids], "token_embed")
+    for got, w in zip(table.column("embedding").to_pylist(), want):
+        assert np.allclose(np.asarray(got, np.float32), w.numpy(), atol=1e-5)
+    again = _cli(str(tmp_path / "in"), str(tmp_path / "db"), "--format", "lance", "--table", "passages", *common)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "0 files embedded" in out

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("ray", reason="pip install 'tokenpool[ray]'")
 pytest.importorskip("ray.serve")
 
-from tests.server_fixtures import REPO_ROOT, serve  # noqa: E402
+from tests.server_fixtures import REPO_ROOT, free_port, serve  # noqa: E402
 
 SERVED_NAME = "BAAI/bge-m3"
 TEXTS = ["Hello world", "Bonjour le monde, le chat est très rapide!", "dense sparse colbert: retrieval ☃ 42"]
@@ -23,7 +23,10 @@ TEXTS = ["Hello world", "Bonjour le monde, le chat est très rapide!", "dense sp
 @pytest.fixture(scope="module")
 def servers(tiny_bge_m3):
     args = [str(tiny_bge_m3), "--served-model-name", SERVED_NAME, "--dtype", "float32"]
-    with serve(args) as plain, serve([*args, "--ray-replicas", "2", "--ray-cpus-per-replica", "0.5"]) as on_ray:
+    metrics_port = free_port()
+    with serve(args) as plain, serve([*args, "--ray-replicas", "2", "--ray-cpus-per-replica", "0.5",
+                                      "--ray-metrics-port", str(metrics_port)]) as on_ray:
+        on_ray.metrics_port = metrics_port
         yield plain, on_ray
 
 
@@ -78,3 +81,27 @@ def test_health_and_metrics_with_vllm_gauges(servers):
         assert f'vllm:num_requests_running{{model_name="{SERVED_NAME}"}}' in metrics
         assert f'vllm:num_requests_waiting{{model_name="{SERVED_NAME}"}}' in metrics
         assert "tokenpool_http_requests_total" in metrics
+
+
+def test_per_replica_series_in_rays_metrics_export(servers):
+    """Through the proxy /metrics is one replica's; Ray's export has one series per replica."""
+    import re
+    import time
+
+    _, on_ray = servers
+    for _ in range(4):  # some traffic, so that the step counters exist
+        _post(on_ray, "/pooling", {"input": TEXTS, "task": "embed"})
+    deadline, seen = time.time() + 90, {}
+    while time.time() < deadline:
+        try:
+            text = requests.get(f"http://127.0.0.1:{on_ray.metrics_port}/metrics", timeout=5).text
+        except requests.RequestException:
+            text = ""
+        seen = {name: set(re.findall(rf'^ray_{name}(?:_total)?{{[^}}]*replica="([^"]+)"', text, re.M))
+                for name in ("tokenpool_num_requests_running", "tokenpool_engine_healthy", "tokenpool_engine_steps")}
+        if len(seen["tokenpool_num_requests_running"]) == 2 and seen["tokenpool_engine_steps"]:
+            break
+        time.sleep(2)
+    assert len(seen["tokenpool_num_requests_running"]) == 2, seen  # one series per replica
+    assert seen["tokenpool_engine_healthy"] == seen["tokenpool_num_requests_running"]
+    assert seen["tokenpool_engine_steps"] and seen["tokenpool_engine_steps"] <= seen["tokenpool_num_requests_running"]

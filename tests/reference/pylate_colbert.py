@@ -30,6 +30,7 @@ FOLDERS = {
     "pylate-two-dense-residual": ("pylate2", False, "bert"),
     "stanford": ("stanford", False, "bert"),
     "dual": ("dual", False, "bert"),
+    # GTE-ModernColBERT's layout: documents longer than the local window's reach, queries not
     "modernbert": ("pylate", False, "modernbert"),
     "modernbert-attend-two-dense": ("pylate2", True, "modernbert"),
 }

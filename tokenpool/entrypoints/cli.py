@@ -78,6 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
     on_ray.add_argument("--ray-gpus-per-replica", type=float, default=0, help="0: CPU replicas; 1: a GPU each.")
     on_ray.add_argument("--ray-cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica.")
     on_ray.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
+    on_ray.add_argument("--ray-metrics-port", type=int, default=None,
+                        help="Port of the local Ray's Prometheus export: per-replica series (tag replica).")
     serve.set_defaults(func=_serve)
 
     corpus = verbs.add_parser(
@@ -91,7 +93,10 @@ def make_parser() -> argparse.ArgumentParser:
     job = corpus.add_argument_group("job")
     job.add_argument("--text-column", default="text")
     job.add_argument("--id-column", default="id")
-    job.add_argument("--format", default="parquet", choices=["parquet"], help="Output format (Parquet).")
+    job.add_argument("--format", default="parquet", choices=["parquet", "lance"],
+                     help="parquet: OUTPUT is a folder of Parquet files, one per input file; lance: OUTPUT is a "
+                          "LanceDB database folder that gets the table --table (needs the 'lance' extra).")
+    job.add_argument("--table", default="embeddings", help="The LanceDB table name (--format lance).")
     job.add_argument("--output-dtype", default="float16", choices=["float16", "float32"])
     job.add_argument("--input-type", default=None, choices=["query", "document"],
                      help="Encoding mode of models with modes (ColBERT; default: document).")
@@ -157,7 +162,8 @@ def _serve(args: argparse.Namespace) -> None:
         from tokenpool.ray import serve as ray_serve
 
         ray_serve.run(engine_args, config, replicas=args.ray_replicas, gpus_per_replica=args.ray_gpus_per_replica,
-                      cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address)
+                      cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address,
+                      metrics_port=args.ray_metrics_port)
         return
     run_server(engine_args, config, log_level=args.uvicorn_log_level,
                access_log=not args.disable_uvicorn_access_log)
@@ -181,7 +187,8 @@ def _embed_corpus(args: argparse.Namespace) -> None:
             args.input, args.output, engine.model, task=args.task or "token_embed", text_column=args.text_column,
             id_column=args.id_column, output_dtype=args.output_dtype, input_type=args.input_type,
             ray_address=args.ray_address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-            cpus_per_replica=args.cpus_per_replica, progress=not args.no_progress, engine_kwargs=engine_kwargs)
+            cpus_per_replica=args.cpus_per_replica, progress=not args.no_progress, engine_kwargs=engine_kwargs,
+            format=args.format, table_name=args.table)
     except ValueError as e:
         sys.exit(f"tokenpool embed-corpus: {e}")
     print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "

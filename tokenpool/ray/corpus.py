@@ -12,7 +12,8 @@ of written rows after the write: it is not used here, because a driver killed be
 its checkpoint would write those rows twice on resume, where the per-file rename cannot duplicate.)
 
 Outputs are written by the actors: on a multi-node cluster OUTPUT must be a path every node sees (a shared
-filesystem). Rows of one input file go to one output file in their input order.
+filesystem). Rows of one input file go to one output file in their input order. `format="lance"` makes these
+Parquet parts first, then one Lance table from them (see `embed_corpus`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -139,9 +141,52 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
                  text_column: str = "text", id_column: str = "id", output_dtype: str = "float16",
                  input_type: str | None = None, ray_address: str | None = None, replicas: int = 1,
                  gpus_per_replica: float = 0, cpus_per_replica: float | None = None, progress: bool = True,
-                 engine_kwargs: dict[str, Any] | None = None) -> dict[str, int]:
-    """Embed every row of `inputs` into `output` (a folder of Parquet files, one per input file); returns
-    {"files": embedded now, "skipped": already done, "rows": ..., "tokens": ...}. See the module doc."""
+                 engine_kwargs: dict[str, Any] | None = None, format: str = "parquet",
+                 table_name: str = "embeddings") -> dict[str, int]:
+    """Embed every row of `inputs` into `output`; returns {"files": embedded now, "skipped": already done,
+    "rows": ..., "tokens": ...}. See the module doc.
+
+    format "parquet": `output` is a folder of Parquet files, one per input file. format "lance": `output` is
+    a LanceDB database folder that gets the table `table_name` (`<output>/<table_name>.lance`): the per-file
+    Parquet parts are made first, resumable as above, in `<output>/_parts/`; once all exist they are streamed
+    into a Lance dataset written under a temporary name and renamed into place, then the parts are deleted.
+    A run that finds the table already there has nothing to do.
+    """
+    if format not in ("parquet", "lance"):
+        raise ValueError(f"format must be 'parquet' or 'lance', got {format!r}.")
+    args = dict(model=model, task=task, text_column=text_column, id_column=id_column, output_dtype=output_dtype,
+                input_type=input_type, ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                cpus_per_replica=cpus_per_replica, progress=progress, engine_kwargs=engine_kwargs)
+    if format == "parquet":
+        return _embed_files(inputs, Path(output), **args)
+    from tokenpool.extras import require
+
+    require("lance", "embed-corpus --format lance")
+    import lance
+    import pyarrow.dataset as pds
+
+    root = Path(output)
+    final = root / f"{table_name}.lance"
+    if final.exists():
+        logger.info("embed-corpus: the Lance table %s exists: nothing to do", final)
+        return {"files": 0, "skipped": len(list_inputs(inputs)), "rows": 0, "tokens": 0}
+    parts = root / "_parts"
+    summary = _embed_files(inputs, parts, **args)
+    for stale in root.glob(f".{table_name}.lance{TMP_MARK}*"):
+        shutil.rmtree(stale)
+    tmp = root / f".{table_name}.lance{TMP_MARK}{uuid.uuid4().hex}"
+    lance.write_dataset(pds.dataset(sorted(str(p) for p in parts.glob("*.parquet"))).scanner(batch_size=4096)
+                        .to_reader(), str(tmp))
+    os.replace(tmp, final)  # a directory rename: the table appears whole
+    shutil.rmtree(parts)
+    return summary
+
+
+def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, text_column: str, id_column: str,
+                 output_dtype: str, input_type: str | None, ray_address: str | None, replicas,
+                 gpus_per_replica: float, cpus_per_replica: float | None, progress: bool,
+                 engine_kwargs: dict[str, Any] | None) -> dict[str, int]:
+    """The Parquet job: one output file per input file in `out_dir` (see the module doc)."""
     import ray
     import ray.data
 
@@ -150,7 +195,6 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
     check_output_dtype(output_dtype)
     pool = actor_pool(replicas)
     files = list_inputs(inputs)
-    out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"*{TMP_MARK}*"):  # left by an interrupted run
         stale.unlink()

@@ -5,16 +5,19 @@ errors, auth and limits) over its own engine; Ray Serve's proxy spreads requests
     ray.serve.run(app, route_prefix="/")          # or: tokenpool serve MODEL --ray-replicas 2
 
 A replica answers Ray Serve's health checks from its engine thread's health (a dead engine loop gets the
-replica replaced). `/health` and `/metrics` are answered by whichever replica the proxy picks: each replica
-exports its own Prometheus registry, with vLLM's `vllm:num_requests_running` / `vllm:num_requests_waiting`
-gauges next to tokenpool's own names; scrape the replicas directly (Ray's metrics agent, or one
-`tokenpool serve` process per GPU behind any load balancer, see the README) for per-replica series.
+replica replaced). `/health` and `/metrics` through the proxy are answered by whichever replica it picks
+(each has its own registry, vLLM's gauges included). Per-replica series go through Ray's own metrics export
+(each node's metrics agent, `ray.init(_metrics_export_port=...)`; `tokenpool serve --ray-metrics-port`), one
+series per replica (tag `replica`): `ray_tokenpool_num_requests_running`, `ray_tokenpool_num_requests_waiting`,
+`ray_tokenpool_engine_healthy` (gauges, updated every second), `ray_tokenpool_engine_steps_total` and
+`ray_tokenpool_engine_tokens_total` (counters).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -45,7 +48,47 @@ class TokenpoolReplica:
 
         pooler = self.engine_args.pooler_config
         default_task = self.engine_args.task or (pooler.task if pooler is not None else None)
-        return build_app(self.engine, self.config, default_task=default_task)
+        app = build_app(self.engine, self.config, default_task=default_task)
+        self._export_metrics()  # after build_app, which installs the engine's step hook
+        return app
+
+    def _export_metrics(self) -> None:
+        """This replica's series in Ray's metrics export (tag `replica`): gauges refreshed every second by a
+        daemon thread, step counters from the engine thread's step hook."""
+        import threading
+
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"replica": serve.get_replica_context().replica_id.unique_id}
+        engine = self.engine
+        gauges = [
+            (Gauge("tokenpool_num_requests_running", "Prompts in the engine core.", tag_keys=("replica",)),
+             lambda: engine.num_running),
+            (Gauge("tokenpool_num_requests_waiting", "Prompts queued for the engine core.", tag_keys=("replica",)),
+             lambda: engine.num_queued),
+            (Gauge("tokenpool_engine_healthy", "1 while the engine loop is alive.", tag_keys=("replica",)),
+             lambda: 1.0 if engine.is_healthy else 0.0),
+        ]
+        steps = Counter("tokenpool_engine_steps", "Engine steps (batches) run.", tag_keys=("replica",))
+        tokens = Counter("tokenpool_engine_tokens", "Tokens run through the model.", tag_keys=("replica",))
+        previous = engine.on_step
+
+        def on_step(stats) -> None:
+            if previous is not None:
+                previous(stats)
+            steps.inc(1, tags=tags)
+            if stats.num_tokens:
+                tokens.inc(stats.num_tokens, tags=tags)
+
+        engine.on_step = on_step
+
+        def refresh() -> None:
+            while True:
+                for gauge, read in gauges:
+                    gauge.set(read(), tags=tags)
+                time.sleep(1.0)
+
+        threading.Thread(target=refresh, name="tokenpool-ray-metrics", daemon=True).start()
 
     def check_health(self) -> None:
         if not self.engine.is_healthy:
@@ -78,12 +121,12 @@ def serve_app(model: str | None = None, *, num_replicas: int | tuple[int, int] =
 
 
 def run(engine_args: EngineArgs, config: ServerConfig, *, replicas: int, gpus_per_replica: float = 0,
-        cpus_per_replica: float | None = None, ray_address: str | None = None) -> None:
+        cpus_per_replica: float | None = None, ray_address: str | None = None,
+        metrics_port: int | None = None) -> None:
     """`tokenpool serve MODEL --ray-replicas N`: start (or join) Ray, serve on config.host:config.port until
     SIGINT / SIGTERM."""
     import os
     import signal
-    import time
 
     import ray
 
@@ -91,8 +134,9 @@ def run(engine_args: EngineArgs, config: ServerConfig, *, replicas: int, gpus_pe
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # SIGINT already raises KeyboardInterrupt
-    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
-             **({} if ray_address else {"num_cpus": os.cpu_count()}))
+    local = {} if ray_address else {"num_cpus": os.cpu_count(),
+                                    **({"_metrics_export_port": metrics_port} if metrics_port else {})}
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, **local)
     try:
         kwargs = {f: getattr(engine_args, f) for f in engine_args.__dataclass_fields__ if f != "model"}
         app = serve_app(engine_args.model, num_replicas=replicas, num_gpus_per_replica=gpus_per_replica,
