@@ -154,7 +154,8 @@ def _outputs(folder: pathlib.Path) -> dict:
     return {name: (t.column("id").to_pylist(), t.column("embedding").to_pylist()) for name, t in tables.items()}
 
 
-def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL of the process group", "SIGINT to the driver"])
+def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_path, how):
     _write_inputs(tmp_path / "in")
     common = ["--model", str(minilm_path), "--dtype", "float32", "--output-dtype", "float32", "--no-progress",
               "--cpus-per-replica", "1"]
@@ -167,8 +168,14 @@ def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_pat
     deadline = time.time() + 240
     while not list((tmp_path / "out").glob("*.parquet")) and time.time() < deadline and killed.poll() is None:
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-job
-    killed.wait()
+    if how.startswith("SIGKILL"):
+        os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-job
+    else:
+        os.kill(killed.pid, signal.SIGINT)  # Ctrl-C
+    killed.wait(timeout=120)
+    if how.startswith("SIGINT"):
+        assert killed.returncode != 0
+        time.sleep(3)  # the local Ray's processes wind down
     done_before = {p.name for p in (tmp_path / "out").glob("*.parquet")}
     assert 1 <= len(done_before) < 6, done_before
 

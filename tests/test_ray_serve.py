@@ -84,13 +84,17 @@ def test_health_and_metrics_with_vllm_gauges(servers):
 
 
 def test_per_replica_series_in_rays_metrics_export(servers):
-    """Through the proxy /metrics is one replica's; Ray's export has one series per replica."""
+    """Through the proxy /metrics is one replica's; Ray's export has one series per replica, and 16 concurrent
+    requests are spread over both replicas (each ran engine steps)."""
     import re
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     _, on_ray = servers
-    for _ in range(4):  # some traffic, so that the step counters exist
-        _post(on_ray, "/pooling", {"input": TEXTS, "task": "embed"})
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: _post(on_ray, "/pooling", {"input": TEXTS, "task": "embed"}).status_code,
+                              range(16)))
+    assert codes == [200] * 16
     deadline, seen = time.time() + 90, {}
     while time.time() < deadline:
         try:
@@ -99,9 +103,9 @@ def test_per_replica_series_in_rays_metrics_export(servers):
             text = ""
         seen = {name: set(re.findall(rf'^ray_{name}(?:_total)?{{[^}}]*replica="([^"]+)"', text, re.M))
                 for name in ("tokenpool_num_requests_running", "tokenpool_engine_healthy", "tokenpool_engine_steps")}
-        if len(seen["tokenpool_num_requests_running"]) == 2 and seen["tokenpool_engine_steps"]:
+        if len(seen["tokenpool_num_requests_running"]) == 2 and len(seen["tokenpool_engine_steps"]) == 2:
             break
         time.sleep(2)
     assert len(seen["tokenpool_num_requests_running"]) == 2, seen  # one series per replica
     assert seen["tokenpool_engine_healthy"] == seen["tokenpool_num_requests_running"]
-    assert seen["tokenpool_engine_steps"] and seen["tokenpool_engine_steps"] <= seen["tokenpool_num_requests_running"]
+    assert seen["tokenpool_engine_steps"] == seen["tokenpool_num_requests_running"]  # both replicas served
