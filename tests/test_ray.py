@@ -229,7 +229,7 @@ def _maxsim_ranking(query: np.ndarray, docs: dict) -> list:
 
 def test_lancedb_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, tmp_path):
     pytest.importorskip("lancedb")
-    from tokenpool.ray.sinks import write_lancedb
+    from tokenpool.ray import write_lancedb
 
     ids = [f"doc-{i}" for i in range(12)]
     docs = TEXTS[:12]
@@ -248,7 +248,8 @@ def test_lancedb_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, 
 
 def test_qdrant_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, tiny_bge_m3, tmp_path):
     pytest.importorskip("qdrant_client")
-    from tokenpool.ray.sinks import point_id, write_qdrant
+    from tokenpool.ray import write_qdrant
+    from tokenpool.ray.sinks import point_id
 
     ids = [f"doc-{i}" for i in range(12)]
     docs = TEXTS[:12]
@@ -281,7 +282,7 @@ def test_qdrant_sink_round_trips_and_ranks_by_maxsim(ray_cluster, minilm_path, t
 
 def test_qdrant_refuses_a_document_over_its_multivector_cap(ray_cluster, tmp_path):
     pytest.importorskip("qdrant_client")
-    from tokenpool.ray.sinks import write_qdrant
+    from tokenpool.ray import write_qdrant
 
     big = np.zeros((1025, 1024), np.float32)  # 1,049,600 floats > 1,048,576
     big[:, 0] = 1
@@ -310,3 +311,14 @@ def test_embed_corpus_to_a_lance_table(minilm_path, tmp_path):
     again = _cli(str(tmp_path / "in"), str(tmp_path / "db"), "--format", "lance", "--table", "passages", *common)
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "0 files embedded" in out
+
+
+def test_serve_app_checks_its_arguments_on_the_driver(minilm_path):
+    from tokenpool.ray import serve_app
+
+    app = serve_app(str(minilm_path), num_replicas=(1, 2), dtype="float32")  # autoscaling between 1 and 2
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match="num_replicas must be"):
+        serve_app(str(minilm_path), num_replicas=0)
+    with pytest.raises(TypeError, match="Unknown engine argument"):
+        serve_app(str(minilm_path), dtyp="float32")

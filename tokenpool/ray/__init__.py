@@ -2,6 +2,8 @@
 
     embed_dataset(ds, model, task="token_embed", ...)   a Ray Data dataset in, one with the embeddings out
     tokenpool embed-corpus INPUT OUTPUT --model M          the same job over Parquet / JSONL files, resumable
+    serve_app(model, num_replicas=N, ...)                  tokenpool serve's app on Ray Serve replicas
+    write_lancedb(ds, uri, table) / write_qdrant(ds, name) embed_dataset's output into a vector store
 
 One engine per replica actor, built once (`map_batches` with a callable class and an actor pool), fed
 batches of rows that it packs into its own forward batches. An actor that dies is restarted by Ray and the
@@ -16,8 +18,18 @@ from typing import Any
 
 from tokenpool.extras import require
 from tokenpool.ray.arrow import TASKS, check_output_dtype, outputs_table
+from tokenpool.ray.sinks import write_lancedb, write_qdrant
 
-__all__ = ["embed_dataset", "Embedder"]
+__all__ = ["embed_dataset", "serve_app", "write_lancedb", "write_qdrant", "Embedder"]
+
+
+def serve_app(model: str | None = None, **kwargs):
+    """`tokenpool.ray.serve.serve_app` (imported on use: it needs Ray Serve); see there."""
+    require("ray", "tokenpool.ray.serve_app")
+    require("server", "tokenpool.ray.serve_app")
+    from tokenpool.ray.serve import serve_app as build
+
+    return build(model, **kwargs)
 
 # Test hook: an actor whose process finds this file missing creates it and dies in the middle of a batch
 # (once per file: the restarted actor finds it). Used by the tests to prove that nothing is lost or
