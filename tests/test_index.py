@@ -1,0 +1,136 @@
+"""`MultiVectorIndex` with the exact codecs against brute-force MaxSim, upsert / delete semantics, and
+durability: an index killed (SIGKILL) in the middle of an `add` reopens holding all or none of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tokenpool.index import MultiVectorIndex
+from tokenpool.scoring import maxsim
+
+DIM = 128  # ColBERT checkpoints: 96-128
+
+
+_TOPICS = np.random.default_rng(123).standard_normal((24, DIM))
+
+
+def _docs(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Normalized token matrices of 1..39 rows shaped like a ColBERT model's: rows near a few shared "topic"
+    directions, so that query and document rows have the high cosines (~0.6-0.9) real token embeddings have."""
+    rng = np.random.default_rng(seed)
+    mats = []
+    for _ in range(n):
+        rows = int(rng.integers(1, 40))
+        m = _TOPICS[rng.integers(0, len(_TOPICS), rows)] + 0.6 * rng.standard_normal((rows, DIM))
+        mats.append((m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))
+    return mats
+
+
+def _brute(query: np.ndarray, docs: dict, k: int) -> list[tuple]:
+    scores = {i: maxsim(query, m) for i, m in docs.items()}
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
+def test_exact_codecs_return_the_brute_force_top_k(tmp_path, codec):
+    docs = _docs(120)
+    ids = [f"d{i}" if i % 2 else i for i in range(len(docs))]  # str and int ids side by side
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM, codec=codec)
+    index.add(ids[:70], docs[:70])
+    index.add(ids[70:], [torch.from_numpy(m) for m in docs[70:]])  # torch tensors too
+    queries = [m for m in _docs(5, seed=1)]
+    stored = {i: index.get(i) for i in ids}  # what the codec keeps
+    original = dict(zip(ids, docs))
+    for query, hits in zip(queries, index.search(queries, k=10)):
+        want = _brute(query, stored, 10)
+        assert [h[0] for h in hits] == [w[0] for w in want]
+        assert np.allclose([h[1] for h in hits], [w[1] for w in want], rtol=1e-5)
+        exact = [maxsim(query, original[h[0]]) for h in hits]
+        assert np.allclose([h[1] for h in hits], exact, rtol=1e-6 if codec == "float32" else 1e-3)
+    stats = index.stats()
+    assert stats["documents"] == 120 and stats["codec"] == codec
+    assert stats["tokens"] == sum(m.shape[0] for m in docs)
+    assert stats["bytes_per_token"] == {"float32": 512, "float16": 256, "int8": 132}[codec]
+
+
+def test_upsert_delete_get_and_reopen(tmp_path):
+    docs = _docs(10)
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM, codec="float32")
+    index.add(list(range(10)), docs, metadata=[{"n": i} for i in range(10)])
+    replacement = _docs(1, seed=9)[0]
+    index.add([3, "new"], [replacement, docs[0]], metadata=[{"n": "three"}, None])  # 3 is replaced
+    assert len(index) == 11 and 3 in index and "new" in index and "3" not in index
+    assert np.array_equal(index.get(3), replacement) and index.metadata(3) == {"n": "three"}
+    with pytest.raises(ValueError, match="Unknown id"):
+        index.delete([4, "missing"])
+    assert 4 in index  # nothing of that call applied
+    index.delete([4, "new"])
+    assert len(index) == 9 and 4 not in index
+    hits = index.search([replacement], k=20)[0]
+    assert [h[0] for h in hits].count(3) == 1 and 4 not in [h[0] for h in hits]
+    again = MultiVectorIndex.open(tmp_path / "ix")
+    assert len(again) == 9 and sorted(again._where, key=str) == sorted(index._where, key=str)
+    assert again.search([replacement], k=3) == index.search([replacement], k=3)
+    assert isinstance(again.search([docs[5]], k=1)[0][0][0], int)  # ids keep their type
+    with pytest.raises(KeyError):
+        again.get(4)
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path):
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM)
+    with pytest.raises(ValueError, match="expected \\[n, 128\\]"):
+        index.add([1], [np.zeros((3, 8))])
+    with pytest.raises(ValueError, match="ids repeat"):
+        index.add([1, 1], _docs(2))
+    with pytest.raises(ValueError, match="must be an int or a str"):
+        index.add([1.5], _docs(1))
+    with pytest.raises(ValueError, match="no rows"):
+        index.add([1], [np.zeros((0, DIM))])
+    with pytest.raises(ValueError, match="already holds an index"):
+        MultiVectorIndex.create(tmp_path / "ix", DIM)
+    with pytest.raises(ValueError, match="holds no index"):
+        MultiVectorIndex.open(tmp_path / "nothing")
+    assert len(index) == 0 and [f.name for f in (tmp_path / "ix").iterdir()] == ["manifest.json"]
+
+
+_WRITER = """
+import sys, numpy as np
+from tokenpool.index import MultiVectorIndex
+index = MultiVectorIndex.open(sys.argv[1])
+rng = np.random.default_rng(0)
+for call in range(10_000):
+    ids = [call * 100 + i for i in range(100)]
+    index.add(ids, [np.full((30, 128), call, np.float32) + rng.standard_normal((30, 128)).astype(np.float32)
+                    for _ in ids])
+    print(call, flush=True)
+"""
+
+
+def test_a_kill_in_the_middle_of_add_leaves_all_or_none_of_it(tmp_path):
+    MultiVectorIndex.create(tmp_path / "ix", DIM, codec="float16")
+    for delay in (0.8, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "ix")], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        proc.stdout.readline()  # at least one add is done
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        index = MultiVectorIndex.open(tmp_path / "ix")
+        assert len(index) % 100 == 0 and len(index) >= 100  # whole add calls only
+        calls = {i // 100 for i in index._where}
+        for call in calls:
+            block = index.get(call * 100 + 99)  # the last document of each call that is there
+            assert block.shape == (30, 128) and abs(float(block.mean()) - call) < 0.5
+        manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+        referenced = {f"{s['name']}.{x}" for s in manifest["segments"] for x in ("codes.npy", "docs.json")}
+        referenced |= {s["deleted"] for s in manifest["segments"] if s["deleted"]}  # the second run upserts
+        assert {f.name for f in (tmp_path / "ix").iterdir()} == referenced | {"manifest.json"}  # debris removed

@@ -1,0 +1,341 @@
+"""`MultiVectorIndex`: token matrices on disk, searched by exact MaxSim (codecs float32, float16, int8).
+
+A folder:
+
+    manifest.json          {"format", "dim", "codec", "segments": [{"name", "docs", "tokens", "deleted"}]}
+    seg-000001.codes.npy   [tokens, dim] codes of one `add` call (float32 / float16 / int8), memory-mapped
+    seg-000001.scales.npy  int8 only: [tokens] float32 per-row scales (x = code * scale)
+    seg-000001.docs.json   the call's ids (with their types), token offsets and metadata
+    seg-000001.del-3.npy   the segment's deleted document positions as of manifest version 3
+
+Durability: an `add` writes its segment files, fsyncs them, then commits a new manifest (written to a
+temporary file, fsynced, renamed over the old one, directory fsynced). The manifest is the only source of
+truth: a crash (kill -9) before the rename leaves the old manifest and unreferenced files, which `open`
+deletes, so an index always holds all or none of an `add`. `delete` and the replacement part of an upsert
+commit new deletion files the same way. Segments are never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CODECS = ("float32", "float16", "int8")
+_FORMAT = "tokenpool-multivector-index/1"
+_MANIFEST = "manifest.json"
+# Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
+_SCAN_TOKENS = 1 << 16
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, write) -> None:
+    """Write `path` through a temporary file: write(tmp_path), fsync, rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _as_matrix(vectors, dim: int, index: int) -> np.ndarray:
+    """One document's `[n, dim]` float32 matrix from a numpy array, a torch tensor or nested lists."""
+    if hasattr(vectors, "detach"):  # torch
+        vectors = vectors.detach().to("cpu").float().numpy()
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ValueError(f"vectors[{index}] has shape {tuple(matrix.shape)}; expected [n, {dim}].")
+    if matrix.shape[0] == 0:
+        raise ValueError(f"vectors[{index}] has no rows: a document needs at least one vector.")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"vectors[{index}] holds NaN or infinite values.")
+    return matrix
+
+
+def _check_id(value, index: int):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"ids[{index}] must be an int or a str, got {type(value).__name__} {value!r}.")
+    return value
+
+
+@dataclass
+class _Segment:
+    name: str
+    codes: np.ndarray  # [tokens, dim], memory-mapped
+    scales: np.ndarray | None  # [tokens] for int8
+    ids: list
+    offsets: np.ndarray  # [docs + 1] token offsets
+    metadata: list | None
+    deleted: np.ndarray  # bool [docs]
+
+    def decode(self, start: int, stop: int) -> np.ndarray:
+        block = np.asarray(self.codes[start:stop], dtype=np.float32)
+        if self.scales is not None:
+            block *= self.scales[start:stop, None]
+        return block
+
+
+class MultiVectorIndex:
+    """Token matrices under stable external ids, searched by exact MaxSim. See the module doc.
+
+    Thread-safe: writers take a lock; a search works on the segments and deletions of one committed
+    version, so it sees each add entirely or not at all.
+    """
+
+    def __init__(self, path: Path, manifest: dict, segments: list[_Segment]):
+        self.path = path
+        self.dim: int = manifest["dim"]
+        self.codec: str = manifest["codec"]
+        self._manifest = manifest
+        self._segments = segments
+        self._lock = threading.Lock()
+        self._where: dict = {}  # id -> (segment index, document position)
+        for s, seg in enumerate(segments):
+            for d, doc_id in enumerate(seg.ids):
+                if not seg.deleted[d]:
+                    self._where[doc_id] = (s, d)
+
+    # ----- create / open -----
+    @classmethod
+    def create(cls, path: str | os.PathLike, dim: int, *, codec: str = "float16") -> "MultiVectorIndex":
+        """A new, empty index in the folder `path` (which must not hold an index yet)."""
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}.")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}.")
+        root = Path(path)
+        if (root / _MANIFEST).exists():
+            raise ValueError(f"{root} already holds an index; open it with MultiVectorIndex.open.")
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": _FORMAT, "dim": dim, "codec": codec, "version": 0, "next_segment": 1, "segments": []}
+        _write_durably(root / _MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
+        return cls(root, manifest, [])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "MultiVectorIndex":
+        """Open an index (memory-mapped: nothing is read into RAM but ids and offsets). Files of an interrupted
+        write, not referenced by the manifest, are deleted."""
+        root = Path(path)
+        try:
+            manifest = json.loads((root / _MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{root} holds no index (no {_MANIFEST}); create one with MultiVectorIndex.create.") \
+                from None
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"{root}/{_MANIFEST} is not a tokenpool multi-vector index.")
+        segments = [cls._load_segment(root, entry) for entry in manifest["segments"]]
+        referenced = {_MANIFEST}
+        for entry in manifest["segments"]:
+            referenced |= {f"{entry['name']}.codes.npy", f"{entry['name']}.scales.npy", f"{entry['name']}.docs.json"}
+            if entry.get("deleted"):
+                referenced.add(entry["deleted"])
+        for f in root.iterdir():
+            if f.is_file() and f.name not in referenced and (f.name.startswith("seg-") or f.name.endswith(".tmp")):
+                f.unlink()  # left by a write that never committed
+        return cls(root, manifest, segments)
+
+    @staticmethod
+    def _load_segment(root: Path, entry: dict) -> _Segment:
+        name = entry["name"]
+        docs = json.loads((root / f"{name}.docs.json").read_text())
+        codes = np.load(root / f"{name}.codes.npy", mmap_mode="r")
+        scales_file = root / f"{name}.scales.npy"
+        scales = np.load(scales_file) if scales_file.exists() else None
+        deleted = np.zeros(len(docs["ids"]), dtype=bool)
+        if entry.get("deleted"):
+            deleted[np.load(root / entry["deleted"])] = True
+        return _Segment(name, codes, scales, docs["ids"], np.asarray(docs["offsets"], dtype=np.int64),
+                        docs.get("metadata"), deleted)
+
+    # ----- reads -----
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, doc_id) -> bool:
+        return doc_id in self._where
+
+    def get(self, doc_id) -> np.ndarray:
+        """The stored matrix of `doc_id`, decoded to float32 `[n, dim]`."""
+        s, d = self._locate(doc_id)
+        seg = self._segments[s]
+        return np.array(seg.decode(int(seg.offsets[d]), int(seg.offsets[d + 1])))  # a copy, writable
+
+    def metadata(self, doc_id):
+        s, d = self._locate(doc_id)
+        meta = self._segments[s].metadata
+        return None if meta is None else meta[d]
+
+    def _locate(self, doc_id) -> tuple[int, int]:
+        try:
+            return self._where[doc_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"No document with id {doc_id!r} in the index.") from None
+
+    def stats(self) -> dict:
+        segments = self._segments
+        tokens = sum(int(seg.offsets[-1] - seg.offsets[0]) for seg in segments)
+        live_tokens = sum(int(seg.offsets[d + 1] - seg.offsets[d]) for s, d in self._where.values()
+                          for seg in (segments[s],))
+        bytes_on_disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        per_token = {"float32": 4 * self.dim, "float16": 2 * self.dim, "int8": self.dim + 4}[self.codec]
+        return {"documents": len(self._where), "tokens": live_tokens, "stored_tokens": tokens, "dim": self.dim,
+                "codec": self.codec, "bytes_per_token": per_token, "bytes_on_disk": bytes_on_disk,
+                "segments": len(segments)}
+
+    # ----- writes -----
+    def add(self, ids: Sequence, vectors: Sequence, metadata: Sequence | None = None) -> None:
+        """Add documents (an id already in the index is replaced: upsert). All or nothing, durable on return."""
+        ids = [_check_id(i, k) for k, i in enumerate(ids)]
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids but {len(vectors)} vector matrices.")
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != len(ids):
+                raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata entries.")
+            try:
+                json.dumps(metadata)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"metadata must be JSON-serializable: {e}") from None
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids repeat within one add call.")
+        if not ids:
+            return
+        matrices = [_as_matrix(v, self.dim, k) for k, v in enumerate(vectors)]
+        with self._lock:
+            manifest = json.loads(json.dumps(self._manifest))  # the next version, committed below
+            name = f"seg-{manifest['next_segment']:06d}"
+            manifest["next_segment"] += 1
+            manifest["version"] += 1
+            flat = np.concatenate(matrices)
+            offsets = np.zeros(len(matrices) + 1, dtype=np.int64)
+            np.cumsum([m.shape[0] for m in matrices], out=offsets[1:])
+            codes, scales = self._encode(flat)
+            root = self.path
+            np.save(root / f"{name}.codes.npy", codes)
+            if scales is not None:
+                np.save(root / f"{name}.scales.npy", scales)
+            (root / f"{name}.docs.json").write_text(json.dumps({"ids": ids, "offsets": offsets.tolist(),
+                                                                "metadata": metadata}))
+            for suffix in ("codes.npy", "docs.json", *(("scales.npy",) if scales is not None else ())):
+                with open(root / f"{name}.{suffix}", "rb+") as f:
+                    os.fsync(f.fileno())
+            replaced = {doc_id: self._where[doc_id] for doc_id in ids if doc_id in self._where}
+            deletions = self._deletions(manifest, replaced.values())
+            manifest["segments"].append({"name": name, "docs": len(ids), "tokens": int(offsets[-1]), "deleted": None})
+            self._commit(manifest)
+            segment = self._load_segment(root, manifest["segments"][-1])
+            self._apply(manifest, deletions, new_segment=segment)
+
+    def delete(self, ids: Sequence) -> None:
+        """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return."""
+        with self._lock:
+            unknown = [i for i in ids if i not in self._where]
+            if unknown:
+                raise ValueError(f"Unknown id(s) {unknown[:5]!r}{'...' if len(unknown) > 5 else ''}: nothing deleted.")
+            if not ids:
+                return
+            manifest = json.loads(json.dumps(self._manifest))
+            manifest["version"] += 1
+            deletions = self._deletions(manifest, [self._where[i] for i in ids])
+            self._commit(manifest)
+            self._apply(manifest, deletions)
+
+    def _encode(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.codec == "float32":
+            return flat, None
+        if self.codec == "float16":
+            return flat.astype(np.float16), None
+        scales = np.abs(flat).max(axis=1) / 127.0  # per row: x = code * scale
+        scales[scales == 0] = 1.0
+        return np.clip(np.rint(flat / scales[:, None]), -127, 127).astype(np.int8), scales.astype(np.float32)
+
+    def _deletions(self, manifest: dict, where) -> dict[int, np.ndarray]:
+        """Write the new deletion files of the segments that lose documents (not yet committed)."""
+        by_segment: dict[int, list[int]] = {}
+        for s, d in where:
+            by_segment.setdefault(s, []).append(d)
+        result = {}
+        for s, positions in by_segment.items():
+            seg = self._segments[s]
+            deleted = seg.deleted.copy()
+            deleted[positions] = True
+            name = f"{seg.name}.del-{manifest['version']}.npy"
+            path = self.path / name
+            np.save(path, np.flatnonzero(deleted))
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            manifest["segments"][s]["deleted"] = name
+            result[s] = deleted
+        return result
+
+    def _commit(self, manifest: dict) -> None:
+        _write_durably(self.path / _MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
+
+    def _apply(self, manifest: dict, deletions: dict[int, np.ndarray], new_segment: _Segment | None = None) -> None:
+        """The committed version in memory: new segment lists and id map (searches in flight keep the old)."""
+        old_files = {self._manifest["segments"][s]["deleted"] for s in deletions}
+        segments = list(self._segments)
+        where = dict(self._where)
+        for s, deleted in deletions.items():
+            seg = segments[s]
+            segments[s] = _Segment(seg.name, seg.codes, seg.scales, seg.ids, seg.offsets, seg.metadata, deleted)
+            for d in np.flatnonzero(deleted & ~seg.deleted):
+                where.pop(seg.ids[d], None)
+        if new_segment is not None:
+            segments.append(new_segment)
+            for d, doc_id in enumerate(new_segment.ids):
+                where[doc_id] = (len(segments) - 1, d)
+        self._segments, self._where, self._manifest = segments, where, manifest
+        for name in old_files - {None}:
+            (self.path / name).unlink(missing_ok=True)
+
+    # ----- search -----
+    def search(self, queries: Sequence, k: int = 10) -> list[list[tuple]]:
+        """Per query (an `[m, dim]` matrix), the `k` best documents as (id, MaxSim score), best first.
+        MaxSim = sum over query rows of the best dot product with the document's rows (exact, every document)."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}.")
+        mats = [_as_matrix(q, self.dim, i) for i, q in enumerate(queries)]
+        segments, live = self._segments, len(self._where)  # one committed version
+        results = []
+        for q in mats:
+            ids, scores = [], []
+            for seg in segments:
+                doc_scores = self._maxsim_segment(q, seg)
+                doc_scores[seg.deleted] = -np.inf
+                take = min(k, len(doc_scores))
+                best = np.argpartition(-doc_scores, take - 1)[:take]
+                ids += [seg.ids[i] for i in best if np.isfinite(doc_scores[i])]
+                scores += [float(doc_scores[i]) for i in best if np.isfinite(doc_scores[i])]
+            order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
+            results.append([(ids[i], scores[i]) for i in order])
+        return results
+
+    def _maxsim_segment(self, q: np.ndarray, seg: _Segment) -> np.ndarray:
+        """MaxSim of query `q` against every document of `seg`, scanned in token blocks of whole documents."""
+        offsets = seg.offsets
+        docs = len(offsets) - 1
+        out = np.empty(docs, dtype=np.float64)
+        start_doc = 0
+        while start_doc < docs:
+            stop_doc = int(np.searchsorted(offsets, offsets[start_doc] + _SCAN_TOKENS, side="right")) - 1
+            stop_doc = max(stop_doc, start_doc + 1)
+            t0, t1 = int(offsets[start_doc]), int(offsets[stop_doc])
+            scores = q @ seg.decode(t0, t1).T  # [m, tokens of these documents]
+            best = np.maximum.reduceat(scores, offsets[start_doc:stop_doc] - t0, axis=1)  # [m, docs]
+            out[start_doc:stop_doc] = best.sum(axis=0, dtype=np.float64)
+            start_doc = stop_doc
+        return out
