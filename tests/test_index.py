@@ -134,3 +134,25 @@ def test_a_kill_in_the_middle_of_add_leaves_all_or_none_of_it(tmp_path):
         referenced = {f"{s['name']}.{x}" for s in manifest["segments"] for x in ("codes.npy", "docs.json")}
         referenced |= {s["deleted"] for s in manifest["segments"] if s["deleted"]}  # the second run upserts
         assert {f.name for f in (tmp_path / "ix").iterdir()} == referenced | {"manifest.json"}  # debris removed
+
+
+def test_llm_add_to_index_and_search_in_document_and_query_modes(tmp_path, minilm_path):
+    """On a ColBERT checkpoint: documents go in in document mode, queries in query mode, and the results equal
+    LLM.score's MaxSim ranking, which encodes the two sides the same way."""
+    from tests.fixtures.colbert import SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_tiny_colbert
+    from tokenpool import LLM
+
+    llm = LLM(str(build_tiny_colbert(tmp_path / "cb", minilm_path, "pylate")), dtype="float32")
+    dim = llm.llm_engine.info.output_dims["token_embed"]
+    index = MultiVectorIndex.create(tmp_path / "ix", dim, codec="float32")
+    ids = [f"doc-{i}" for i in range(len(SAMPLE_DOCUMENTS))]
+    llm.add_to_index(index, ids, SAMPLE_DOCUMENTS, use_tqdm=False)
+    for query, hits in zip(SAMPLE_QUERIES, llm.search(SAMPLE_QUERIES, index, k=len(ids))):
+        scores = [s.outputs.score for s in llm.score(query, SAMPLE_DOCUMENTS, pooling_task="token_embed",
+                                                     use_tqdm=False)]
+        want = sorted(zip(ids, scores), key=lambda kv: -kv[1])
+        assert [h[0] for h in hits] == [w[0] for w in want]
+        assert np.allclose([h[1] for h in hits], [w[1] for w in want], rtol=1e-5)
+    wrong = MultiVectorIndex.create(tmp_path / "wrong", dim + 1)
+    with pytest.raises(ValueError, match=f"holds {dim + 1}-dim vectors"):
+        llm.search("a query", wrong)

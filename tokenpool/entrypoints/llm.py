@@ -151,6 +151,34 @@ class LLM:
             for (a, b), score in zip(key_pairs, scores)
         ]
 
+    def add_to_index(self, index, ids: Sequence, texts: PromptType | Sequence[PromptType],
+                     metadata: Sequence | None = None, *, use_tqdm: bool = True) -> None:
+        """Embed `texts` (token_embed; document mode for models with modes) and add them to `index` (a
+        `tokenpool.index.MultiVectorIndex`) under `ids`; an id already there is replaced."""
+        prompts = _as_list(texts)
+        if len(prompts) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(prompts)} texts.")
+        outputs = self.encode(prompts, self._side_params("document"), use_tqdm=use_tqdm, pooling_task="token_embed")
+        self._check_index_dim(index, outputs)
+        index.add(list(ids), [o.outputs.data for o in outputs], metadata)
+
+    def search(self, queries: PromptType | Sequence[PromptType], index, k: int = 10, *,
+               use_tqdm: bool = False) -> list[list[tuple]]:
+        """Per query, the `k` best documents of `index` as (id, MaxSim score), best first; queries are
+        embedded with token_embed (query mode for models with modes)."""
+        prompts = _as_list(queries)
+        outputs = self.encode(prompts, self._side_params("query"), use_tqdm=use_tqdm, pooling_task="token_embed")
+        self._check_index_dim(index, outputs)
+        return index.search([o.outputs.data for o in outputs], k=k)
+
+    def _side_params(self, side: str) -> PoolingParams | None:
+        return PoolingParams(input_type=side) if self.llm_engine.info.input_types else None
+
+    def _check_index_dim(self, index, outputs) -> None:
+        dim = self.llm_engine.info.output_dims["token_embed"]
+        if index.dim != dim:
+            raise ValueError(f"The index holds {index.dim}-dim vectors; this model's token_embed rows have {dim}.")
+
     # ----- internals -----
     def _params_list(self, pooling_params, n: int, task: str) -> list[PoolingParams]:
         if pooling_params is None:
