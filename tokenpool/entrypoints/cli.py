@@ -69,6 +69,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="file:// image URLs are read only inside this folder (default: never).")
     server.add_argument("--allowed-media-domains", nargs="+", default=None,
                         help="http(s) image URLs are fetched only from these hosts (default: never).")
+    server.add_argument("--index", default=None, metavar="DIR",
+                        help="Serve a multi-vector index from DIR (created if missing): /v1/index/documents, "
+                             "/v1/index/delete, /v1/search, GET /v1/index.")
+    server.add_argument("--index-codec", default="float16", choices=["float32", "float16", "int8"],
+                        help="Codec of a new --index.")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
@@ -157,6 +162,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_request_body_bytes=args.max_request_body_bytes,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains or [],
+        index_dir=args.index, index_codec=args.index_codec,
     )
     if args.ray_replicas is not None:
         from tokenpool.ray import serve as ray_serve
@@ -165,8 +171,11 @@ def _serve(args: argparse.Namespace) -> None:
                       cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address,
                       metrics_port=args.ray_metrics_port)
         return
-    run_server(engine_args, config, log_level=args.uvicorn_log_level,
-               access_log=not args.disable_uvicorn_access_log)
+    try:
+        run_server(engine_args, config, log_level=args.uvicorn_log_level,
+                   access_log=not args.disable_uvicorn_access_log)
+    except ValueError as e:  # a model or an --index that cannot be served: one line, no traceback
+        sys.exit(f"tokenpool serve: {e}")
 
 
 def _embed_corpus(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from tokenpool.engine.async_engine import AsyncLLMEngine
+import tokenpool.entrypoints.server.routes_index as routes_index
 import tokenpool.entrypoints.server.routes_misc as routes_misc
 import tokenpool.entrypoints.server.routes_pooling as routes_pooling
 import tokenpool.entrypoints.server.routes_score as routes_score
@@ -21,7 +22,7 @@ from tokenpool.version import __version__
 
 # Routes that do model or tokenizer work: they count against --max-concurrent-requests.
 LIMITED_PATHS = frozenset({"/pooling", "/v1/embeddings", "/v1/bge_m3", "/score", "/v1/score", "/rerank",
-                           "/v1/rerank", "/tokenize", "/detokenize"})
+                           "/v1/rerank", "/tokenize", "/detokenize"}) | routes_index.INDEX_PATHS
 
 _DESCRIPTION = """Pooling models over HTTP, wire-compatible with vLLM's pooling routes and OpenAI embeddings.
 Every task the model supports is served: `/pooling` picks it with `task`. Errors have the body
@@ -54,7 +55,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None, *,
     app = FastAPI(title="tokenpool", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.serving = state
     install_error_handlers(app)
-    routers = [module.router for module in (routes_pooling, routes_score, routes_misc)]
+    routers = [module.router for module in (routes_pooling, routes_score, routes_index, routes_misc)]
     for router in routers:
         app.include_router(router)
     known = frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))

@@ -8,7 +8,7 @@ OpenAPI schema that FastAPI publishes.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
@@ -368,3 +368,31 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ----- the multi-vector index (tokenpool serve --index DIR) -----
+DocumentId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1)]]
+
+
+class IndexDocumentsRequest(OpenAIBaseModel):
+    """POST /v1/index/documents: embed `input` in document mode and add it under `ids` (upsert)."""
+
+    ids: list[DocumentId] = Field(min_length=1, description="The caller's ids (int >= 0 or str), one per input.")
+    input: list[str] = Field(min_length=1, description="The documents' texts.")
+    metadata: list[dict[str, Any] | None] | None = Field(None, description="Optional JSON object per document.")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the first n tokens.")
+
+
+class IndexDeleteRequest(OpenAIBaseModel):
+    """POST /v1/index/delete: remove documents (all or nothing: an unknown id is a 404)."""
+
+    ids: list[DocumentId] = Field(min_length=1)
+
+
+class SearchRequest(OpenAIBaseModel):
+    """POST /v1/search: the `k` best documents per query, by MaxSim (queries embedded in query mode)."""
+
+    model: str | None = None
+    query: str | list[str] = Field(description="One query or a list.")
+    k: int = Field(10, ge=1, le=10000)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)

@@ -43,6 +43,8 @@ class ServerConfig:
     max_request_body_bytes: int | None = 64 * 1024 * 1024
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
+    index_dir: str | None = None  # a MultiVectorIndex folder: /v1/index/*, /v1/search (created if missing)
+    index_codec: str = "float16"  # for a new index
 
 
 class ServingState:
@@ -78,6 +80,24 @@ class ServingState:
         else:
             self.default_task = "token_embed" if "token_embed" in self.tasks else self.tasks[0]
         self.output_dims = info.output_dims
+        self.index = self._open_index(config) if config.index_dir else None
+
+    def _open_index(self, config: ServerConfig):
+        """The --index folder's index, created with the model's token_embed width if it holds none yet."""
+        from pathlib import Path
+
+        from tokenpool.index import MultiVectorIndex
+
+        if "token_embed" not in self.tasks:
+            raise ValueError(f"--index needs a model with token_embed; {self.model_name} has {', '.join(self.tasks)}.")
+        dim = self.output_dims["token_embed"]
+        if (Path(config.index_dir) / "manifest.json").exists():
+            index = MultiVectorIndex.open(config.index_dir)
+            if index.dim != dim:
+                raise ValueError(f"--index {config.index_dir} holds {index.dim}-dim vectors; this model's token_embed "
+                                 f"rows have {dim}.")
+            return index
+        return MultiVectorIndex.create(config.index_dir, dim, codec=config.index_codec)
 
     # ----- checks -----
     def check_model(self, name: str | None) -> None:
