@@ -156,3 +156,41 @@ def test_llm_add_to_index_and_search_in_document_and_query_modes(tmp_path, minil
     wrong = MultiVectorIndex.create(tmp_path / "wrong", dim + 1)
     with pytest.raises(ValueError, match=f"holds {dim + 1}-dim vectors"):
         llm.search("a query", wrong)
+
+
+def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path, minilm_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenpool import LLM
+
+    texts = [f"passage {i} about late interaction and token vectors number {i}" for i in range(30)]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts[:20]))
+    pq.write_table(pa.table({"id": list(range(20, 30)), "text": texts[20:]}), tmp_path / "in" / "b.parquet")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = [sys.executable, "-m", "tokenpool", "index"]
+    model = ["--model", str(minilm_path), "--dtype", "float32"]
+    built = subprocess.run([*run, "build", str(tmp_path / "ix"), "--input", str(tmp_path / "in"), "--codec",
+                            "float32", "--no-progress", *model], capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert "30 documents added; the index holds 30 documents" in built.stdout
+    found = subprocess.run([*run, "search", str(tmp_path / "ix"), texts[7], "-k", "3", *model], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert lines[0] == f"# {texts[7]}" and lines[1].split("\t")[2] == "7"  # the passage itself ranks first
+    # embed-corpus's output (id + token matrices) is added without re-embedding
+    llm = LLM(str(minilm_path), dtype="float32")
+    mats = [o.outputs.data.numpy() for o in llm.encode(texts[:5], pooling_task="token_embed", use_tqdm=False)]
+    pq.write_table(pa.table({"id": [f"e{i}" for i in range(5)], "num_tokens": [m.shape[0] for m in mats],
+                             "embedding": pa.array([m.tolist() for m in mats], pa.list_(pa.list_(pa.float32(), 384)))}),
+                   tmp_path / "emb.parquet")
+    again = subprocess.run([*run, "build", str(tmp_path / "ix"), "--input", str(tmp_path / "emb.parquet"),
+                            "--no-progress", *model], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "the index holds 35 documents" in again.stdout, again.stderr
+    assert np.allclose(MultiVectorIndex.open(tmp_path / "ix").get("e3"), mats[3])
+    bad = subprocess.run([*run, "build", str(tmp_path / "ix"), "--input", str(tmp_path / "in"), "--text-column",
+                          "body", "--no-progress", *model], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "body" in bad.stderr

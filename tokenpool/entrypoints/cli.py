@@ -112,6 +112,29 @@ def make_parser() -> argparse.ArgumentParser:
     job.add_argument("--no-progress", action="store_true")
     corpus.set_defaults(func=_embed_corpus)
 
+    index = verbs.add_parser("index", help="Build or search a multi-vector index (tokenpool.index).")
+    index_verbs = index.add_subparsers(dest="index_command", required=True, metavar="build|search")
+    build = index_verbs.add_parser(
+        "build", help="Add documents to an index (created if missing).",
+        description="Add the rows of --input (Parquet / JSONL files with id and text, folders or globs; or the "
+                    "Parquet files tokenpool embed-corpus wrote, added without re-embedding) to the index in DIR, "
+                    "embedded in document mode. Existing ids are replaced: re-running finishes a build.")
+    build.add_argument("directory", metavar="DIR")
+    build.add_argument("--input", nargs="+", required=True, metavar="FILES")
+    build.add_argument("--codec", default="float16", choices=["float32", "float16", "int8"])
+    build.add_argument("--text-column", default="text")
+    build.add_argument("--id-column", default="id")
+    build.add_argument("--no-progress", action="store_true")
+    search = index_verbs.add_parser("search", help="Search an index with one or more queries.")
+    search.add_argument("directory", metavar="DIR")
+    search.add_argument("queries", nargs="+", metavar="QUERY")
+    search.add_argument("-k", type=_positive_int, default=10)
+    for sub in (build, search):
+        sub.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
+        sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        sub.add_argument("--device", default="auto")
+    index.set_defaults(func=_index)
+
     demo = verbs.add_parser("demo", help="Encode a few sentences offline and print the output shapes.")
     demo.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
     demo.add_argument("--device", default="auto")
@@ -202,6 +225,27 @@ def _embed_corpus(args: argparse.Namespace) -> None:
         sys.exit(f"tokenpool embed-corpus: {e}")
     print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "
           f"{summary['skipped']} already done, in {args.output}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from tokenpool.index import cli as index_cli
+
+    engine = {"dtype": args.dtype, "device": args.device}
+    try:
+        if args.index_command == "build":
+            stats = index_cli.build(args.directory, args.model, args.input, codec=args.codec,
+                                    text_column=args.text_column, id_column=args.id_column,
+                                    progress=not args.no_progress, engine_kwargs=engine)
+            print(f"index build: {stats['added']} documents added; the index holds {stats['documents']} documents, "
+                  f"{stats['tokens']} tokens ({stats['codec']}, {stats['bytes_per_token']} bytes per token)")
+            return
+        for query, hits in zip(args.queries, index_cli.search(args.directory, args.model, args.queries, args.k,
+                                                                engine_kwargs=engine)):
+            print(f"# {query}")
+            for rank, (doc_id, score) in enumerate(hits, 1):
+                print(f"{rank}\t{score:.4f}\t{doc_id}")
+    except (ValueError, KeyError) as e:
+        sys.exit(f"tokenpool index {args.index_command}: {e}")
 
 
 def run_server(engine_args, config, *, log_level: str = "info", access_log: bool = True) -> None:

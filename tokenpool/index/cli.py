@@ -1,0 +1,114 @@
+"""`tokenpool index build` and `tokenpool index search`: the multi-vector index from the command line.
+
+    tokenpool index build DIR --model M --input FILES... [--codec float16]   texts (Parquet / JSONL with id and text),
+                                                                            or embed-corpus's Parquet (id, embedding)
+    tokenpool index search DIR --model M "a query" ["another" ...] [-k 10]
+
+`build` streams its inputs in chunks (bounded memory), adds each chunk as one durable `add`, and shows a
+progress bar; running it again over the same inputs replaces the same ids (upsert), so an interrupted build is
+finished by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+CHUNK_ROWS = 1024
+
+
+def _rows(path: Path, columns: list[str], chunk: int) -> Iterator[dict[str, list]]:
+    """Chunks of `columns` from a Parquet or JSONL file, as {column: values}."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"Reading {path} needs pyarrow: pip install pyarrow (or 'tokenpool[ray]').") from None
+        parquet = pq.ParquetFile(path)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (it has "
+                             f"{', '.join(parquet.schema_arrow.names)}).")
+        for batch in parquet.iter_batches(batch_size=chunk, columns=columns):
+            yield {c: batch.column(c).to_pylist() for c in columns}
+        return
+    block: dict[str, list] = {c: [] for c in columns}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                values = [record[c] for c in columns]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a JSON object with {', '.join(columns)} ({e}).") from None
+            for c, v in zip(columns, values):
+                block[c].append(v)
+            if len(block[columns[0]]) >= chunk:
+                yield block
+                block = {c: [] for c in columns}
+    if block[columns[0]]:
+        yield block
+
+
+def _is_embedded(path: Path) -> bool:
+    """An embed-corpus output: a Parquet file with an `embedding` column of token matrices."""
+    if path.suffix != ".parquet":
+        return False
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    schema = pq.read_schema(path)
+    return "embedding" in schema.names and pa.types.is_list(schema.field("embedding").type)
+
+
+def build(directory: str, model: str | None, inputs: list[str], *, codec: str = "float16", text_column: str = "text",
+          id_column: str = "id", progress: bool = True, engine_kwargs: dict | None = None) -> dict:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from tokenpool.index import MultiVectorIndex
+    from tokenpool.ray.corpus import list_inputs
+
+    files = [f for spec in inputs for f in list_inputs(spec)]
+    embedded = {f: _is_embedded(f) for f in files}
+    llm = None
+    if not all(embedded.values()):
+        from tokenpool import LLM
+
+        llm = LLM(model, **(engine_kwargs or {}))
+    if (Path(directory) / "manifest.json").exists():
+        index = MultiVectorIndex.open(directory)
+    else:
+        if llm is None:
+            first = next(_rows(files[0], ["embedding"], 1))["embedding"][0]
+            dim = len(first[0])
+        else:
+            dim = llm.llm_engine.info.output_dims["token_embed"]
+        index = MultiVectorIndex.create(directory, dim, codec=codec)
+    bar = tqdm(desc="index build", unit="doc", disable=not progress, dynamic_ncols=True)
+    added = 0
+    for f in files:
+        columns = [id_column, "embedding"] if embedded[f] else [id_column, text_column]
+        for chunk in _rows(f, columns, CHUNK_ROWS):
+            ids = chunk[id_column]
+            if embedded[f]:
+                index.add(ids, [np.asarray(m, dtype=np.float32) for m in chunk["embedding"]])
+            else:
+                llm.add_to_index(index, ids, chunk[text_column], use_tqdm=False)
+            added += len(ids)
+            bar.update(len(ids))
+    bar.close()
+    return {"added": added, **index.stats()}
+
+
+def search(directory: str, model: str | None, queries: list[str], k: int = 10,
+           engine_kwargs: dict | None = None) -> list[list[tuple]]:
+    from tokenpool import LLM
+    from tokenpool.index import MultiVectorIndex
+
+    index = MultiVectorIndex.open(directory)
+    return LLM(model, **(engine_kwargs or {})).search(queries, index, k=k)
