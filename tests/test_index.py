@@ -194,3 +194,43 @@ def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path
     bad = subprocess.run([*run, "build", str(tmp_path / "ix"), "--input", str(tmp_path / "in"), "--text-column",
                           "body", "--no-progress", *model], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "body" in bad.stderr
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_exact_codecs_on_real_minilm_token_embeddings(tmp_path, minilm_path, codec):
+    import sys as _sys
+
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    from corpus import CorpusSpec, make_text_corpus
+    from transformers import AutoTokenizer
+
+    from tokenpool import LLM
+
+    texts, _ = make_text_corpus(AutoTokenizer.from_pretrained(str(minilm_path)),
+                                CorpusSpec(num_passages=300, min_len=8, max_len=64))
+    llm = LLM(str(minilm_path), dtype="float32")
+    mats = [o.outputs.data.numpy() for o in llm.encode(texts, pooling_task="token_embed", use_tqdm=False)]
+    index = MultiVectorIndex.create(tmp_path / "ix", 384, codec=codec)
+    index.add(list(range(len(mats))), mats)
+    queries = [o.outputs.data.numpy() for o in llm.encode(["a short query about the corpus", texts[5][:40]],
+                                                         pooling_task="token_embed", use_tqdm=False)]
+    stored = {i: index.get(i) for i in range(len(mats))}
+    for query, hits in zip(queries, index.search(queries, k=10)):
+        want = _brute(query, stored, 10)
+        assert [h[0] for h in hits] == [w[0] for w in want]
+        exact = [maxsim(query, mats[h[0]]) for h in hits]
+        assert np.allclose([h[1] for h in hits], exact, rtol=1e-3)
+
+
+def test_nan_and_bad_k_are_refused_and_change_nothing(tmp_path):
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM)
+    index.add(["a"], _docs(1))
+    bad = _docs(1)[0].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.add(["b"], [bad])
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        index.search(_docs(1), k=0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.search([bad])
+    assert len(index) == 1 and "b" not in index

@@ -4,7 +4,7 @@ A folder:
 
     manifest.json          {"format", "dim", "codec", "segments": [{"name", "docs", "tokens", "deleted"}]}
     seg-000001.codes.npy   [tokens, dim] codes of one `add` call (float32 / float16 / int8), memory-mapped
-    seg-000001.scales.npy  int8 only: [tokens] float32 per-row scales (x = code * scale)
+    seg-000001.scales.npy  int8 only: [tokens] float32 per-row scales (x = code * scale * dim_scale)
     seg-000001.docs.json   the call's ids (with their types), token offsets and metadata
     seg-000001.del-3.npy   the segment's deleted document positions as of manifest version 3
 
@@ -76,6 +76,7 @@ class _Segment:
     name: str
     codes: np.ndarray  # [tokens, dim], memory-mapped
     scales: np.ndarray | None  # [tokens] for int8
+    dim_scales: np.ndarray | None  # [dim] for int8: the index's per-dimension scales
     ids: list
     offsets: np.ndarray  # [docs + 1] token offsets
     metadata: list | None
@@ -85,6 +86,7 @@ class _Segment:
         block = np.asarray(self.codes[start:stop], dtype=np.float32)
         if self.scales is not None:
             block *= self.scales[start:stop, None]
+            block *= self.dim_scales[None, :]
         return block
 
 
@@ -120,7 +122,8 @@ class MultiVectorIndex:
         if (root / _MANIFEST).exists():
             raise ValueError(f"{root} already holds an index; open it with MultiVectorIndex.open.")
         root.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": _FORMAT, "dim": dim, "codec": codec, "version": 0, "next_segment": 1, "segments": []}
+        manifest = {"format": _FORMAT, "dim": dim, "codec": codec, "version": 0, "next_segment": 1, "segments": [],
+                    "dim_scales": None}
         _write_durably(root / _MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
         return cls(root, manifest, [])
 
@@ -136,7 +139,9 @@ class MultiVectorIndex:
                 from None
         if manifest.get("format") != _FORMAT:
             raise ValueError(f"{root}/{_MANIFEST} is not a tokenpool multi-vector index.")
-        segments = [cls._load_segment(root, entry) for entry in manifest["segments"]]
+        dim_scales = manifest.get("dim_scales")
+        dim_scales = None if dim_scales is None else np.asarray(dim_scales, dtype=np.float32)
+        segments = [cls._load_segment(root, entry, dim_scales) for entry in manifest["segments"]]
         referenced = {_MANIFEST}
         for entry in manifest["segments"]:
             referenced |= {f"{entry['name']}.codes.npy", f"{entry['name']}.scales.npy", f"{entry['name']}.docs.json"}
@@ -148,7 +153,7 @@ class MultiVectorIndex:
         return cls(root, manifest, segments)
 
     @staticmethod
-    def _load_segment(root: Path, entry: dict) -> _Segment:
+    def _load_segment(root: Path, entry: dict, dim_scales: np.ndarray | None) -> _Segment:
         name = entry["name"]
         docs = json.loads((root / f"{name}.docs.json").read_text())
         codes = np.load(root / f"{name}.codes.npy", mmap_mode="r")
@@ -157,7 +162,7 @@ class MultiVectorIndex:
         deleted = np.zeros(len(docs["ids"]), dtype=bool)
         if entry.get("deleted"):
             deleted[np.load(root / entry["deleted"])] = True
-        return _Segment(name, codes, scales, docs["ids"], np.asarray(docs["offsets"], dtype=np.int64),
+        return _Segment(name, codes, scales, dim_scales, docs["ids"], np.asarray(docs["offsets"], dtype=np.int64),
                         docs.get("metadata"), deleted)
 
     # ----- reads -----
@@ -222,7 +227,13 @@ class MultiVectorIndex:
             flat = np.concatenate(matrices)
             offsets = np.zeros(len(matrices) + 1, dtype=np.int64)
             np.cumsum([m.shape[0] for m in matrices], out=offsets[1:])
-            codes, scales = self._encode(flat)
+            if self.codec == "int8" and manifest.get("dim_scales") is None:
+                # per-dimension scales, fixed by the first add (token embeddings have a few dimensions of much
+                # larger magnitude: one scale per row alone would quantize all the others coarsely)
+                rms = np.sqrt(np.mean(flat.astype(np.float64) ** 2, axis=0))
+                manifest["dim_scales"] = np.maximum(rms, rms.max() * 1e-3 + 1e-12).astype(np.float32).tolist()
+            dim_scales = None if manifest.get("dim_scales") is None else np.asarray(manifest["dim_scales"], np.float32)
+            codes, scales = self._encode(flat, dim_scales)
             root = self.path
             np.save(root / f"{name}.codes.npy", codes)
             if scales is not None:
@@ -236,7 +247,7 @@ class MultiVectorIndex:
             deletions = self._deletions(manifest, replaced.values())
             manifest["segments"].append({"name": name, "docs": len(ids), "tokens": int(offsets[-1]), "deleted": None})
             self._commit(manifest)
-            segment = self._load_segment(root, manifest["segments"][-1])
+            segment = self._load_segment(root, manifest["segments"][-1], dim_scales)
             self._apply(manifest, deletions, new_segment=segment)
 
     def delete(self, ids: Sequence) -> None:
@@ -253,14 +264,15 @@ class MultiVectorIndex:
             self._commit(manifest)
             self._apply(manifest, deletions)
 
-    def _encode(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode(self, flat: np.ndarray, dim_scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         if self.codec == "float32":
             return flat, None
         if self.codec == "float16":
             return flat.astype(np.float16), None
-        scales = np.abs(flat).max(axis=1) / 127.0  # per row: x = code * scale
+        y = flat / dim_scales[None, :]
+        scales = np.abs(y).max(axis=1) / 127.0  # per row: x = code * scale * dim_scale
         scales[scales == 0] = 1.0
-        return np.clip(np.rint(flat / scales[:, None]), -127, 127).astype(np.int8), scales.astype(np.float32)
+        return np.clip(np.rint(y / scales[:, None]), -127, 127).astype(np.int8), scales.astype(np.float32)
 
     def _deletions(self, manifest: dict, where) -> dict[int, np.ndarray]:
         """Write the new deletion files of the segments that lose documents (not yet committed)."""
@@ -291,7 +303,8 @@ class MultiVectorIndex:
         where = dict(self._where)
         for s, deleted in deletions.items():
             seg = segments[s]
-            segments[s] = _Segment(seg.name, seg.codes, seg.scales, seg.ids, seg.offsets, seg.metadata, deleted)
+            segments[s] = _Segment(seg.name, seg.codes, seg.scales, seg.dim_scales, seg.ids, seg.offsets, seg.metadata,
+                                   deleted)
             for d in np.flatnonzero(deleted & ~seg.deleted):
                 where.pop(seg.ids[d], None)
         if new_segment is not None:
