@@ -322,33 +322,45 @@ class MultiVectorIndex:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}.")
         mats = [_as_matrix(q, self.dim, i) for i, q in enumerate(queries)]
+        if not mats:
+            return []
         segments, live = self._segments, len(self._where)  # one committed version
+        # every query at once: each block of stored tokens is decoded once per search, not once per query
+        stacked = np.concatenate(mats)
+        starts = np.zeros(len(mats), dtype=np.int64)
+        np.cumsum([m.shape[0] for m in mats[:-1]], out=starts[1:])
+        ids: list = []
+        per_segment = []
+        for seg in segments:
+            scores = self._maxsim_segment(stacked, starts, seg)  # [queries, docs]
+            scores[:, seg.deleted] = -np.inf
+            per_segment.append((seg, scores))
         results = []
-        for q in mats:
+        for qi in range(len(mats)):
             ids, scores = [], []
-            for seg in segments:
-                doc_scores = self._maxsim_segment(q, seg)
-                doc_scores[seg.deleted] = -np.inf
-                take = min(k, len(doc_scores))
-                best = np.argpartition(-doc_scores, take - 1)[:take]
-                ids += [seg.ids[i] for i in best if np.isfinite(doc_scores[i])]
-                scores += [float(doc_scores[i]) for i in best if np.isfinite(doc_scores[i])]
+            for seg, seg_scores in per_segment:
+                row = seg_scores[qi]
+                take = min(k, len(row))
+                best = np.argpartition(-row, take - 1)[:take]
+                ids += [seg.ids[i] for i in best if np.isfinite(row[i])]
+                scores += [float(row[i]) for i in best if np.isfinite(row[i])]
             order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
             results.append([(ids[i], scores[i]) for i in order])
         return results
 
-    def _maxsim_segment(self, q: np.ndarray, seg: _Segment) -> np.ndarray:
-        """MaxSim of query `q` against every document of `seg`, scanned in token blocks of whole documents."""
+    def _maxsim_segment(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
+        """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs].
+        Scanned in token blocks of whole documents, each decoded once."""
         offsets = seg.offsets
         docs = len(offsets) - 1
-        out = np.empty(docs, dtype=np.float64)
+        out = np.empty((len(starts), docs), dtype=np.float64)
         start_doc = 0
         while start_doc < docs:
             stop_doc = int(np.searchsorted(offsets, offsets[start_doc] + _SCAN_TOKENS, side="right")) - 1
             stop_doc = max(stop_doc, start_doc + 1)
             t0, t1 = int(offsets[start_doc]), int(offsets[stop_doc])
-            scores = q @ seg.decode(t0, t1).T  # [m, tokens of these documents]
-            best = np.maximum.reduceat(scores, offsets[start_doc:stop_doc] - t0, axis=1)  # [m, docs]
-            out[start_doc:stop_doc] = best.sum(axis=0, dtype=np.float64)
+            scores = stacked @ seg.decode(t0, t1).T  # [all query rows, tokens of these documents]
+            best = np.maximum.reduceat(scores, offsets[start_doc:stop_doc] - t0, axis=1)  # [query rows, docs]
+            out[:, start_doc:stop_doc] = np.add.reduceat(best.astype(np.float64), starts, axis=0)
             start_doc = stop_doc
         return out
