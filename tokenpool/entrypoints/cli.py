@@ -223,6 +223,10 @@ def _embed_corpus(args: argparse.Namespace) -> None:
             format=args.format, table_name=args.table)
     except ValueError as e:
         sys.exit(f"tokenpool embed-corpus: {e}")
+    except KeyboardInterrupt:
+        print(f"tokenpool embed-corpus: interrupted; what is in {args.output} is complete, run the same command "
+              "again to finish the job", file=sys.stderr)
+        sys.exit(130)
     print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "
           f"{summary['skipped']} already done, in {args.output}")
 

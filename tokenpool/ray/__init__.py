@@ -83,16 +83,25 @@ class Embedder:
         return self.embed_table(batch)
 
 
+def replica_range(num_replicas) -> tuple[int, int | None]:
+    """(n, None) for a fixed count, (min, max) for an autoscaling pair; ValueError for anything else."""
+    if isinstance(num_replicas, int) and not isinstance(num_replicas, bool) and num_replicas >= 1:
+        return num_replicas, None
+    if (isinstance(num_replicas, tuple | list) and len(num_replicas) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in num_replicas)
+            and 1 <= num_replicas[0] <= num_replicas[1]):
+        return num_replicas[0], num_replicas[1]
+    raise ValueError(f"num_replicas must be a positive int or a (min, max) pair, got {num_replicas!r}.")
+
+
 def actor_pool(num_replicas):
     """`ray.data.ActorPoolStrategy` of `num_replicas` actors, or autoscaling between a (min, max) pair."""
     import ray.data
 
-    if isinstance(num_replicas, int) and not isinstance(num_replicas, bool) and num_replicas >= 1:
-        return ray.data.ActorPoolStrategy(size=num_replicas)
-    if (isinstance(num_replicas, tuple | list) and len(num_replicas) == 2
-            and all(isinstance(n, int) for n in num_replicas) and 1 <= num_replicas[0] <= num_replicas[1]):
-        return ray.data.ActorPoolStrategy(min_size=num_replicas[0], max_size=num_replicas[1])
-    raise ValueError(f"num_replicas must be a positive int or a (min, max) pair, got {num_replicas!r}.")
+    low, high = replica_range(num_replicas)
+    if high is None:
+        return ray.data.ActorPoolStrategy(size=low)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def embed_dataset(ds, model: str | None, *, task: str = "token_embed", text_column: str = "text",

@@ -24,6 +24,7 @@ from ray import serve
 
 from tokenpool.config import EngineArgs
 from tokenpool.entrypoints.server.serving import ServerConfig
+from tokenpool.ray import replica_range
 
 logger = logging.getLogger("tokenpool")
 
@@ -108,14 +109,11 @@ def serve_app(model: str | None = None, *, num_replicas: int | tuple[int, int] =
                                "ray_actor_options": {"num_gpus": num_gpus_per_replica}}
     if num_cpus_per_replica is not None:
         options["ray_actor_options"]["num_cpus"] = num_cpus_per_replica
-    if isinstance(num_replicas, int) and not isinstance(num_replicas, bool) and num_replicas >= 1:
-        options["num_replicas"] = num_replicas
-    elif (isinstance(num_replicas, tuple | list) and len(num_replicas) == 2
-          and all(isinstance(n, int) for n in num_replicas) and 1 <= num_replicas[0] <= num_replicas[1]):
-        options["autoscaling_config"] = {"min_replicas": num_replicas[0], "max_replicas": num_replicas[1],
-                                         "target_ongoing_requests": 64}
+    low, high = replica_range(num_replicas)
+    if high is None:
+        options["num_replicas"] = low
     else:
-        raise ValueError(f"num_replicas must be a positive int or a (min, max) pair, got {num_replicas!r}.")
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 64}
     deployment = serve.deployment(TokenpoolReplica, name="tokenpool", **options)
     return deployment.bind(engine_args, config or ServerConfig())
 
