@@ -1,10 +1,16 @@
-"""`MultiVectorIndex`: token matrices on disk, searched by exact MaxSim (codecs float32, float16, int8).
+"""`MultiVectorIndex`: token matrices on disk, searched by MaxSim: exactly (codecs float32, float16, int8) or
+through a compressed codec's candidates (codec residual, see tokenpool/index/residual.py).
 
 A folder:
 
     manifest.json          {"format", "dim", "codec", "segments": [{"name", "docs", "tokens", "deleted"}]}
-    seg-000001.codes.npy   [tokens, dim] codes of one `add` call (float32 / float16 / int8), memory-mapped
+    seg-000001.codes.npy   [tokens, dim] codes of one `add` call (float32 / float16 / int8), memory-mapped;
+                           residual: [tokens, nbits * dim / 8] packed residual codes
     seg-000001.scales.npy  int8 only: [tokens] float32 per-row scales (x = code * scale * dim_scale)
+    seg-000001.cids.npy    residual only: [tokens] centroid ids (uint16, int32 past 65,536 centroids)
+    seg-000001.ivf.npy     residual only: the segment's document positions grouped by centroid (each document
+    seg-000001.ivfptr.npy  once per centroid it has a token of), and [centroids + 1] offsets into it
+    codec.npz              residual only: the trained codec (centroids, transform, levels), from the first add
     seg-000001.docs.json   the call's ids (with their types), token offsets and metadata
     seg-000001.del-3.npy   the segment's deleted document positions as of manifest version 3
 
@@ -17,6 +23,7 @@ commit new deletion files the same way. Segments are never rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -28,11 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CODECS = ("float32", "float16", "int8")
+from tokenpool.index.residual import NBITS, ResidualCodec
+
+CODECS = ("float32", "float16", "int8", "residual")
 _FORMAT = "tokenpool-multivector-index/1"
 _MANIFEST = "manifest.json"
+_SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy", "ivfptr.npy")
 # Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
 _SCAN_TOKENS = 1 << 16
+_NPROBE = 8  # residual codec: centroids probed per query row
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,6 +52,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _write_durably(path: Path, write) -> None:
@@ -73,21 +89,34 @@ def _check_id(value, index: int):
     return value
 
 
+def _doc_rows(offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token rows of documents `docs` (ascending positions), concatenated, and where each one starts."""
+    starts = offsets[docs]
+    lengths = offsets[docs + 1] - starts
+    bounds = np.zeros(len(docs), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=bounds[1:])
+    return np.repeat(starts - bounds, lengths) + np.arange(int(lengths.sum())), bounds
+
+
 @dataclass
 class _Segment:
     name: str
-    codes: np.ndarray  # [tokens, dim], memory-mapped
+    codes: np.ndarray  # [tokens, dim] (residual: [tokens, code bytes]), memory-mapped
     scales: np.ndarray | None  # [tokens] for int8
     dim_scales: np.ndarray | None  # [dim] for int8: the index's per-dimension scales
     ids: list
     offsets: np.ndarray  # [docs + 1] token offsets
     metadata: list | None
     deleted: np.ndarray  # bool [docs]
+    residual: "_Residual | None" = None
 
     def decode_torch(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop as a float32 torch tensor (a view for float32 codes, else a converted copy)."""
         with warnings.catch_warnings():  # a read-only memory map: torch only reads it
             warnings.simplefilter("ignore", UserWarning)
+            if self.residual is not None:
+                return self.residual.codec.decode(np.asarray(self.residual.cids[start:stop]),
+                                                  torch.from_numpy(np.asarray(self.codes[start:stop])))
             block = torch.from_numpy(np.asarray(self.codes[start:stop])).float()
         if self.scales is not None:
             block = block * torch.from_numpy(self.scales[start:stop])[:, None]
@@ -95,11 +124,31 @@ class _Segment:
         return block
 
     def decode(self, start: int, stop: int) -> np.ndarray:
+        if self.residual is not None:
+            return self.decode_torch(start, stop).numpy()
         block = np.asarray(self.codes[start:stop], dtype=np.float32)
         if self.scales is not None:
             block *= self.scales[start:stop, None]
             block *= self.dim_scales[None, :]
         return block
+
+
+@dataclass
+class _Residual:
+    """A residual segment's centroid ids and inverted lists (which documents have a token in each centroid)."""
+
+    codec: ResidualCodec
+    cids: np.ndarray  # [tokens], memory-mapped
+    ivf: np.ndarray  # document positions grouped by centroid
+    ivf_ptr: np.ndarray  # [centroids + 1]
+
+    @staticmethod
+    def inverted_lists(cids: np.ndarray, offsets: np.ndarray, centroids: int) -> tuple[np.ndarray, np.ndarray]:
+        doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+        pairs = np.unique(cids.astype(np.int64) * (len(offsets) - 1) + doc)  # sorted by centroid, then doc
+        ivf = (pairs % (len(offsets) - 1)).astype(np.int32)
+        ptr = np.searchsorted(pairs // (len(offsets) - 1), np.arange(centroids + 1))
+        return ivf, ptr.astype(np.int64)
 
 
 class MultiVectorIndex:
@@ -109,10 +158,11 @@ class MultiVectorIndex:
     version, so it sees each add entirely or not at all.
     """
 
-    def __init__(self, path: Path, manifest: dict, segments: list[_Segment]):
+    def __init__(self, path: Path, manifest: dict, segments: list[_Segment], residual: ResidualCodec | None = None):
         self.path = path
         self.dim: int = manifest["dim"]
         self.codec: str = manifest["codec"]
+        self._residual = residual  # the residual codec, once trained
         self._manifest = manifest
         self._segments = segments
         self._lock = threading.Lock()
@@ -124,18 +174,30 @@ class MultiVectorIndex:
 
     # ----- create / open -----
     @classmethod
-    def create(cls, path: str | os.PathLike, dim: int, *, codec: str = "float16") -> "MultiVectorIndex":
-        """A new, empty index in the folder `path` (which must not hold an index yet)."""
+    def create(cls, path: str | os.PathLike, dim: int, *, codec: str = "float16", nbits: int = 2,
+               num_centroids: int | None = None) -> "MultiVectorIndex":
+        """A new, empty index in the folder `path` (which must not hold an index yet).
+
+        codec: "float32", "float16", "int8" (exact search) or "residual" (compressed: `nbits` 1, 2 or 4 bits per
+        dimension on average plus a centroid id per token; the codec is trained on a sample of the first
+        `add`'s vectors, with `num_centroids` centroids, default 2^floor(log2(16 sqrt(tokens))), so make the
+        first add representative of the corpus)."""
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}.")
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}.")
+        if codec == "residual" and nbits not in NBITS:
+            raise ValueError(f"nbits must be one of {', '.join(map(str, NBITS))}, got {nbits!r}.")
+        if num_centroids is not None and (not isinstance(num_centroids, int) or not 1 <= num_centroids <= 1 << 20):
+            raise ValueError(f"num_centroids must be an int in 1..{1 << 20}, got {num_centroids!r}.")
         root = Path(path)
         if (root / _MANIFEST).exists():
             raise ValueError(f"{root} already holds an index; open it with MultiVectorIndex.open.")
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"format": _FORMAT, "dim": dim, "codec": codec, "version": 0, "next_segment": 1, "segments": [],
                     "dim_scales": None}
+        if codec == "residual":
+            manifest.update(nbits=nbits, num_centroids=num_centroids, codec_file=None)
         _write_durably(root / _MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
         return cls(root, manifest, [])
 
@@ -153,19 +215,22 @@ class MultiVectorIndex:
             raise ValueError(f"{root}/{_MANIFEST} is not a tokenpool multi-vector index.")
         dim_scales = manifest.get("dim_scales")
         dim_scales = None if dim_scales is None else np.asarray(dim_scales, dtype=np.float32)
-        segments = [cls._load_segment(root, entry, dim_scales) for entry in manifest["segments"]]
-        referenced = {_MANIFEST}
+        residual = ResidualCodec.load(root / manifest["codec_file"]) if manifest.get("codec_file") else None
+        segments = [cls._load_segment(root, entry, dim_scales, residual) for entry in manifest["segments"]]
+        referenced = {_MANIFEST, manifest.get("codec_file")}
         for entry in manifest["segments"]:
-            referenced |= {f"{entry['name']}.codes.npy", f"{entry['name']}.scales.npy", f"{entry['name']}.docs.json"}
+            referenced |= {f"{entry['name']}.{suffix}" for suffix in _SEGMENT_FILES}
             if entry.get("deleted"):
                 referenced.add(entry["deleted"])
         for f in root.iterdir():
-            if f.is_file() and f.name not in referenced and (f.name.startswith("seg-") or f.name.endswith(".tmp")):
+            if f.is_file() and f.name not in referenced and (f.name.startswith(("seg-", "codec")) or
+                                                             f.name.endswith(".tmp")):
                 f.unlink()  # left by a write that never committed
-        return cls(root, manifest, segments)
+        return cls(root, manifest, segments, residual)
 
     @staticmethod
-    def _load_segment(root: Path, entry: dict, dim_scales: np.ndarray | None) -> _Segment:
+    def _load_segment(root: Path, entry: dict, dim_scales: np.ndarray | None,
+                      codec: ResidualCodec | None = None) -> _Segment:
         name = entry["name"]
         docs = json.loads((root / f"{name}.docs.json").read_text())
         codes = np.load(root / f"{name}.codes.npy", mmap_mode="r")
@@ -174,8 +239,12 @@ class MultiVectorIndex:
         deleted = np.zeros(len(docs["ids"]), dtype=bool)
         if entry.get("deleted"):
             deleted[np.load(root / entry["deleted"])] = True
+        residual = None
+        if codec is not None:
+            residual = _Residual(codec, np.load(root / f"{name}.cids.npy", mmap_mode="r"),
+                                 np.load(root / f"{name}.ivf.npy", mmap_mode="r"), np.load(root / f"{name}.ivfptr.npy"))
         return _Segment(name, codes, scales, dim_scales, docs["ids"], np.asarray(docs["offsets"], dtype=np.int64),
-                        docs.get("metadata"), deleted)
+                        docs.get("metadata"), deleted, residual)
 
     # ----- reads -----
     def __len__(self) -> int:
@@ -207,8 +276,16 @@ class MultiVectorIndex:
         live_tokens = sum(int(seg.offsets[d + 1] - seg.offsets[d]) for s, d in self._where.values()
                           for seg in (segments[s],))
         bytes_on_disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-        per_token = {"float32": 4 * self.dim, "float16": 2 * self.dim, "int8": self.dim + 4}[self.codec]
-        return {"documents": len(self._where), "tokens": live_tokens, "stored_tokens": tokens, "dim": self.dim,
+        if self.codec == "residual":
+            per_token = self._residual.bytes_per_token if self._residual is not None else \
+                (self._manifest["nbits"] * self.dim + 7) // 8 + 2
+        else:
+            per_token = {"float32": 4 * self.dim, "float16": 2 * self.dim, "int8": self.dim + 4}[self.codec]
+        extra = {}
+        if self.codec == "residual":
+            extra = {"nbits": self._manifest["nbits"],
+                     "centroids": None if self._residual is None else len(self._residual.centroids)}
+        return {**extra, "documents": len(self._where), "tokens": live_tokens, "stored_tokens": tokens, "dim": self.dim,
                 "codec": self.codec, "bytes_per_token": per_token, "bytes_on_disk": bytes_on_disk,
                 "segments": len(segments)}
 
@@ -245,21 +322,35 @@ class MultiVectorIndex:
                 rms = np.sqrt(np.mean(flat.astype(np.float64) ** 2, axis=0))
                 manifest["dim_scales"] = np.maximum(rms, rms.max() * 1e-3 + 1e-12).astype(np.float32).tolist()
             dim_scales = None if manifest.get("dim_scales") is None else np.asarray(manifest["dim_scales"], np.float32)
-            codes, scales = self._encode(flat, dim_scales)
             root = self.path
-            np.save(root / f"{name}.codes.npy", codes)
-            if scales is not None:
-                np.save(root / f"{name}.scales.npy", scales)
+            residual = self._residual
+            if self.codec == "residual" and residual is None:
+                residual = ResidualCodec.train(flat, manifest["nbits"], manifest.get("num_centroids"))
+                manifest["codec_file"] = f"codec-{manifest['version']}.npz"
+                residual.save(root / manifest["codec_file"])
+                _fsync_file(root / manifest["codec_file"])
+            files = {"codes.npy": None, "docs.json": None}
+            if residual is not None:
+                cids, codes = residual.encode(flat)
+                files["cids.npy"] = cids
+                files["ivf.npy"], files["ivfptr.npy"] = _Residual.inverted_lists(cids, offsets, len(residual.centroids))
+            else:
+                codes, files["scales.npy"] = self._encode(flat, dim_scales)
+            files["codes.npy"] = codes
+            for suffix, array in files.items():
+                if array is not None:
+                    np.save(root / f"{name}.{suffix}", array)
             (root / f"{name}.docs.json").write_text(json.dumps({"ids": ids, "offsets": offsets.tolist(),
                                                                 "metadata": metadata}))
-            for suffix in ("codes.npy", "docs.json", *(("scales.npy",) if scales is not None else ())):
-                with open(root / f"{name}.{suffix}", "rb+") as f:
-                    os.fsync(f.fileno())
+            for suffix, array in files.items():
+                if array is not None or suffix == "docs.json":
+                    _fsync_file(root / f"{name}.{suffix}")
             replaced = {doc_id: self._where[doc_id] for doc_id in ids if doc_id in self._where}
             deletions = self._deletions(manifest, replaced.values())
             manifest["segments"].append({"name": name, "docs": len(ids), "tokens": int(offsets[-1]), "deleted": None})
             self._commit(manifest)
-            segment = self._load_segment(root, manifest["segments"][-1], dim_scales)
+            self._residual = residual
+            segment = self._load_segment(root, manifest["segments"][-1], dim_scales, residual)
             self._apply(manifest, deletions, new_segment=segment)
 
     def delete(self, ids: Sequence) -> None:
@@ -315,8 +406,7 @@ class MultiVectorIndex:
         where = dict(self._where)
         for s, deleted in deletions.items():
             seg = segments[s]
-            segments[s] = _Segment(seg.name, seg.codes, seg.scales, seg.dim_scales, seg.ids, seg.offsets, seg.metadata,
-                                   deleted)
+            segments[s] = dataclasses.replace(seg, deleted=deleted)
             for d in np.flatnonzero(deleted & ~seg.deleted):
                 where.pop(seg.ids[d], None)
         if new_segment is not None:
@@ -328,15 +418,28 @@ class MultiVectorIndex:
             (self.path / name).unlink(missing_ok=True)
 
     # ----- search -----
-    def search(self, queries: Sequence, k: int = 10) -> list[list[tuple]]:
+    def search(self, queries: Sequence, k: int = 10, *, exact: bool | None = None, candidates: int | None = None,
+               nprobe: int | None = None) -> list[list[tuple]]:
         """Per query (an `[m, dim]` matrix), the `k` best documents as (id, MaxSim score), best first.
-        MaxSim = sum over query rows of the best dot product with the document's rows (exact, every document)."""
+        MaxSim = sum over query rows of the best dot product with the document's rows.
+
+        Exact codecs score every document exactly. The residual codec, by default, generates candidates
+        (PLAID's idea): each query row's `nprobe` nearest centroids (default 8) select the documents with a
+        token in them; those are ranked by the centroids alone (MaxSim with each token replaced by its
+        centroid) and the best `candidates` (default max(256, 16 k)) are decoded and scored exactly.
+        `exact=True` scores every document with its decoded vectors instead."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}.")
+        for name, value in (("candidates", candidates), ("nprobe", nprobe)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
         mats = [_as_matrix(q, self.dim, i) for i, q in enumerate(queries)]
         if not mats:
             return []
-        segments, live = self._segments, len(self._where)  # one committed version
+        segments, live, residual = self._segments, len(self._where), self._residual  # one committed version
+        if residual is not None and not exact:
+            return [self._search_candidates(segments, residual, q, k, candidates or max(256, 16 * k),
+                                            nprobe or _NPROBE) for q in mats]
         # every query at once: each block of stored tokens is decoded once per search, not once per query
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
@@ -359,6 +462,45 @@ class MultiVectorIndex:
             order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
             results.append([(ids[i], scores[i]) for i in order])
         return results
+
+    @staticmethod
+    def _search_candidates(segments: list[_Segment], residual: ResidualCodec, query: np.ndarray, k: int,
+                           candidates: int, nprobe: int) -> list[tuple]:
+        """One query through the residual codec's candidates (see `search`)."""
+        q = torch.from_numpy(query)
+        centroid_scores = (q @ residual.centroids.T).numpy()  # [m, centroids]
+        probe = np.unique(np.argpartition(-centroid_scores, min(nprobe, centroid_scores.shape[1]) - 1,
+                                          axis=1)[:, :nprobe])
+        pool = []  # (approximate score, segment, document position)
+        for s, seg in enumerate(segments):
+            res = seg.residual
+            docs = np.unique(np.concatenate([res.ivf[res.ivf_ptr[c]:res.ivf_ptr[c + 1]] for c in probe]))
+            docs = docs[~seg.deleted[docs]]
+            if not len(docs):
+                continue
+            rows, bounds = _doc_rows(seg.offsets, docs)
+            approx = centroid_scores[:, np.asarray(res.cids[rows]).astype(np.int64)]  # [m, candidate tokens]
+            approx = np.maximum.reduceat(approx, bounds, axis=1).sum(axis=0)
+            pool.append((approx, s, docs))
+        if not pool:
+            return []
+        approx = np.concatenate([p[0] for p in pool])
+        which = np.concatenate([np.full(len(p[2]), i) for i, p in enumerate(pool)])
+        positions = np.concatenate([p[2] for p in pool])
+        keep = np.argsort(-approx, kind="stable")[:candidates]
+        scored = []
+        for i, (_, s, _) in enumerate(pool):  # the kept candidates of each segment, decoded in one call
+            docs = np.sort(positions[keep[which[keep] == i]])
+            if not len(docs):
+                continue
+            seg = segments[s]
+            rows, bounds = _doc_rows(seg.offsets, docs)
+            vectors = residual.decode(np.asarray(seg.residual.cids[rows]), np.asarray(seg.codes[rows]))
+            best = (q @ vectors.T).numpy()
+            exact_scores = np.maximum.reduceat(best, bounds, axis=1).astype(np.float64).sum(axis=0)
+            scored += zip(exact_scores.tolist(), (seg.ids[d] for d in docs))
+        scored.sort(key=lambda t: -t[0])
+        return [(doc_id, score) for score, doc_id in scored[:k]]
 
     def _maxsim_segment(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
         """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs].
