@@ -109,6 +109,22 @@ class _Segment:
     metadata: list | None
     deleted: np.ndarray  # bool [docs]
     residual: "_Residual | None" = None
+    on_device: dict = dataclasses.field(default_factory=dict)  # device -> its copies (shared by replaced segments)
+
+    def device_arrays(self, device: torch.device) -> dict:
+        """The segment's codes, scales, offsets (and residual centroid ids) as tensors on `device`, copied once."""
+        if device not in self.on_device:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                arrays = {"codes": torch.from_numpy(np.asarray(self.codes)).to(device),
+                          "offsets": torch.from_numpy(self.offsets).to(device)}
+                if self.scales is not None:
+                    arrays["scales"] = torch.from_numpy(self.scales).to(device)
+                    arrays["dim_scales"] = torch.from_numpy(self.dim_scales).to(device)
+                if self.residual is not None:
+                    arrays["cids"] = torch.from_numpy(np.asarray(self.residual.cids).astype(np.int64)).to(device)
+            self.on_device[device] = arrays
+        return self.on_device[device]
 
     def decode_torch(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop as a float32 torch tensor (a view for float32 codes, else a converted copy)."""
@@ -158,8 +174,14 @@ class MultiVectorIndex:
     version, so it sees each add entirely or not at all.
     """
 
-    def __init__(self, path: Path, manifest: dict, segments: list[_Segment], residual: ResidualCodec | None = None):
+    def __init__(self, path: Path, manifest: dict, segments: list[_Segment], residual: ResidualCodec | None = None,
+                 device: str | torch.device = "cpu"):
         self.path = path
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but this PyTorch has no CUDA device; use device='cpu'.")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}.")
         self.dim: int = manifest["dim"]
         self.codec: str = manifest["codec"]
         self._residual = residual  # the residual codec, once trained
@@ -175,7 +197,7 @@ class MultiVectorIndex:
     # ----- create / open -----
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, *, codec: str = "float16", nbits: int = 2,
-               num_centroids: int | None = None) -> "MultiVectorIndex":
+               num_centroids: int | None = None, device: str | torch.device = "cpu") -> "MultiVectorIndex":
         """A new, empty index in the folder `path` (which must not hold an index yet).
 
         codec: "float32", "float16", "int8" (exact search) or "residual" (compressed: `nbits` 1, 2 or 4 bits per
@@ -199,12 +221,16 @@ class MultiVectorIndex:
         if codec == "residual":
             manifest.update(nbits=nbits, num_centroids=num_centroids, codec_file=None)
         _write_durably(root / _MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
-        return cls(root, manifest, [])
+        return cls(root, manifest, [], device=device)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "MultiVectorIndex":
+    def open(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "MultiVectorIndex":
         """Open an index (memory-mapped: nothing is read into RAM but ids and offsets). Files of an interrupted
-        write, not referenced by the manifest, are deleted."""
+        write, not referenced by the manifest, are deleted.
+
+        device="cuda": each segment's codes are copied to the GPU (once, at its first search) and scored there
+        by a fused Triton MaxSim kernel (tokenpool/index/cuda_maxsim.py: no score matrix in GPU memory); the
+        residual codec decodes on the GPU."""
         root = Path(path)
         try:
             manifest = json.loads((root / _MANIFEST).read_text())
@@ -226,7 +252,7 @@ class MultiVectorIndex:
             if f.is_file() and f.name not in referenced and (f.name.startswith(("seg-", "codec")) or
                                                              f.name.endswith(".tmp")):
                 f.unlink()  # left by a write that never committed
-        return cls(root, manifest, segments, residual)
+        return cls(root, manifest, segments, residual, device)
 
     @staticmethod
     def _load_segment(root: Path, entry: dict, dim_scales: np.ndarray | None,
@@ -439,7 +465,7 @@ class MultiVectorIndex:
         segments, live, residual = self._segments, len(self._where), self._residual  # one committed version
         if residual is not None and not exact:
             return [self._search_candidates(segments, residual, q, k, candidates or max(256, 16 * k),
-                                            nprobe or _NPROBE) for q in mats]
+                                            nprobe or _NPROBE, self.device) for q in mats]
         # every query at once: each block of stored tokens is decoded once per search, not once per query
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
@@ -447,7 +473,10 @@ class MultiVectorIndex:
         ids: list = []
         per_segment = []
         for seg in segments:
-            scores = self._maxsim_segment(stacked, starts, seg)  # [queries, docs]
+            if self.device.type == "cuda":
+                scores = self._maxsim_segment_cuda(stacked, starts, seg)
+            else:
+                scores = self._maxsim_segment(stacked, starts, seg)  # [queries, docs]
             scores[:, seg.deleted] = -np.inf
             per_segment.append((seg, scores))
         results = []
@@ -465,7 +494,7 @@ class MultiVectorIndex:
 
     @staticmethod
     def _search_candidates(segments: list[_Segment], residual: ResidualCodec, query: np.ndarray, k: int,
-                           candidates: int, nprobe: int) -> list[tuple]:
+                           candidates: int, nprobe: int, device: torch.device) -> list[tuple]:
         """One query through the residual codec's candidates (see `search`)."""
         q = torch.from_numpy(query)
         centroid_scores = (q @ residual.centroids.T).numpy()  # [m, centroids]
@@ -495,12 +524,35 @@ class MultiVectorIndex:
                 continue
             seg = segments[s]
             rows, bounds = _doc_rows(seg.offsets, docs)
-            vectors = residual.decode(np.asarray(seg.residual.cids[rows]), np.asarray(seg.codes[rows]))
-            best = (q @ vectors.T).numpy()
+            vectors = residual.decode(np.asarray(seg.residual.cids[rows]), np.asarray(seg.codes[rows]), device)
+            best = (q.to(device) @ vectors.T).cpu().numpy()
             exact_scores = np.maximum.reduceat(best, bounds, axis=1).astype(np.float64).sum(axis=0)
             scored += zip(exact_scores.tolist(), (seg.ids[d] for d in docs))
         scored.sort(key=lambda t: -t[0])
         return [(doc_id, score) for score, doc_id in scored[:k]]
+
+    def _maxsim_segment_cuda(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
+        """`_maxsim_segment` on the GPU: the fused kernel over the segment's codes (residual: decoded blocks)."""
+        from tokenpool.index.cuda_maxsim import maxsim_cuda
+
+        arrays = seg.device_arrays(self.device)
+        queries = torch.from_numpy(stacked).to(self.device)
+        q_offsets = torch.from_numpy(np.append(starts, len(stacked)))
+        if seg.residual is None:
+            return maxsim_cuda(queries, q_offsets, arrays["codes"], arrays["offsets"], arrays.get("scales"),
+                               arrays.get("dim_scales")).double().cpu().numpy()
+        offsets, docs = seg.offsets, len(seg.offsets) - 1
+        out = np.empty((len(starts), docs), dtype=np.float64)
+        start_doc = 0
+        while start_doc < docs:  # decoded in blocks of whole documents, scored as float16
+            stop_doc = max(int(np.searchsorted(offsets, offsets[start_doc] + _SCAN_TOKENS * 16, side="right")) - 1,
+                           start_doc + 1)
+            t0, t1 = int(offsets[start_doc]), int(offsets[stop_doc])
+            block = seg.residual.codec.decode(arrays["cids"][t0:t1], arrays["codes"][t0:t1], self.device)
+            block_offsets = torch.from_numpy(offsets[start_doc:stop_doc + 1] - t0)
+            out[:, start_doc:stop_doc] = maxsim_cuda(queries, q_offsets, block, block_offsets).double().cpu()
+            start_doc = stop_doc
+        return out
 
     def _maxsim_segment(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
         """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs].
