@@ -194,6 +194,14 @@ def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path
     bad = subprocess.run([*run, "build", str(tmp_path / "ix"), "--input", str(tmp_path / "in"), "--text-column",
                           "body", "--no-progress", *model], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "body" in bad.stderr
+    # a compressed index: the residual codec, trained on the first documents
+    small = subprocess.run([*run, "build", str(tmp_path / "rx"), "--input", str(tmp_path / "in"), "--codec",
+                            "residual", "--nbits", "4", "--no-progress", *model], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert small.returncode == 0 and "(residual, 194 bytes per token)" in small.stdout, small.stderr
+    found = subprocess.run([*run, "search", str(tmp_path / "rx"), texts[7], "-k", "3", *model], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert found.returncode == 0 and found.stdout.splitlines()[1].split("\t")[2] == "7", found.stderr
 
 
 @pytest.mark.parametrize("codec", ["float16", "int8"])

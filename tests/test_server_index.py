@@ -102,3 +102,22 @@ def test_an_index_of_another_width_is_refused_in_one_line(colbert, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("tokenpool serve: --index")
     assert "holds 7-dim vectors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_residual_index_over_http_equals_the_offline_one(colbert, tmp_path):
+    """--index-codec residual --index-nbits 4: the codec is trained on the first add; search results equal the
+    same documents added offline to a residual index of the same settings (the same training: deterministic)."""
+    args = [str(colbert), "--dtype", "float32", "--index", str(tmp_path / "ix"), "--index-codec", "residual",
+            "--index-nbits", "4"]
+    with serve(args) as server:
+        assert _post(server, "/v1/index/documents", {"ids": IDS, "input": SAMPLE_DOCUMENTS}).status_code == 200
+        found = _post(server, "/v1/search", {"query": SAMPLE_QUERIES, "k": 3}).json()
+        stats = requests.get(server.url("/v1/index"), timeout=10).json()
+    assert stats["codec"] == "residual" and stats["nbits"] == 4 and stats["centroids"] > 1
+    llm = LLM(str(colbert), dtype="float32")
+    offline = MultiVectorIndex.create(tmp_path / "offline", llm.llm_engine.info.output_dims["token_embed"],
+                                      codec="residual", nbits=4)
+    llm.add_to_index(offline, IDS, SAMPLE_DOCUMENTS, use_tqdm=False)
+    for item, want in zip(found["data"], llm.search(SAMPLE_QUERIES, offline, k=3)):
+        assert [r["id"] for r in item["results"]] == [w[0] for w in want]
+        assert np.allclose([r["score"] for r in item["results"]], [w[1] for w in want], rtol=1e-4)

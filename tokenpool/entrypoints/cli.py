@@ -72,8 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--index", default=None, metavar="DIR",
                         help="Serve a multi-vector index from DIR (created if missing): /v1/index/documents, "
                              "/v1/index/delete, /v1/search, GET /v1/index.")
-    server.add_argument("--index-codec", default="float16", choices=["float32", "float16", "int8"],
-                        help="Codec of a new --index.")
+    server.add_argument("--index-codec", default="float16", choices=["float32", "float16", "int8", "residual"],
+                        help="Codec of a new --index (residual: compressed, trained on the first documents added).")
+    server.add_argument("--index-nbits", type=int, default=2, choices=[1, 2, 4],
+                        help="Bits per dimension of a new residual --index.")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
@@ -121,7 +123,9 @@ def make_parser() -> argparse.ArgumentParser:
                     "embedded in document mode. Existing ids are replaced: re-running finishes a build.")
     build.add_argument("directory", metavar="DIR")
     build.add_argument("--input", nargs="+", required=True, metavar="FILES")
-    build.add_argument("--codec", default="float16", choices=["float32", "float16", "int8"])
+    build.add_argument("--codec", default="float16", choices=["float32", "float16", "int8", "residual"],
+                       help="Codec of a new index (residual: compressed, trained on the first 1,024 documents).")
+    build.add_argument("--nbits", type=int, default=2, choices=[1, 2, 4], help="Bits per dimension (residual).")
     build.add_argument("--text-column", default="text")
     build.add_argument("--id-column", default="id")
     build.add_argument("--no-progress", action="store_true")
@@ -185,7 +189,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_request_body_bytes=args.max_request_body_bytes,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains or [],
-        index_dir=args.index, index_codec=args.index_codec,
+        index_dir=args.index, index_codec=args.index_codec, index_nbits=args.index_nbits,
     )
     if args.ray_replicas is not None:
         from tokenpool.ray import serve as ray_serve
@@ -237,7 +241,7 @@ def _index(args: argparse.Namespace) -> None:
     engine = {"dtype": args.dtype, "device": args.device}
     try:
         if args.index_command == "build":
-            stats = index_cli.build(args.directory, args.model, args.input, codec=args.codec,
+            stats = index_cli.build(args.directory, args.model, args.input, codec=args.codec, nbits=args.nbits,
                                     text_column=args.text_column, id_column=args.id_column,
                                     progress=not args.no_progress, engine_kwargs=engine)
             print(f"index build: {stats['added']} documents added; the index holds {stats['documents']} documents, "

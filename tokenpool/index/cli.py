@@ -65,7 +65,8 @@ def _is_embedded(path: Path) -> bool:
     return "embedding" in schema.names and pa.types.is_list(schema.field("embedding").type)
 
 
-def build(directory: str, model: str | None, inputs: list[str], *, codec: str = "float16", text_column: str = "text",
+def build(directory: str, model: str | None, inputs: list[str], *, codec: str = "float16", nbits: int = 2,
+          text_column: str = "text",
           id_column: str = "id", progress: bool = True, engine_kwargs: dict | None = None) -> dict:
     import numpy as np
     from tqdm.auto import tqdm
@@ -88,7 +89,7 @@ def build(directory: str, model: str | None, inputs: list[str], *, codec: str = 
             dim = len(first[0])
         else:
             dim = llm.llm_engine.info.output_dims["token_embed"]
-        index = MultiVectorIndex.create(directory, dim, codec=codec)
+        index = MultiVectorIndex.create(directory, dim, codec=codec, nbits=nbits)
     bar = tqdm(desc="index build", unit="doc", disable=not progress, dynamic_ncols=True)
     added = 0
     for f in files:

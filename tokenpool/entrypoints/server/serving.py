@@ -45,6 +45,7 @@ class ServerConfig:
     allowed_media_domains: list[str] = field(default_factory=list)
     index_dir: str | None = None  # a MultiVectorIndex folder: /v1/index/*, /v1/search (created if missing)
     index_codec: str = "float16"  # for a new index
+    index_nbits: int = 2  # for a new residual index
 
 
 class ServingState:
@@ -97,7 +98,7 @@ class ServingState:
                 raise ValueError(f"--index {config.index_dir} holds {index.dim}-dim vectors; this model's token_embed "
                                  f"rows have {dim}.")
             return index
-        return MultiVectorIndex.create(config.index_dir, dim, codec=config.index_codec)
+        return MultiVectorIndex.create(config.index_dir, dim, codec=config.index_codec, nbits=config.index_nbits)
 
     # ----- checks -----
     def check_model(self, name: str | None) -> None:
