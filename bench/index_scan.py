@@ -66,6 +66,16 @@ def main() -> None:
     print(f"\n{args.docs:,} docs x {args.tokens} tokens x {args.dim} dims, {args.codec} ({stored / 1e9:.2f} GB stored), "
           f"queries of 32 x {args.dim}, random unit vectors; {cpu}, {os.cpu_count()} cores; "
           f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    from tokenpool.kernels import build_variant
+    from tokenpool.kernels import maxsim as kernel
+
+    if args.codec != "residual" and kernel.available(bf16=True) and os.environ.get("TOKENPOOL_INDEX_BF16", "1") != "0":
+        path = "C kernel, bf16 products on the AMX tiles, candidates within the error bound rescored in fp32"
+    elif args.codec != "residual" and kernel.available():
+        path = f"C kernel, fp32 products ({build_variant()} class)"
+    else:
+        path = "PyTorch blocks"
+    print(f"scan: {path}")
     print("| queries per call | seconds per call | QPS | effective GB/s (stored bytes x queries / s) | vs memory bandwidth |")
     print("|---|---|---|---|---|")
     for q, seconds, rate in rows:

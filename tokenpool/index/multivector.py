@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from tokenpool.index.residual import NBITS, ResidualCodec
+from tokenpool.kernels import maxsim as _maxsim_kernel
 
 CODECS = ("float32", "float16", "int8", "residual")
 _FORMAT = "tokenpool-multivector-index/1"
@@ -44,6 +45,7 @@ _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy",
 # Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
+_BF16_ENV = "TOKENPOOL_INDEX_BF16"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,6 +112,16 @@ class _Segment:
     deleted: np.ndarray  # bool [docs]
     residual: "_Residual | None" = None
     on_device: dict = dataclasses.field(default_factory=dict)  # device -> its copies (shared by replaced segments)
+
+    def max_norm(self) -> float:
+        """The largest norm of a stored (decoded) row, computed once (a pass over the segment)."""
+        if "max_norm" not in self.on_device:
+            best, tokens = 0.0, len(self.codes)
+            for start in range(0, tokens, _SCAN_TOKENS):
+                block = self.decode(start, min(start + _SCAN_TOKENS, tokens))
+                best = max(best, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
+            self.on_device["max_norm"] = best
+        return self.on_device["max_norm"]
 
     def device_arrays(self, device: torch.device) -> dict:
         """The segment's codes, scales, offsets (and residual centroid ids) as tensors on `device`, copied once."""
@@ -470,15 +482,21 @@ class MultiVectorIndex:
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
         np.cumsum([m.shape[0] for m in mats[:-1]], out=starts[1:])
-        ids: list = []
         per_segment = []
+        prefilter = self._bf16_prefilter(residual)
         for seg in segments:
             if self.device.type == "cuda":
                 scores = self._maxsim_segment_cuda(stacked, starts, seg)
+            elif prefilter:  # bf16 products on the tile unit: within a bound, rescored below
+                scores = _maxsim_kernel.maxsim(stacked, starts, seg.codes, seg.offsets, scales=seg.scales,
+                                               dim_scales=seg.dim_scales, bf16=True,
+                                               threads=torch.get_num_threads()).astype(np.float64)
             else:
                 scores = self._maxsim_segment(stacked, starts, seg)  # [queries, docs]
             scores[:, seg.deleted] = -np.inf
             per_segment.append((seg, scores))
+        if prefilter:
+            return [self._rescore(per_segment, stacked, starts, qi, k, live) for qi in range(len(mats))]
         results = []
         for qi in range(len(mats)):
             ids, scores = [], []
@@ -491,6 +509,43 @@ class MultiVectorIndex:
             order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
             results.append([(ids[i], scores[i]) for i in order])
         return results
+
+    def _bf16_prefilter(self, residual) -> bool:
+        """Whether exact search scans in bf16 on the AMX tiles first (then rescores in fp32): CPU indexes of an
+        exact codec on CPUs with AMX, where the fp32 scan is bound by arithmetic (32 FLOP per stored fp16
+        byte for a 32-row query), not by memory. TOKENPOOL_INDEX_BF16=0 turns it off."""
+        return (self.device.type == "cpu" and residual is None and os.environ.get(_BF16_ENV, "1") != "0"
+                and _maxsim_kernel.available(bf16=True))
+
+    @staticmethod
+    def _rescore(per_segment: list, stacked: np.ndarray, starts: np.ndarray, qi: int, k: int, live: int) -> list:
+        """Query qi's exact top k from bf16 scores: every document whose bf16 score is within twice the bound
+        of the k-th best bf16 score is rescored in fp32 (a bf16 dot product is within 2^-8 (1 + 2^-7) |q| |x|
+        of the exact one; MaxSim's error is at most the sum of its rows' bounds), so the result is the fp32
+        scan's."""
+        stop = starts[qi + 1] if qi + 1 < len(starts) else len(stacked)
+        query = stacked[starts[qi]:stop]
+        row_norms = float(np.linalg.norm(query.astype(np.float64), axis=1).sum())
+        bounds = [2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * seg.max_norm() * 1.001 for seg, _ in per_segment]
+        rows = [scores[qi] for _, scores in per_segment]
+        pooled = np.concatenate(rows)
+        pooled = pooled[np.isfinite(pooled)]
+        if not len(pooled):
+            return []
+        take = min(k, len(pooled))
+        kth = float(np.partition(pooled, len(pooled) - take)[len(pooled) - take])
+        ids, scores = [], []
+        for (seg, _), row, bound in zip(per_segment, rows, bounds):
+            candidates = np.flatnonzero(row >= kth - 2 * max(bounds))
+            if not len(candidates):
+                continue
+            exact = _maxsim_kernel.maxsim(query, np.zeros(1, dtype=np.int64), seg.codes, seg.offsets,
+                                          scales=seg.scales, dim_scales=seg.dim_scales, docs=candidates,
+                                          threads=torch.get_num_threads())[0]
+            ids += [seg.ids[d] for d in candidates]
+            scores += exact.astype(np.float64).tolist()
+        order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
+        return [(ids[i], scores[i]) for i in order]
 
     @staticmethod
     def _search_candidates(segments: list[_Segment], residual: ResidualCodec, query: np.ndarray, k: int,
@@ -556,7 +611,11 @@ class MultiVectorIndex:
 
     def _maxsim_segment(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
         """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs].
-        Scanned in token blocks of whole documents, each decoded once."""
+        The C kernel (tokenpool/kernels/maxsim.c, fp32 products) where it is built; else PyTorch over token blocks
+        of whole documents, each decoded once."""
+        if seg.residual is None and _maxsim_kernel.available():
+            return _maxsim_kernel.maxsim(stacked, starts, seg.codes, seg.offsets, scales=seg.scales,
+                                         dim_scales=seg.dim_scales, threads=torch.get_num_threads()).astype(np.float64)
         offsets = seg.offsets
         docs = len(offsets) - 1
         out = np.empty((len(starts), docs), dtype=np.float64)

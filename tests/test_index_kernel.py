@@ -1,0 +1,95 @@
+"""The CPU MaxSim kernel (tokenpool/kernels/maxsim.c) of the exact index codecs: every build this CPU can run
+against a float64 brute force; the AMX bf16 path within its error bound; and the index's bf16 prefilter with
+fp32 rescoring returning exactly what the fp32 scan returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tokenpool.index import MultiVectorIndex
+from tokenpool.kernels import build_variant, buildable_variants
+from tokenpool.kernels import maxsim as kernel
+
+VARIANTS = buildable_variants()
+
+
+def _segment(dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lens = np.append(rng.integers(1, 300, 120), [1, 17])
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lens)
+    x = rng.standard_normal((int(offsets[-1]), dim)).astype(np.float32)
+    x[:, : dim // 16] *= 4  # a few large dimensions, as token embeddings have
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = rng.standard_normal((45, dim)).astype(np.float32)
+    return offsets, x, queries, np.array([0, 32, 40])
+
+
+def _brute(queries, starts, decoded, offsets):
+    s = queries.astype(np.float64) @ decoded.astype(np.float64).T
+    return np.add.reduceat(np.maximum.reduceat(s, offsets[:-1], axis=1), starts, axis=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dim", [96, 128, 384])
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
+def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
+    if not kernel.available() or kernel.function("maxsim", kernel._ARGS, variant) is None:
+        pytest.skip("the C kernel cannot be built here (no C compiler)")
+    offsets, x, queries, starts = _segment(dim)
+    scales = dim_scales = None
+    if codec == "int8":
+        dim_scales = np.sqrt((x ** 2).mean(axis=0)).astype(np.float32)
+        y = x / dim_scales
+        scales = (np.abs(y).max(axis=1) / 127).astype(np.float32)
+        codes = np.rint(y / scales[:, None]).astype(np.int8)
+        decoded = codes.astype(np.float32) * scales[:, None] * dim_scales
+    else:
+        codes = x.astype(codec)
+        decoded = codes.astype(np.float32)
+    want = _brute(queries, starts, decoded, offsets)
+    got = kernel.maxsim(queries, starts, codes, offsets, scales=scales, dim_scales=dim_scales, threads=2,
+                        variant=variant)
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-4)
+    subset = np.array([121, 0, 57])  # some documents, in any order
+    got = kernel.maxsim(queries, starts, codes, offsets, scales=scales, dim_scales=dim_scales, docs=subset,
+                        variant=variant)
+    assert np.allclose(got, want[:, subset], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not kernel.available(bf16=True), reason=f"needs an AMX CPU (this one: {build_variant()} class)")
+@pytest.mark.parametrize("dim", [64, 128, 384])
+def test_amx_bf16_path_within_its_bound(dim):
+    offsets, x, queries, starts = _segment(dim, seed=1)
+    codes = x.astype(np.float16)
+    want = _brute(queries, starts, codes.astype(np.float32), offsets)
+    got = kernel.maxsim(queries, starts, codes, offsets, bf16=True, threads=2)
+    row_norms = np.add.reduceat(np.linalg.norm(queries, axis=1), starts)
+    bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * np.linalg.norm(codes.astype(np.float32), axis=1).max()
+    assert (np.abs(got - want) <= bound[:, None]).all()
+    assert np.abs(got - want).max() > 1e-4  # really the bf16 path: not the fp32 results
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8", "float32"])
+def test_index_search_with_the_bf16_prefilter_equals_the_fp32_scan(tmp_path, monkeypatch, codec):
+    """Many near-ties (documents drawn around a few topics): the prefilter's rescoring keeps every document the
+    bf16 error could move into the top k, so results (ids and scores) equal the fp32 scan's."""
+    rng = np.random.default_rng(3)
+    topics = rng.standard_normal((6, 128))
+    docs = []
+    for _ in range(600):
+        m = topics[rng.integers(0, 6, int(rng.integers(2, 60)))] + 0.7 * rng.standard_normal((1, 128))
+        m = m + 0.3 * rng.standard_normal(m.shape)
+        docs.append((m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32))
+    index = MultiVectorIndex.create(tmp_path / "ix", 128, codec=codec)
+    index.add(list(range(300)), docs[:300])
+    index.add(list(range(300, 600)), docs[300:])
+    index.delete([5, 450])
+    queries = [docs[i][:32] for i in (1, 77, 310, 599)] + [rng.standard_normal((20, 128)).astype(np.float32)]
+    with_prefilter = index.search(queries, k=25)
+    monkeypatch.setenv("TOKENPOOL_INDEX_BF16", "0")
+    plain = index.search(queries, k=25)
+    for a, b in zip(with_prefilter, plain):
+        assert [h[0] for h in a] == [h[0] for h in b]
+        assert np.allclose([h[1] for h in a], [h[1] for h in b], rtol=1e-5)

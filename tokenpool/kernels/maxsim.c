@@ -1,0 +1,275 @@
+/* MaxSim of stacked queries against stored token matrices, for the CPU (tokenpool/index/multivector.py).
+ *
+ * queries: [rows, D] fp32, row r belongs to query row_query[r] (0..n_queries-1); codes: [tokens, D] as fp32
+ * (kind 0), fp16 (kind 1) or int8 (kind 2: x = code * row_scales[token] * dim_scales[d]); document i is rows
+ * offsets[i]..offsets[i+1]-1 (docs, when given, selects the documents scored: out row j is document docs[j]).
+ * out: [n_docs, n_queries], out[j, q] = sum over q's rows of the max over the document's tokens of the dot
+ * product (a document with no tokens: 0; the caller never stores one).
+ *
+ * Two paths, chosen by the caller:
+ * - fp32 (every build): each document's tokens are decoded once into fp32 scratch, then every block of RB
+ *   query rows runs an outer product over the dimensions: for each dimension, RB/VL query vectors (the queries
+ *   stored transposed, so no horizontal sums) times TJ broadcast token values, TJ x RB/VL accumulators, then a
+ *   running max per query row. Exact fp32 products (the sums' rounding order differs from a GEMM's: ~1e-7).
+ * - bf16 on AMX (amx build only, D a multiple of 32): tokens decoded to bf16, queries packed once into the tile
+ *   unit's pair layout, [16 tokens x 16 query rows] score tiles accumulated over D/32 chunks (TDPBF16PS: bf16
+ *   products, fp32 sums), up to 4 row blocks per token tile. Each product carries the bf16 rounding of both
+ *   sides: |error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7); the caller rescores with the fp32 path every
+ *   document that this bound lets into the top k, so search results stay exact.
+ *
+ * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
+ */
+#include <stdlib.h>
+
+#include "simd.h"
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+#define TJ 4 /* tokens per step of the fp32 path */
+#define NV 2 /* query-row vectors per block: RB = NV * VL rows */
+#define RB (NV * VL)
+
+TP_INLINE float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man == 0) bits = sign;
+    else { /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* tokens t0..t1 of the codes as fp32 rows of x ([t1 - t0, D]) */
+static void decode_rows(const void* codes, int kind, const float* row_scales, const float* dim_scales, int64_t D,
+                        int64_t t0, int64_t t1, float* x) {
+    for (int64_t t = t0; t < t1; t++) {
+        float* row = x + (t - t0) * D;
+        if (kind == 0) {
+            memcpy(row, (const float*)codes + t * D, D * sizeof(float));
+        } else if (kind == 1) {
+            const uint16_t* h = (const uint16_t*)codes + t * D;
+#if defined(__F16C__) && VL == 16
+            for (int64_t d = 0; d + 16 <= D; d += 16) {
+                __m256i v;
+                memcpy(&v, h + d, 32);
+                const __m512 f = _mm512_cvtph_ps(v);
+                memcpy(row + d, &f, 64);
+            }
+            for (int64_t d = D / 16 * 16; d < D; d++) row[d] = half_to_float(h[d]);
+#elif defined(__F16C__)
+            for (int64_t d = 0; d + 8 <= D; d += 8) {
+                __m128i v;
+                memcpy(&v, h + d, 16);
+                const __m256 f = _mm256_cvtph_ps(v);
+                memcpy(row + d, &f, 32);
+            }
+            for (int64_t d = D / 8 * 8; d < D; d++) row[d] = half_to_float(h[d]);
+#else
+            for (int64_t d = 0; d < D; d++) row[d] = half_to_float(h[d]);
+#endif
+        } else {
+            const int8_t* c = (const int8_t*)codes + t * D;
+            const float s = row_scales[t];
+            for (int64_t d = 0; d < D; d++) row[d] = (float)c[d] * s * dim_scales[d];
+        }
+    }
+}
+
+/* fp32 path: row maxima of one document (n tokens in x) for the RB rows of qt at column rb: m[RB] */
+static void row_block_max(const float* qt, int64_t rp, int64_t D, const float* x, int64_t n, int64_t rb, float* m) {
+    vf best[NV];
+    for (int v = 0; v < NV; v++) best[v] = splat(-3.0e38f);
+    for (int64_t j = 0; j < n; j += TJ) {
+        const int tj = n - j < TJ ? (int)(n - j) : TJ;
+        vf acc[TJ][NV];
+        for (int t = 0; t < TJ; t++)
+            for (int v = 0; v < NV; v++) acc[t][v] = splat(0.0f);
+        const float* xj = x + j * D;
+        for (int64_t d = 0; d < D; d++) {
+            vf qv[NV];
+            for (int v = 0; v < NV; v++) qv[v] = ld(qt + d * rp + rb + v * VL);
+            for (int t = 0; t < TJ; t++) {
+                const vf b = splat(xj[(t < tj ? t : 0) * D + d]);
+                for (int v = 0; v < NV; v++) acc[t][v] += qv[v] * b;
+            }
+        }
+        for (int t = 0; t < tj; t++)
+            for (int v = 0; v < NV; v++) best[v] = vmax(best[v], acc[t][v]);
+    }
+    for (int v = 0; v < NV; v++) st(m + v * VL, best[v]);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static int amx_ready(void) { /* Linux hands out the tile state only on request (once per process) */
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Tiles: 0..3 scores of up to 4 blocks of 16 query rows, 4 the token tile, 5 a query-row block. */
+#define DOT_BLOCK(t)                                                                                        \
+    if (nb > t) {                                                                                         \
+        _tile_loadd(5, qp + ((c * nrb + rb0 + t) * 16) * 32, 64);                                         \
+        _tile_dpbf16ps(t, 4, 5);                                                                          \
+    }
+#define STORE_BLOCK(t)                                                                                      \
+    if (nb > t) _tile_stored(t, cs + t * 256, 64);
+
+/* bf16 path, one document: row maxima m[rp] (rp a multiple of 16). xb: the document's tokens as bf16 rows,
+ * zero-padded to a multiple of 16 tokens; qp: queries packed [D/32][rp/16][16 pairs][16 rows][2]. */
+static void doc_max_amx(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t* xb, int64_t n, float* m,
+                        float* cs) {
+    const int64_t nrb = rp / 16, nc = D / 32;
+    for (int64_t r = 0; r < rp; r++) m[r] = -3.0e38f;
+    for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
+        const int nb = nrb - rb0 < 4 ? (int)(nrb - rb0) : 4;
+        for (int64_t j = 0; j < n; j += 16) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t c = 0; c < nc; c++) {
+                _tile_loadd(4, xb + j * D + c * 32, D * 2);
+                DOT_BLOCK(0)
+                DOT_BLOCK(1)
+                DOT_BLOCK(2)
+                DOT_BLOCK(3)
+            }
+            STORE_BLOCK(0)
+            STORE_BLOCK(1)
+            STORE_BLOCK(2)
+            STORE_BLOCK(3)
+            const int64_t valid = n - j < 16 ? n - j : 16;
+            for (int b = 0; b < nb; b++) {
+                vf best = ld(m + (rb0 + b) * 16);
+                for (int64_t t = 0; t < valid; t++) best = vmax(best, ld(cs + b * 256 + t * 16));
+                st(m + (rb0 + b) * 16, best);
+            }
+        }
+    }
+}
+#endif
+
+int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
+              const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
+              const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
+    if (rows <= 0 || D <= 0 || n_queries <= 0 || kind < 0 || kind > 2) return 1;
+    if (n_docs <= 0) return 0;
+    int64_t max_len = 0;
+    for (int64_t j = 0; j < n_docs; j++) {
+        const int64_t i = docs ? docs[j] : j, len = offsets[i + 1] - offsets[i];
+        if (len < 0) return 2;
+        if (len > max_len) max_len = len;
+    }
+    int use_amx = 0;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    use_amx = bf16 && D % 32 == 0 && amx_ready();
+#endif
+    if (bf16 && !use_amx) return 4; /* the caller asked for a path this build or CPU does not have */
+    const int64_t rp = use_amx ? (rows + 15) / 16 * 16 : (rows + RB - 1) / RB * RB;
+    /* queries, packed once: fp32 transposed [D, rp] (zero columns past rows), or bf16 pairs for the tiles */
+    float* qt = NULL;
+    uint16_t* qp = NULL;
+    if (use_amx) {
+        qp = calloc((size_t)D * rp, sizeof(uint16_t));
+        if (!qp) return 3;
+        const int64_t nrb = rp / 16;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t c = d / 32, p = (d % 32) / 2, e = d % 2, b = r / 16, rr = r % 16;
+                qp[(((c * nrb + b) * 16 + p) * 16 + rr) * 2 + e] = f32_to_bf16(q[r * D + d]);
+            }
+    } else {
+        qt = calloc((size_t)D * rp, sizeof(float));
+        if (!qt) return 3;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t d = 0; d < D; d++) qt[d * rp + r] = q[r * D + d];
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float* x = malloc((size_t)(max_len + 16) * D * sizeof(float));
+        float* m = malloc((size_t)rp * sizeof(float));
+        float* cs = malloc(4 * 256 * sizeof(float));
+        uint16_t* xb = use_amx ? malloc((size_t)(max_len + 16) * D * sizeof(uint16_t)) : NULL;
+        const int ok = x && m && cs && (!use_amx || xb);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (ok && use_amx) amx_configure();
+#endif
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t j = 0; j < n_docs; j++) {
+            if (!ok) continue;
+            const int64_t i = docs ? docs[j] : j, t0 = offsets[i], n = offsets[i + 1] - t0;
+            float* o = out + j * n_queries;
+            for (int64_t qi = 0; qi < n_queries; qi++) o[qi] = 0.0f;
+            if (n == 0) continue;
+            if (use_amx) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+                const int64_t np = (n + 15) / 16 * 16;
+                if (kind == 1) { /* fp16 -> bf16 in registers (D % 32 == 0) */
+                    const uint16_t* h = (const uint16_t*)codes + t0 * D;
+                    for (int64_t e = 0; e < n * D; e += 16) {
+                        __m256i v;
+                        /* 8 KB ahead: one stream per thread does not keep enough loads in flight alone */
+                        if ((e & 31) == 0) __builtin_prefetch(h + e + 4096, 0, 2);
+                        memcpy(&v, h + e, 32);
+                        store_bf16(xb + e, (vf)_mm512_cvtph_ps(v));
+                    }
+                } else {
+                    decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
+                    for (int64_t e = 0; e < n * D; e += VL) store_bf16(xb + e, ld(x + e));
+                }
+                memset(xb + n * D, 0, (size_t)(np - n) * D * sizeof(uint16_t));
+                doc_max_amx(qp, rp, D, xb, n, m, cs);
+#endif
+            } else {
+                decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
+                for (int64_t rb = 0; rb < rp; rb += RB) row_block_max(qt, rp, D, x, n, rb, m + rb);
+            }
+            for (int64_t r = 0; r < rows; r++) o[row_query[r]] += m[r];
+        }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (ok && use_amx) _tile_release();
+#endif
+        free(x);
+        free(m);
+        free(cs);
+        free(xb);
+    }
+    free(qt);
+    free(qp);
+    return failed ? 3 : 0;
+}

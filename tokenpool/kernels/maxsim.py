@@ -1,0 +1,54 @@
+"""Python side of maxsim.c: MaxSim of stacked queries against a segment's documents in one call."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from tokenpool.kernels import build_variant, function
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
+         ctypes.c_int)
+_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}
+_ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no AMX bf16 path on this CPU or build"}
+
+
+def _variant(bf16: bool) -> str | None:
+    """The build to run: the AMX one for bf16; for fp32 the AVX-512 one on the AMX class (no tile use)."""
+    variant = build_variant()
+    return "avx512" if variant == "amx" and not bf16 else variant
+
+
+def available(bf16: bool = False) -> bool:
+    """Whether the kernel is built for this CPU (builds it); bf16: the AMX path (the amx build only)."""
+    if bf16 and build_variant() != "amx":
+        return False
+    return function("maxsim", _ARGS, _variant(bf16)) is not None
+
+
+def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: np.ndarray, *,
+           scales: np.ndarray | None = None, dim_scales: np.ndarray | None = None, docs: np.ndarray | None = None,
+           bf16: bool = False, threads: int = 1, variant: str | None = None) -> np.ndarray:
+    """`[n_queries, n_docs]` float32 MaxSim of each query (rows starts[i].. of `queries` `[rows, dim]` fp32)
+    against documents `docs` (positions; default all) of a segment (`codes` `[tokens, dim]` fp32 / fp16 / int8
+    with `scales` and `dim_scales` for int8, `offsets` `[docs + 1]`). bf16: products on the AMX tiles with both
+    sides rounded to bf16 (|error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7)). Check `available` first;
+    variant: a build of tokenpool.kernels (default: this CPU's, AVX-512 for fp32 on the AMX class)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows, dim = queries.shape
+    row_query = np.repeat(np.arange(len(starts), dtype=np.int32), np.diff(np.append(starts, rows)))
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if docs is not None:
+        docs = np.ascontiguousarray(docs, dtype=np.int64)
+    n_docs = len(offsets) - 1 if docs is None else len(docs)
+    out = np.empty((n_docs, len(starts)), dtype=np.float32)
+    codes = np.asarray(codes)  # a memory map stays one: the kernel reads it in place
+    ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    rc = function("maxsim", _ARGS, variant or _variant(bf16))(
+        ptr(queries), rows, dim, ptr(row_query), len(starts), ptr(codes), _KINDS[codes.dtype], ptr(scales),
+        ptr(dim_scales), ptr(offsets), ptr(docs), n_docs, ptr(out), int(bf16), threads)
+    if rc != 0:
+        raise RuntimeError(f"maxsim kernel failed (code {rc}: {_ERRORS.get(rc, 'unknown')})")
+    return out.T
