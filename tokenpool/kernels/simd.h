@@ -88,4 +88,34 @@ TP_INLINE void store_bf16(uint16_t* dst, vf x) {
     memcpy(dst, &h, sizeof h);
 }
 #endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* The tile unit (AMX build): every tile 16 rows x 64 bytes, configured once per thread. */
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static int amx_ready(void) { /* Linux hands out the tile state only on request (once per process) */
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+#endif
 #endif

@@ -166,35 +166,10 @@ static void attend_one(const void* q, const void* k, const void* v, void* out, i
  * on the tile unit (TDPBF16PS: bf16 pairs, fp32 accumulation), the softmax on AVX-512 in fp32 as above.
  * P is rounded to bf16 for P V, as PyTorch's bf16 flash kernel does. Tiles: 0 S / output, 1 K^T block,
  * 2..5 Q chunks then output blocks, 6 P block, 7 V block; every tile 16 rows x 64 bytes. */
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define AMX_KEYS 32 /* keys per P V step: one tile row of bf16 */
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint16_t v32h __attribute__((vector_size(64)));
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-static int amx_ready(void) { /* Linux hands out the tile state only on request (once per process) */
-    static int state = 0;
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
-    return state == 1;
-}
-
-static void amx_configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
 
 #define QK_CHUNK(t, dc)                                                                                     \
     if (nd32 > dc) {                                                                                      \
