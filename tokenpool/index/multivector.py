@@ -111,21 +111,21 @@ class _Segment:
     metadata: list | None
     deleted: np.ndarray  # bool [docs]
     residual: "_Residual | None" = None
-    on_device: dict = dataclasses.field(default_factory=dict)  # device -> its copies (shared by replaced segments)
+    cache: dict = dataclasses.field(default_factory=dict)  # max_norm, per-device copies (shared by replaced segments)
 
     def max_norm(self) -> float:
         """The largest norm of a stored (decoded) row, computed once (a pass over the segment)."""
-        if "max_norm" not in self.on_device:
+        if "max_norm" not in self.cache:
             best, tokens = 0.0, len(self.codes)
             for start in range(0, tokens, _SCAN_TOKENS):
                 block = self.decode(start, min(start + _SCAN_TOKENS, tokens))
                 best = max(best, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
-            self.on_device["max_norm"] = best
-        return self.on_device["max_norm"]
+            self.cache["max_norm"] = best
+        return self.cache["max_norm"]
 
     def device_arrays(self, device: torch.device) -> dict:
         """The segment's codes, scales, offsets (and residual centroid ids) as tensors on `device`, copied once."""
-        if device not in self.on_device:
+        if device not in self.cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 arrays = {"codes": torch.from_numpy(np.asarray(self.codes)).to(device),
@@ -135,8 +135,8 @@ class _Segment:
                     arrays["dim_scales"] = torch.from_numpy(self.dim_scales).to(device)
                 if self.residual is not None:
                     arrays["cids"] = torch.from_numpy(np.asarray(self.residual.cids).astype(np.int64)).to(device)
-            self.on_device[device] = arrays
-        return self.on_device[device]
+            self.cache[device] = arrays
+        return self.cache[device]
 
     def decode_torch(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop as a float32 torch tensor (a view for float32 codes, else a converted copy)."""
@@ -526,7 +526,7 @@ class MultiVectorIndex:
         stop = starts[qi + 1] if qi + 1 < len(starts) else len(stacked)
         query = stacked[starts[qi]:stop]
         row_norms = float(np.linalg.norm(query.astype(np.float64), axis=1).sum())
-        bounds = [2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * seg.max_norm() * 1.001 for seg, _ in per_segment]
+        bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * max(seg.max_norm() for seg, _ in per_segment) * 1.001
         rows = [scores[qi] for _, scores in per_segment]
         pooled = np.concatenate(rows)
         pooled = pooled[np.isfinite(pooled)]
@@ -535,8 +535,8 @@ class MultiVectorIndex:
         take = min(k, len(pooled))
         kth = float(np.partition(pooled, len(pooled) - take)[len(pooled) - take])
         ids, scores = [], []
-        for (seg, _), row, bound in zip(per_segment, rows, bounds):
-            candidates = np.flatnonzero(row >= kth - 2 * max(bounds))
+        for (seg, _), row in zip(per_segment, rows):
+            candidates = np.flatnonzero(row >= kth - 2 * bound)
             if not len(candidates):
                 continue
             exact = _maxsim_kernel.maxsim(query, np.zeros(1, dtype=np.int64), seg.codes, seg.offsets,

@@ -57,10 +57,10 @@ def build_variant() -> str:
     return "avx2" if cls == "avx2" else "generic"
 
 
-def attention_variant(bf16: bool) -> str:
-    """The build the attention kernel runs for a dtype: on the AMX class, fp32 runs the AVX-512 build (it has
-    no use for the tiles, and measured 5-8% faster than the same C code built with the AMX flags:
-    bench/cpu_kernels.py, 2.45 vs 2.64 us/token/layer at MiniLM's shapes)."""
+def kernel_variant(bf16: bool) -> str:
+    """The build a kernel runs for bf16 or fp32 work: on the AMX class, fp32 runs the AVX-512 build (it has no
+    use for the tiles, and the attention kernel measured 5-8% faster than the same C code built with the AMX
+    flags: bench/cpu_kernels.py, 2.45 vs 2.64 us/token/layer at MiniLM's shapes)."""
     variant = build_variant()
     return "avx512" if variant == "amx" and not bf16 else variant
 

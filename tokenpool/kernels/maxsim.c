@@ -47,6 +47,21 @@ TP_INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
+#ifdef __F16C__
+/* VL fp16 values -> floats (the F16C conversion, 8 or 16 lanes as the build) */
+TP_INLINE vf half_vec(const uint16_t* p) {
+#if VL == 16
+    __m256i v;
+    memcpy(&v, p, 32);
+    return (vf)_mm512_cvtph_ps(v);
+#else
+    __m128i v;
+    memcpy(&v, p, 16);
+    return (vf)_mm256_cvtph_ps(v);
+#endif
+}
+#endif
+
 /* tokens t0..t1 of the codes as fp32 rows of x ([t1 - t0, D]) */
 static void decode_rows(const void* codes, int kind, const float* row_scales, const float* dim_scales, int64_t D,
                         int64_t t0, int64_t t1, float* x) {
@@ -56,22 +71,9 @@ static void decode_rows(const void* codes, int kind, const float* row_scales, co
             memcpy(row, (const float*)codes + t * D, D * sizeof(float));
         } else if (kind == 1) {
             const uint16_t* h = (const uint16_t*)codes + t * D;
-#if defined(__F16C__) && VL == 16
-            for (int64_t d = 0; d + 16 <= D; d += 16) {
-                __m256i v;
-                memcpy(&v, h + d, 32);
-                const __m512 f = _mm512_cvtph_ps(v);
-                memcpy(row + d, &f, 64);
-            }
-            for (int64_t d = D / 16 * 16; d < D; d++) row[d] = half_to_float(h[d]);
-#elif defined(__F16C__)
-            for (int64_t d = 0; d + 8 <= D; d += 8) {
-                __m128i v;
-                memcpy(&v, h + d, 16);
-                const __m256 f = _mm256_cvtph_ps(v);
-                memcpy(row + d, &f, 32);
-            }
-            for (int64_t d = D / 8 * 8; d < D; d++) row[d] = half_to_float(h[d]);
+#ifdef __F16C__
+            for (int64_t d = 0; d + VL <= D; d += VL) st(row + d, half_vec(h + d));
+            for (int64_t d = D / VL * VL; d < D; d++) row[d] = half_to_float(h[d]);
 #else
             for (int64_t d = 0; d < D; d++) row[d] = half_to_float(h[d]);
 #endif
@@ -216,11 +218,9 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                 if (kind == 1) { /* fp16 -> bf16 in registers (D % 32 == 0) */
                     const uint16_t* h = (const uint16_t*)codes + t0 * D;
                     for (int64_t e = 0; e < n * D; e += 16) {
-                        __m256i v;
                         /* 8 KB ahead: one stream per thread does not keep enough loads in flight alone */
                         if ((e & 31) == 0) __builtin_prefetch(h + e + 4096, 0, 2);
-                        memcpy(&v, h + e, 32);
-                        store_bf16(xb + e, (vf)_mm512_cvtph_ps(v));
+                        store_bf16(xb + e, half_vec(h + e));
                     }
                 } else {
                     decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);

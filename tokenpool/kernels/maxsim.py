@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from tokenpool.kernels import build_variant, function
+from tokenpool.kernels import build_variant, function, kernel_variant
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
@@ -15,17 +15,11 @@ _KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2
 _ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no AMX bf16 path on this CPU or build"}
 
 
-def _variant(bf16: bool) -> str | None:
-    """The build to run: the AMX one for bf16; for fp32 the AVX-512 one on the AMX class (no tile use)."""
-    variant = build_variant()
-    return "avx512" if variant == "amx" and not bf16 else variant
-
-
 def available(bf16: bool = False) -> bool:
     """Whether the kernel is built for this CPU (builds it); bf16: the AMX path (the amx build only)."""
     if bf16 and build_variant() != "amx":
         return False
-    return function("maxsim", _ARGS, _variant(bf16)) is not None
+    return function("maxsim", _ARGS, kernel_variant(bf16)) is not None
 
 
 def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: np.ndarray, *,
@@ -46,7 +40,7 @@ def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: 
     out = np.empty((n_docs, len(starts)), dtype=np.float32)
     codes = np.asarray(codes)  # a memory map stays one: the kernel reads it in place
     ptr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
-    rc = function("maxsim", _ARGS, variant or _variant(bf16))(
+    rc = function("maxsim", _ARGS, variant or kernel_variant(bf16))(
         ptr(queries), rows, dim, ptr(row_query), len(starts), ptr(codes), _KINDS[codes.dtype], ptr(scales),
         ptr(dim_scales), ptr(offsets), ptr(docs), n_docs, ptr(out), int(bf16), threads)
     if rc != 0:

@@ -6,7 +6,7 @@ import ctypes
 
 import torch
 
-from tokenpool.kernels import attention_variant, function, vector_width
+from tokenpool.kernels import kernel_variant, function, vector_width
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -34,7 +34,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     sequence (`cu_seqlens[-1]`) are zeros. window (left, right): row i attends keys i-left..i+right of its
     sequence (-1: unbounded; causal is (-1, 0)). Check `available()` and `supports()` first."""
     tokens, heads, head_dim = q.shape
-    variant = variant or attention_variant(q.dtype == torch.bfloat16)
+    variant = variant or kernel_variant(q.dtype == torch.bfloat16)
     out = q.new_empty((tokens, heads, head_dim))
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous() else \
         cu_seqlens.to(torch.int32).contiguous()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenpool.kernels import attention_variant
+from tokenpool.kernels import kernel_variant
 from tokenpool.kernels import varlen_attention as fused_attention
 from tokenpool.platforms.cpu import attention_kernel, gemm_mode
 
@@ -109,7 +109,7 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Atte
     kernel = attention_kernel(dtype)
     if gemm_mode(dtype) == "emulated":
         q, k, v = q.float(), k.float(), v.float()
-    variant = attention_variant(q.dtype == torch.bfloat16)
+    variant = kernel_variant(q.dtype == torch.bfloat16)
     if kernel == "fused" and fused_attention.supports(q, k, v, variant) and fused_attention.available(variant):
         return fused_attention.varlen_attention(q, k, v, meta.cu_seqlens, meta.window_bounds, variant).to(dtype)
     groups = q.shape[1] // k.shape[1]

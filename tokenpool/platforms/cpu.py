@@ -134,12 +134,12 @@ _MODE_WORDS = {
 def describe_plan(dtype: torch.dtype) -> str:
     """One line for the log: the CPU and how the model's GEMMs and attention will run on it (builds the C
     attention kernel now if it is the choice, so that the first batch does not wait for it)."""
-    from tokenpool.kernels import attention_variant, varlen_attention
+    from tokenpool.kernels import kernel_variant, varlen_attention
 
     name = str(dtype).removeprefix("torch.")
     kernel = attention_kernel(dtype)
     if kernel == "fused":
-        variant = attention_variant(dtype == torch.bfloat16)
+        variant = kernel_variant(dtype == torch.bfloat16)
         kernel = f"fused C kernel ({variant} build)" if varlen_attention.available(variant) else \
             "PyTorch's flash kernel per sequence (the C kernel could not be built)"
     return (f"CPU: {cpu_info().describe()}; GEMMs: {_MODE_WORDS[gemm_mode(dtype)].format(dtype=name)}; "
