@@ -235,3 +235,69 @@ def test_index_on_cuda_equals_the_cpu_index(tmp_path, codec):
         for w, h in zip(want, got):
             assert [x[0] for x in h] == [x[0] for x in w]
             assert np.allclose([x[1] for x in h], [x[1] for x in w], rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_residual_index_built_on_cuda(tmp_path):
+    """A residual index created with device="cuda" trains and encodes on the GPU: its codes equal the CPU's
+    encoding with the same codec (but for argmax near-ties), and its candidate search finds what its exact scan
+    finds."""
+    import numpy as np
+
+    from tokenpool.index import MultiVectorIndex
+
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(20, 120, (2000,), generator=g).tolist()
+    topics = torch.nn.functional.normalize(torch.randn(64, 128, generator=g), dim=-1)
+    flat = torch.nn.functional.normalize(topics[torch.randint(0, 64, (sum(lens),), generator=g)]
+                                         + 0.5 * torch.randn(sum(lens), 128, generator=g) / 128 ** 0.5, dim=-1).numpy()
+    docs = np.split(flat, np.cumsum(lens)[:-1])
+    index = MultiVectorIndex.create(tmp_path / "ix", 128, codec="residual", nbits=2, device="cuda")
+    index.add(list(range(2000)), docs)
+    codec = index._residual
+    seg = index._segments[0]
+    cids, codes = codec.encode(flat[:20000])
+    same = cids == np.asarray(seg.residual.cids[:20000])
+    assert same.mean() > 0.999
+    assert (codes[same] == np.asarray(seg.codes[:20000])[same]).mean() > 0.999
+    queries = [docs[i][:32] for i in range(0, 2000, 50)]
+    default, scanned = index.search(queries, k=10), index.search(queries, k=10, exact=True)
+    recall = np.mean([len({d for d, _ in a} & {d for d, _ in b}) / 10 for a, b in zip(default, scanned)])
+    assert recall >= 0.95
+    cpu = MultiVectorIndex.open(tmp_path / "ix")  # the same files searched on the CPU: the same results
+    for w, h in zip(cpu.search(queries, k=10), default):
+        assert [x[0] for x in h] == [x[0] for x in w]
+        assert np.allclose([x[1] for x in h], [x[1] for x in w], rtol=1e-3)
+
+
+@pytest.mark.skipif(not (cuda_maxsim.available() and (torch.cuda.is_available() or INTERPRET)),
+                    reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1)")
+def test_pair_kernels_equal_their_torch_paths():
+    """The candidate stages' per-pair kernels (centroid MaxSim, exact MaxSim) equal the torch paths run on the
+    CPU: queries of 1..40 rows (padding to 16, 32 and 64), documents of 1..150 tokens, pairs grouped by query."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    q_lens = [1, 7, 16, 17, 40]
+    q_offsets = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+    queries = torch.randn(int(q_offsets[-1]), 96, generator=g)
+    centroids = torch.nn.functional.normalize(torch.randn(300, 96, generator=g), dim=1)
+    scores = queries @ centroids.T
+    lens = torch.randint(1, 150, (500,), generator=g)
+    doc_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    cids = torch.randint(0, 300, (int(doc_offsets[-1]),), generator=g, dtype=torch.int32)
+    pair_q = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 1, 50, 7, 80]))
+    pair_doc = torch.randint(0, 500, (len(pair_q),), generator=g)
+    want = cuda_maxsim.centroid_maxsim_pairs(scores, q_offsets, cids, doc_offsets, pair_q, pair_doc)
+    got = cuda_maxsim.centroid_maxsim_pairs(scores.to(DEVICE), q_offsets, cids.to(DEVICE), doc_offsets.to(DEVICE),
+                                            pair_q.to(DEVICE), pair_doc.to(DEVICE))
+    assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3000, 96, generator=g)
+    t_lens = torch.randint(1, 120, (len(pair_q),), generator=g)
+    t0 = torch.cumsum(t_lens, 0) - t_lens
+    t1 = torch.minimum(t0 + t_lens, torch.tensor(3000))
+    t0 = torch.minimum(t0 % 2900, t1 - 1)  # runs inside x; a query's runs overlap each other's, as allowed
+    want = cuda_maxsim.maxsim_pairs(queries, q_offsets, x, pair_q, t0, t1)
+    got = cuda_maxsim.maxsim_pairs(queries.to(DEVICE), q_offsets, x.to(DEVICE), pair_q.to(DEVICE), t0.to(DEVICE),
+                                   t1.to(DEVICE))
+    assert torch.allclose(got.cpu().double(), want.double(), rtol=1e-4, atol=1e-4)

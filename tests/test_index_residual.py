@@ -153,6 +153,32 @@ def test_upsert_delete_get_reopen(tmp_path):
         MultiVectorIndex.create(tmp_path / "bad", 64, codec="residual", nbits=3)
 
 
+def test_candidate_stages_equal_the_exact_scan_when_nothing_is_cut(tmp_path):
+    """With every centroid probed and `candidates` >= the documents, the three candidate stages keep every live
+    document of every segment and score it exactly: the default search then equals exact=True (deleted and
+    replaced documents included); with fewer candidates, every hit's score is still its exact decoded MaxSim."""
+    rng = np.random.default_rng(4)
+    topics = rng.standard_normal((16, 64)).astype(np.float32)
+    docs = []
+    for _ in range(400):
+        m = topics[rng.integers(0, 16, int(rng.integers(1, 50)))] + rng.standard_normal((1, 64)).astype(np.float32)
+        docs.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+    index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=32)
+    index.add(list(range(250)), docs[:250])
+    index.add(list(range(200, 400)), docs[200:])  # a second segment, replacing 200..249
+    index.delete([3, 260, 399])
+    queries = [docs[i][:8] for i in (0, 17, 220, 333)] + [rng.standard_normal((5, 64)).astype(np.float32)]
+    full = index.search(queries, k=15, nprobe=32, candidates=400)
+    scanned = index.search(queries, k=15, exact=True)
+    for got, want in zip(full, scanned):
+        assert [h[0] for h in got] == [h[0] for h in want]
+        assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5)
+    for query, hits in zip(queries, index.search(queries, k=5, candidates=8)):
+        assert len(hits) == 5 and not {3, 260, 399} & {h[0] for h in hits}
+        for doc_id, score in hits:
+            assert score == pytest.approx(maxsim(query, index.get(doc_id)), rel=1e-4)
+
+
 _WRITER = """
 import sys, numpy as np
 from tokenpool.index import MultiVectorIndex

@@ -44,6 +44,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 try:
@@ -288,6 +289,161 @@ if triton is not None:
             tot = tl.sum(tl.reshape(m_run * r, (BQ // GROUP, GROUP)), axis=1)
             # one comparison (the interpreter mis-types a vector mask & a scalar one)
             tl.store(out_rows + doc, tot, mask=groups < tl.where(last, n_groups, 0))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _centroid_pairs_kernel(st_ptr, cids_ptr, offsets_ptr, pair_q_ptr, pair_doc_ptr, out_ptr, n_centroids,
+                               MP: tl.constexpr, BT: tl.constexpr):
+        """One program per (query, document) pair: the max over the document's tokens of the query's transposed
+        score table row ST[query, centroid of the token, :] (MP query-row scores, zero for padded rows; a
+        gathered 4 MP-byte row, from L2), summed over the rows."""
+        pid = tl.program_id(0)
+        q = tl.load(pair_q_ptr + pid).to(tl.int64)
+        doc = tl.load(pair_doc_ptr + pid)
+        t0 = tl.load(offsets_ptr + doc)
+        t1 = tl.load(offsets_ptr + doc + 1)
+        base = st_ptr + q * n_centroids * MP
+        r = tl.arange(0, MP)
+        t = tl.arange(0, BT)
+        best = tl.full([MP], float("-inf"), tl.float32)
+        for start in range(t0, t1, BT):
+            mask = start + t < t1
+            c = tl.load(cids_ptr + start + t, mask=mask, other=0).to(tl.int64)
+            v = tl.load(base + c[:, None] * MP + r[None, :], mask=mask[:, None], other=float("-inf"))
+            best = tl.maximum(best, tl.max(v, axis=0))
+        tl.store(out_ptr + pid, tl.sum(best, axis=0))
+
+    @triton.jit
+    def _pairs_kernel(q_ptr, x_ptr, pair_q_ptr, pair_t0_ptr, pair_t1_ptr, out_ptr,
+                      DIM: tl.constexpr, DP: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr):
+        """One program per (query, document) pair: MaxSim of the query (MP zero-padded float32 rows) with the
+        document's rows t0..t1 of `x` (float32), products in 3xTF32 (float32 accuracy)."""
+        pid = tl.program_id(0)
+        q = tl.load(pair_q_ptr + pid).to(tl.int64)
+        t0 = tl.load(pair_t0_ptr + pid)
+        t1 = tl.load(pair_t1_ptr + pid)
+        r = tl.arange(0, MP)
+        cols = tl.arange(0, DP)
+        qt = tl.load(q_ptr + (q * MP + r)[:, None] * DP + cols[None, :])
+        t = tl.arange(0, BT)
+        best = tl.full([MP], float("-inf"), tl.float32)
+        for start in range(t0, t1, BT):
+            rows = start + t
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * DIM + cols[None, :],
+                        mask=(rows[:, None] < t1) & (cols[None, :] < DIM), other=0.0)
+            s = tl.dot(qt, tl.trans(x), input_precision="tf32x3")
+            s = tl.where(rows[None, :] < t1, s, float("-inf"))
+            best = tl.maximum(best, tl.max(s, axis=1))
+        tl.store(out_ptr + pid, tl.sum(best, axis=0))
+
+
+def _kernel_ok(t: torch.Tensor, mp: int) -> bool:
+    return available() and (t.is_cuda or _interpret()) and mp <= 128
+
+
+def _query_table(scores: torch.Tensor, q_offsets: np.ndarray, mp: int) -> torch.Tensor:
+    """`scores [rows, n]` of stacked queries -> `[queries, n, mp]`: each query's rows as columns, zero padded."""
+    nq = len(q_offsets) - 1
+    lens = np.diff(q_offsets)
+    dest = torch.from_numpy(np.repeat(np.arange(nq) * mp - q_offsets[:-1], lens) + np.arange(q_offsets[-1]))
+    padded = torch.zeros(nq * mp, scores.shape[1], dtype=torch.float32, device=scores.device)
+    padded[dest.to(scores.device)] = scores.float()
+    return padded.view(nq, mp, -1).transpose(1, 2).contiguous()
+
+
+def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc_offsets: torch.Tensor,
+                          pair_q: torch.Tensor, pair_doc: torch.Tensor) -> torch.Tensor:
+    """Per (query, document) pair, MaxSim of the query with the document's tokens replaced by their centroids:
+    sum over the query's rows i of max over the document's tokens j of scores[i, cids[j]].
+    `scores [rows, centroids]` (the stacked queries' rows, query b's rows q_offsets[b]..q_offsets[b + 1]),
+    `cids [tokens]` (a tensor, or on the CPU also a NumPy array / memory map), `doc_offsets [docs + 1]`, the
+    pairs' query and document positions (grouped by query) -> float32 `[pairs]`.
+    On CUDA one Triton program per pair (`_centroid_pairs_kernel`); elsewhere torch gathers in bounded blocks."""
+    n = len(pair_q)
+    if n == 0:
+        return torch.empty(0, device=scores.device)
+    lens_q = np.diff(q_offsets)
+    mp = _next_pow2(max(int(lens_q.max()), 16))
+    if _kernel_ok(scores, mp):
+        st = _query_table(scores, q_offsets, mp)
+        out = torch.empty(n, dtype=torch.float32, device=scores.device)
+        _centroid_pairs_kernel[(n,)](st, cids, doc_offsets, pair_q, pair_doc, out, scores.shape[1],
+                                     MP=mp, BT=max(16, 2048 // mp), num_warps=4)
+        return out
+    out = torch.empty(n, dtype=torch.float32, device=scores.device)
+    pq, pd = pair_q.cpu().numpy(), pair_doc.cpu().numpy()
+    offs = _host_offsets(doc_offsets).numpy()
+    for b in np.unique(pq):  # pairs are grouped by query
+        lo, hi = np.searchsorted(pq, b), np.searchsorted(pq, b, side="right")
+        q_scores = scores[int(q_offsets[b]):int(q_offsets[b + 1])]
+        budget = max((1 << 18) // max(q_scores.shape[0], 1), 1)  # tokens per gathered [m, tokens] block
+        ends = np.cumsum(offs[pd[lo:hi] + 1] - offs[pd[lo:hi]])
+        start = 0
+        while start < hi - lo:
+            stop = max(int(np.searchsorted(ends, (ends[start - 1] if start else 0) + budget, side="right")), start + 1)
+            docs = pd[lo + start:lo + stop]
+            rows, owner = _rows_of(offs, docs)
+            best = torch.full((q_scores.shape[0], len(docs)), float("-inf"), device=scores.device)
+            if isinstance(cids, np.ndarray):  # a CPU segment's memory map
+                ids = torch.from_numpy(np.asarray(cids[rows], dtype=np.int64))
+            else:
+                ids = cids[torch.from_numpy(rows).to(cids.device)].long()
+            gathered = q_scores.index_select(1, ids.to(scores.device))
+            best.scatter_reduce_(1, torch.from_numpy(owner).to(scores.device).expand(q_scores.shape[0], -1),
+                                 gathered, "amax")
+            out[lo + start:lo + stop] = best.sum(dim=0)
+            start = stop
+    return out
+
+
+def _rows_of(offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token rows of documents `docs` (in order) and, per row, its document's index in `docs`."""
+    lens = offsets[docs + 1] - offsets[docs]
+    owner = np.repeat(np.arange(len(docs)), lens)
+    first = np.cumsum(lens) - lens
+    return np.arange(int(lens.sum())) - first[owner] + offsets[docs][owner], owner
+
+
+def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, pair_q: torch.Tensor,
+                 pair_t0: torch.Tensor, pair_t1: torch.Tensor) -> torch.Tensor:
+    """Exact MaxSim per (query, document) pair, float32 `[pairs]`: query b is rows q_offsets[b]..q_offsets[b + 1]
+    of `queries`, a pair's document rows pair_t0..pair_t1 of `x` (float32 `[tokens, dim]`, on one device with
+    the queries). On CUDA one Triton program per pair (3xTF32 products); elsewhere torch, query by query."""
+    n = len(pair_q)
+    if n == 0:
+        return torch.empty(0, device=x.device)
+    lens_q = np.diff(q_offsets)
+    mp = _next_pow2(max(int(lens_q.max()), 16))
+    dim = x.shape[1]
+    dp = _next_pow2(max(dim, 16))
+    if _kernel_ok(x, mp) and dp <= 256:
+        qpad = torch.zeros(len(lens_q), mp, dp, dtype=torch.float32, device=x.device)
+        dest = torch.from_numpy(np.repeat(np.arange(len(lens_q)) * mp - q_offsets[:-1], lens_q)
+                                + np.arange(q_offsets[-1])).to(x.device)
+        qpad.view(-1, dp)[dest, :dim] = queries.float()
+        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        _pairs_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, MP=mp,
+                            BT=32 if mp * dp <= 4096 else 16, num_warps=4)
+        return out
+    out = torch.empty(n, dtype=torch.float64, device=x.device)
+    pq, t0, t1 = (t.cpu().numpy() for t in (pair_q, pair_t0, pair_t1))
+    for b in np.unique(pq):
+        sel = np.flatnonzero(pq == b)
+        lens = t1[sel] - t0[sel]
+        owner_np = np.repeat(np.arange(len(sel)), lens)
+        rows = np.arange(int(lens.sum())) - (np.cumsum(lens) - lens)[owner_np] + t0[sel][owner_np]
+        if len(rows) and (np.diff(rows) == 1).all():  # one run of x (as the candidate search lays it out)
+            block = x[int(rows[0]):int(rows[-1]) + 1]
+        else:
+            block = x.index_select(0, torch.from_numpy(rows).to(x.device))
+        products = queries[int(q_offsets[b]):int(q_offsets[b + 1])].float() @ block.T
+        owner = torch.from_numpy(owner_np).to(x.device)
+        best = torch.full((products.shape[0], len(sel)), float("-inf"), device=x.device)
+        best.scatter_reduce_(1, owner.expand(products.shape[0], -1), products, "amax")
+        out[torch.from_numpy(sel).to(x.device)] = best.double().sum(dim=0)
+    return out.float() if x.is_cuda else out
 
 
 @dataclass

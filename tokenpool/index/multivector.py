@@ -45,6 +45,7 @@ _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy",
 # Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
+_QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
 _BF16_ENV = "TOKENPOOL_INDEX_BF16"
 
 
@@ -91,15 +92,6 @@ def _check_id(value, index: int):
     return value
 
 
-def _doc_rows(offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The token rows of documents `docs` (ascending positions), concatenated, and where each one starts."""
-    starts = offsets[docs]
-    lengths = offsets[docs + 1] - starts
-    bounds = np.zeros(len(docs), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=bounds[1:])
-    return np.repeat(starts - bounds, lengths) + np.arange(int(lengths.sum())), bounds
-
-
 @dataclass
 class _Segment:
     name: str
@@ -134,9 +126,23 @@ class _Segment:
                     arrays["scales"] = torch.from_numpy(self.scales).to(device)
                     arrays["dim_scales"] = torch.from_numpy(self.dim_scales).to(device)
                 if self.residual is not None:
-                    arrays["cids"] = torch.from_numpy(np.asarray(self.residual.cids).astype(np.int64)).to(device)
+                    arrays["cids"] = torch.from_numpy(np.asarray(self.residual.cids).astype(np.int32)).to(device)
             self.cache[device] = arrays
         return self.cache[device]
+
+    def ivf_arrays(self, device: torch.device) -> dict:
+        """A residual segment's inverted lists ("ivf", "ivf_ptr") and deleted mask ("deleted") as tensors on
+        `device` (the lists copied once; the mask again only when this version's deletions differ)."""
+        key = ("ivf", device)
+        if key not in self.cache:
+            with warnings.catch_warnings():  # a read-only memory map: torch only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                self.cache[key] = {"ivf": torch.from_numpy(np.asarray(self.residual.ivf)).to(device),
+                                   "ivf_ptr": torch.from_numpy(self.residual.ivf_ptr.astype(np.int64)).to(device)}
+        held = self.cache.get(("deleted", device))
+        if held is None or held[0] is not self.deleted:  # the cache is shared with this segment's other versions
+            held = self.cache[("deleted", device)] = (self.deleted, torch.from_numpy(self.deleted).to(device))
+        return {**self.cache[key], "deleted": held[1]}
 
     def decode_torch(self, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop as a float32 torch tensor (a view for float32 codes, else a converted copy)."""
@@ -179,6 +185,28 @@ class _Residual:
         return ivf, ptr.astype(np.int64)
 
 
+def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_centroids: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage A for one segment: the (query, document) pairs, grouped by query, of the live documents with a
+    token in a centroid the query probes (`pair_key`: query * n_centroids + centroid, unique)."""
+    arrays = seg.ivf_arrays(device)
+    ivf, ptr = arrays["ivf"], arrays["ivf_ptr"]
+    centroids = pair_key % n_centroids
+    starts = ptr[centroids]
+    lengths = ptr[centroids + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty
+    which = torch.repeat_interleave(torch.arange(len(centroids), device=device), lengths, output_size=total)
+    docs = ivf[torch.arange(total, device=device) - (torch.cumsum(lengths, 0) - lengths)[which] + starts[which]]
+    hit = torch.zeros(n_queries, len(seg.ids), dtype=torch.bool, device=device)
+    hit[pair_key[which] // n_centroids, docs.long()] = True
+    hit &= ~arrays["deleted"]
+    pair_q, pair_doc = hit.nonzero(as_tuple=True)
+    return pair_q, pair_doc
+
+
 class MultiVectorIndex:
     """Token matrices under stable external ids, searched by exact MaxSim. See the module doc.
 
@@ -214,7 +242,7 @@ class MultiVectorIndex:
 
         codec: "float32", "float16", "int8" (exact search) or "residual" (compressed: `nbits` 1, 2 or 4 bits per
         dimension on average plus a centroid id per token; the codec is trained on a sample of the first
-        `add`'s vectors, with `num_centroids` centroids, default 2^floor(log2(16 sqrt(tokens))), so make the
+        `add`'s vectors, with `num_centroids` centroids, default 2^floor(log2(32 sqrt(tokens))), so make the
         first add representative of the corpus)."""
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}.")
@@ -363,13 +391,14 @@ class MultiVectorIndex:
             root = self.path
             residual = self._residual
             if self.codec == "residual" and residual is None:
-                residual = ResidualCodec.train(flat, manifest["nbits"], manifest.get("num_centroids"))
+                residual = ResidualCodec.train(flat, manifest["nbits"], manifest.get("num_centroids"),
+                                               device=self.device)
                 manifest["codec_file"] = f"codec-{manifest['version']}.npz"
                 residual.save(root / manifest["codec_file"])
                 _fsync_file(root / manifest["codec_file"])
             files = {"codes.npy": None, "docs.json": None}
             if residual is not None:
-                cids, codes = residual.encode(flat)
+                cids, codes = residual.encode(flat, self.device)
                 files["cids.npy"] = cids
                 files["ivf.npy"], files["ivfptr.npy"] = _Residual.inverted_lists(cids, offsets, len(residual.centroids))
             else:
@@ -476,8 +505,8 @@ class MultiVectorIndex:
             return []
         segments, live, residual = self._segments, len(self._where), self._residual  # one committed version
         if residual is not None and not exact:
-            return [self._search_candidates(segments, residual, q, k, candidates or max(256, 16 * k),
-                                            nprobe or _NPROBE, self.device) for q in mats]
+            return self._search_candidates(segments, residual, mats, k, candidates or max(256, 16 * k),
+                                           nprobe or _NPROBE, self.device)
         # every query at once: each block of stored tokens is decoded once per search, not once per query
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
@@ -548,43 +577,80 @@ class MultiVectorIndex:
         return [(ids[i], scores[i]) for i in order]
 
     @staticmethod
-    def _search_candidates(segments: list[_Segment], residual: ResidualCodec, query: np.ndarray, k: int,
-                           candidates: int, nprobe: int, device: torch.device) -> list[tuple]:
-        """One query through the residual codec's candidates (see `search`)."""
-        q = torch.from_numpy(query)
-        centroid_scores = (q @ residual.centroids.T).numpy()  # [m, centroids]
-        probe = np.unique(np.argpartition(-centroid_scores, min(nprobe, centroid_scores.shape[1]) - 1,
-                                          axis=1)[:, :nprobe])
-        pool = []  # (approximate score, segment, document position)
-        for s, seg in enumerate(segments):
-            res = seg.residual
-            docs = np.unique(np.concatenate([res.ivf[res.ivf_ptr[c]:res.ivf_ptr[c + 1]] for c in probe]))
-            docs = docs[~seg.deleted[docs]]
-            if not len(docs):
+    def _search_candidates(segments: list[_Segment], residual: ResidualCodec, mats: list[np.ndarray], k: int,
+                           candidates: int, nprobe: int, device: torch.device) -> list[list[tuple]]:
+        """Queries through the residual codec's candidates (see `search`), `_QUERY_GROUP` at a time, in three
+        stages on `device`:
+        A. per query, the documents with a token in one of its rows' `nprobe` best centroids (inverted lists);
+        B. those ranked by MaxSim with each token replaced by its centroid (centroid ids only, no codes read);
+        C. the best `candidates` of them decoded and scored exactly."""
+        from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs, maxsim_pairs
+
+        codec = residual.to(device)
+        n_centroids = len(codec.centroids)
+        results = []
+        for g0 in range(0, len(mats), _QUERY_GROUP):
+            group = mats[g0:g0 + _QUERY_GROUP]
+            nq = len(group)
+            q_offsets = np.zeros(nq + 1, dtype=np.int64)
+            np.cumsum([m.shape[0] for m in group], out=q_offsets[1:])
+            queries = torch.from_numpy(np.concatenate(group)).to(device)
+            scores = queries @ codec.centroids.T  # [rows, centroids]
+            probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
+            row_q = torch.from_numpy(np.repeat(np.arange(nq), np.diff(q_offsets))).to(device)
+            pair_key = (row_q[:, None] * n_centroids + probe).flatten().unique()
+            found = []  # (segment, pair queries, pair documents, centroid MaxSim)
+            for s, seg in enumerate(segments):
+                pair_q, pair_doc = _probed_pairs(seg, pair_key, nq, n_centroids, device)
+                if len(pair_q):
+                    if device.type == "cuda":
+                        cids, offsets = seg.device_arrays(device)["cids"], seg.device_arrays(device)["offsets"]
+                    else:  # the memory map: only the candidates' rows are read
+                        cids, offsets = seg.residual.cids, torch.from_numpy(seg.offsets)
+                    approx = centroid_maxsim_pairs(scores, q_offsets, cids, offsets, pair_q, pair_doc)
+                    found.append((s, pair_q, pair_doc, approx))
+            if not found:
+                results += [[] for _ in group]
                 continue
-            rows, bounds = _doc_rows(seg.offsets, docs)
-            approx = centroid_scores[:, np.asarray(res.cids[rows]).astype(np.int64)]  # [m, candidate tokens]
-            approx = np.maximum.reduceat(approx, bounds, axis=1).sum(axis=0)
-            pool.append((approx, s, docs))
-        if not pool:
-            return []
-        approx = np.concatenate([p[0] for p in pool])
-        which = np.concatenate([np.full(len(p[2]), i) for i, p in enumerate(pool)])
-        positions = np.concatenate([p[2] for p in pool])
-        keep = np.argsort(-approx, kind="stable")[:candidates]
-        scored = []
-        for i, (_, s, _) in enumerate(pool):  # the kept candidates of each segment, decoded in one call
-            docs = np.sort(positions[keep[which[keep] == i]])
-            if not len(docs):
-                continue
-            seg = segments[s]
-            rows, bounds = _doc_rows(seg.offsets, docs)
-            vectors = residual.decode(np.asarray(seg.residual.cids[rows]), np.asarray(seg.codes[rows]), device)
-            best = (q.to(device) @ vectors.T).cpu().numpy()
-            exact_scores = np.maximum.reduceat(best, bounds, axis=1).astype(np.float64).sum(axis=0)
-            scored += zip(exact_scores.tolist(), (seg.ids[d] for d in docs))
-        scored.sort(key=lambda t: -t[0])
-        return [(doc_id, score) for score, doc_id in scored[:k]]
+            # the best `candidates` pairs of each query: by score, then (stable) by query
+            seg_of = torch.cat([torch.full_like(f[1], f[0]) for f in found])
+            pair_q = torch.cat([f[1] for f in found])
+            pair_doc = torch.cat([f[2] for f in found])
+            approx = torch.cat([f[3] for f in found]).float()
+            order = torch.argsort(approx, descending=True, stable=True)
+            order = order[torch.argsort(pair_q[order], stable=True)]
+            counts = torch.bincount(pair_q, minlength=nq)
+            rank = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[pair_q[order]]
+            keep = order[rank < candidates]
+            per_query: list[list[tuple]] = [[] for _ in group]
+            kept_segments = [found[0][0]] if len(found) == 1 else torch.unique(seg_of[keep]).tolist()
+            for s in kept_segments:  # C, one segment at a time (`keep` is grouped by query, so is each part)
+                mine = keep if len(found) == 1 else keep[seg_of[keep] == s]
+                seg = segments[s]
+                kq, kd = pair_q[mine], pair_doc[mine]
+                offsets = seg.device_arrays(device)["offsets"] if device.type == "cuda" else \
+                    torch.from_numpy(seg.offsets)
+                starts = offsets[kd]
+                lengths = offsets[kd + 1] - starts
+                total = int(lengths.sum())
+                owner = torch.repeat_interleave(torch.arange(len(kd), device=device), lengths, output_size=total)
+                t0 = torch.cumsum(lengths, 0) - lengths
+                rows = torch.arange(total, device=device) - t0[owner] + starts[owner]
+                if device.type == "cuda":
+                    arrays = seg.device_arrays(device)
+                    cids, codes = arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows)
+                else:  # from the memory maps: only these rows are read
+                    cids, codes = (torch.from_numpy(np.asarray(seg.residual.cids[rows.numpy()], dtype=np.int64)),
+                                   torch.from_numpy(np.asarray(seg.codes[rows.numpy()])))
+                vectors = codec.decode(cids, codes, device)
+                exact = maxsim_pairs(queries, q_offsets, vectors, kq, t0, t0 + lengths)
+                kq, kd, exact = torch.stack([kq.double(), kd.double(), exact.double()]).cpu().numpy()  # one copy
+                for b, d, score in zip(kq.astype(np.int64).tolist(), kd.astype(np.int64).tolist(), exact.tolist()):
+                    per_query[b].append((score, seg.ids[d]))
+            for hits in per_query:
+                hits.sort(key=lambda t: -t[0])
+                results.append([(doc_id, score) for score, doc_id in hits[:k]])
+        return results
 
     def _maxsim_segment_cuda(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
         """`_maxsim_segment` on the GPU: the fused kernel over the segment's codes (residual: decoded blocks)."""

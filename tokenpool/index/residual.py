@@ -34,8 +34,10 @@ _MAX_BITS = 8  # per dimension
 _LLOYD_ITERS = 8
 _KMEANS_ITERS = 10
 _KMEANS_CHUNK = 1 << 14  # rows per assignment product
-_LEVEL_TOKENS = 1 << 16
-_DECODE_ROWS = 2048  # training rows for the per-axis levels
+_LEVEL_TOKENS = 1 << 16  # training rows for the per-axis levels
+_DECODE_ROWS = 2048  # rows per decoded block (stays in the cache)
+_ENCODE_ROWS = 1 << 16  # rows per encoded block
+_POINTS_PER_CENTROID = 16  # k-means samples at least this many rows per centroid
 
 
 def default_num_centroids(tokens: int) -> int:
@@ -47,7 +49,7 @@ def default_num_centroids(tokens: int) -> int:
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of each row's nearest centroid (largest dot product: the centroids are unit length)."""
-    out = torch.empty(len(x), dtype=torch.int64)
+    out = torch.empty(len(x), dtype=torch.int64, device=x.device)
     for start in range(0, len(x), _KMEANS_CHUNK):
         out[start:start + _KMEANS_CHUNK] = (x[start:start + _KMEANS_CHUNK] @ centroids.T).argmax(1)
     return out
@@ -56,7 +58,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def kmeans(x: torch.Tensor, k: int, iters: int = _KMEANS_ITERS, seed: int = 0) -> torch.Tensor:
     """Spherical k-means: `k` unit-length centroids of the rows of `x` (float32 `[n, dim]`)."""
     g = torch.Generator().manual_seed(seed)
-    centroids = F.normalize(x[torch.randperm(len(x), generator=g)[:k]], dim=1)
+    centroids = F.normalize(x[torch.randperm(len(x), generator=g)[:k].to(x.device)], dim=1)
     for _ in range(iters):
         a = _assign(x, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, a, x)
@@ -65,7 +67,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = _KMEANS_ITERS, seed: int = 0) -
         centroids[filled] = F.normalize(sums[filled], dim=1)
         empty = int((~filled).sum())
         if empty:  # restart empty clusters on random rows
-            centroids[~filled] = F.normalize(x[torch.randint(len(x), (empty,), generator=g)], dim=1)
+            centroids[~filled] = F.normalize(x[torch.randint(len(x), (empty,), generator=g).to(x.device)], dim=1)
     return centroids
 
 
@@ -84,11 +86,11 @@ def _allocate_bits(variance: torch.Tensor, total: int) -> torch.Tensor:
 def _lloyd_max(y: torch.Tensor, bits: int) -> torch.Tensor:
     """2^bits levels minimizing the squared error of quantizing the samples `y` (started at the quantiles)."""
     n = 1 << bits
-    levels = torch.quantile(y, (torch.arange(n, dtype=torch.float32) + 0.5) / n)
+    levels = torch.quantile(y, (torch.arange(n, dtype=torch.float32, device=y.device) + 0.5) / n)
     for _ in range(_LLOYD_ITERS):
         cut = (levels[1:] + levels[:-1]) / 2
         a = torch.bucketize(y, cut)
-        sums = torch.zeros(n).index_add_(0, a, y)
+        sums = torch.zeros(n, device=y.device).index_add_(0, a, y)
         counts = torch.bincount(a, minlength=n)
         levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
     return levels.sort().values
@@ -127,15 +129,19 @@ class ResidualCodec:
     # ----- training -----
     @classmethod
     def train(cls, vectors: np.ndarray, nbits: int, num_centroids: int | None = None,
-              train_tokens: int = 1 << 18, seed: int = 0) -> "ResidualCodec":
-        """Fit the codec to (a sample of at most `train_tokens` rows of) `vectors` `[n, dim]` float32."""
+              train_tokens: int = 1 << 18, seed: int = 0, device: torch.device | str = "cpu") -> "ResidualCodec":
+        """Fit the codec to `vectors` `[n, dim]` float32 (k-means on a sample of max(`train_tokens`, 16 per
+        centroid) rows; `num_centroids` default `default_num_centroids(n)`), computing
+        on `device` (the codec's tensors are returned on the CPU; a GPU's rounding differs from the CPU's, so
+        the centroids may differ slightly)."""
         if nbits not in NBITS:
             raise ValueError(f"nbits must be one of {', '.join(map(str, NBITS))}, got {nbits!r}.")
         g = torch.Generator().manual_seed(seed)
         n, dim = vectors.shape
-        pick = torch.randperm(n, generator=g)[:train_tokens].sort().values.numpy() if n > train_tokens else slice(None)
-        x = torch.from_numpy(np.ascontiguousarray(vectors[pick], dtype=np.float32))
-        k = num_centroids or default_num_centroids(len(x))
+        k = num_centroids or default_num_centroids(n)
+        sample = max(train_tokens, _POINTS_PER_CENTROID * k)
+        pick = torch.randperm(n, generator=g)[:sample].sort().values.numpy() if n > sample else slice(None)
+        x = torch.from_numpy(np.ascontiguousarray(vectors[pick], dtype=np.float32)).to(device)
         if not 1 <= k <= len(x):
             raise ValueError(f"num_centroids must be in 1..{len(x)} (the training tokens), got {k}.")
         norms = x.norm(dim=1)
@@ -144,20 +150,20 @@ class ResidualCodec:
         residuals = x - centroids[_assign(x, centroids)]
         # weight by the square root of the vectors' second moment (the queries' proxy), then rotate into the
         # principal axes of the weighted residuals
-        second = (x.T.double() @ x.double()) / len(x)
+        second = (x.T.double() @ x.double()).cpu() / len(x)
         ew, ev = torch.linalg.eigh(second)
         ew = ew.clamp(min=float(ew.max()) * 1e-6) ** 0.25  # (second moment)^(1/2), as its square root
         weight, unweight = (ev * ew) @ ev.T, (ev / ew) @ ev.T
-        z = residuals.double() @ weight
-        _, axes = torch.linalg.eigh(z.T @ z / len(z))
+        z = residuals.double() @ weight.to(x.device)
+        _, axes = torch.linalg.eigh((z.T @ z).cpu() / len(z))
         transform, inverse = (weight @ axes).float(), (axes.T @ unweight).float()
-        y = residuals[torch.randperm(len(x), generator=g)[:_LEVEL_TOKENS]] @ transform
-        bits = _allocate_bits(y.var(0), nbits * dim)
+        y = residuals[torch.randperm(len(x), generator=g)[:_LEVEL_TOKENS].to(x.device)] @ transform.to(x.device)
+        bits = _allocate_bits(y.var(0).cpu(), nbits * dim)
         levels = torch.zeros(dim, 1 << _MAX_BITS)
         for d in range(dim):
             b = int(bits[d])
-            levels[d, :1 << b] = _lloyd_max(y[:, d].contiguous(), b) if b else y[:, d].mean()
-        return cls(nbits, centroids, transform, inverse, bits, levels, normalize)
+            levels[d, :1 << b] = (_lloyd_max(y[:, d].contiguous(), b) if b else y[:, d].mean()).cpu()
+        return cls(nbits, centroids.cpu(), transform, inverse, bits, levels, normalize)
 
     # ----- encode / decode -----
     def _layout(self):
@@ -170,20 +176,30 @@ class ResidualCodec:
                 offset += w * len(dims)
         return groups
 
-    def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`[n, dim]` float32 -> (centroid ids `[n]`, codes `[n, code_bytes]` uint8)."""
-        x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        cids = _assign(x, self.centroids)
-        y = (x - self.centroids[cids]) @ self.transform
-        bitfield = torch.zeros(len(x), self.code_bytes * 8, dtype=torch.uint8)
-        for w, dims, offset in self._layout():
-            lv = self.levels[dims, :1 << w]  # [g, 2^w]
-            cut = (lv[:, 1:] + lv[:, :-1]) / 2
-            idx = torch.searchsorted(cut.contiguous(), y[:, dims].T.contiguous()).T  # [n, g]
-            shifts = torch.arange(w - 1, -1, -1)
-            bitfield[:, offset:offset + w * len(dims)] = ((idx[..., None] >> shifts) & 1).reshape(len(x), -1)
-        codes = np.packbits(bitfield.numpy(), axis=1)
-        return cids.numpy().astype(self.id_dtype), codes
+    def encode(self, vectors: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """`[n, dim]` float32 -> (centroid ids `[n]`, codes `[n, code_bytes]` uint8), computed on `device` in
+        blocks of `_ENCODE_ROWS` rows."""
+        params = self.to(device)
+        layout = params._layout()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        cids_out = np.empty(len(vectors), dtype=self.id_dtype)
+        codes_out = np.empty((len(vectors), self.code_bytes), dtype=np.uint8)
+        weights = 1 << torch.arange(7, -1, -1, device=device, dtype=torch.int32)  # big-endian bits, as np.packbits
+        for start in range(0, len(vectors), _ENCODE_ROWS):
+            x = torch.from_numpy(vectors[start:start + _ENCODE_ROWS]).to(device)
+            cids = _assign(x, params.centroids)
+            y = (x - params.centroids[cids]) @ params.transform
+            bitfield = torch.zeros(len(x), self.code_bytes * 8, dtype=torch.int32, device=device)
+            for w, dims, offset in layout:
+                lv = params.levels[dims, :1 << w]  # [g, 2^w]
+                cut = (lv[:, 1:] + lv[:, :-1]) / 2
+                idx = torch.searchsorted(cut.contiguous(), y[:, dims].T.contiguous()).T  # [n, g]
+                shifts = torch.arange(w - 1, -1, -1, device=device)
+                bitfield[:, offset:offset + w * len(dims)] = ((idx[..., None] >> shifts) & 1).reshape(len(x), -1)
+            codes = (bitfield.view(len(x), self.code_bytes, 8) * weights).sum(dim=2).to(torch.uint8)
+            cids_out[start:start + len(x)] = cids.cpu().numpy()
+            codes_out[start:start + len(x)] = codes.cpu().numpy()
+        return cids_out, codes_out
 
     def _unpack_plan(self):
         """Per axis (in axis order, as `[dim, 1]` columns): the byte holding its field's first bit and the next
@@ -212,13 +228,14 @@ class ResidualCodec:
         codes = torch.as_tensor(codes, device=device)
         first, second, shift, mask = params._unpack_plan()
         out = torch.empty(len(cids), self.dim, device=device)
-        for start in range(0, len(cids), _DECODE_ROWS):  # blocks that stay in the cache, axes as rows
-            part = codes[start:start + _DECODE_ROWS].T.contiguous()  # [code bytes, n]
+        block = _DECODE_ROWS if cids.device.type == "cpu" else 1 << 18  # CPU: blocks that stay in the cache
+        for start in range(0, len(cids), block):  # axes as rows
+            part = codes[start:start + block].T.contiguous()  # [code bytes, n]
             word = (part.index_select(0, first).int() << 8).bitwise_or_(part.index_select(0, second))  # [dim, n]
             idx = word.bitwise_right_shift_(shift).bitwise_and_(mask).long()
             y = torch.gather(params.levels, 1, idx)  # [dim, n]; 0-bit axes: mask 0, their level 0 (the mean)
-            x = torch.addmm(params.centroids.index_select(0, cids[start:start + _DECODE_ROWS]), y.T, params.inverse,
-                            out=out[start:start + _DECODE_ROWS])
+            x = torch.addmm(params.centroids.index_select(0, cids[start:start + block]), y.T, params.inverse,
+                            out=out[start:start + block])
             if self.normalize:
                 x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
         return out
