@@ -70,7 +70,8 @@ def main() -> None:
     from tokenpool.kernels import maxsim as kernel
 
     if args.codec != "residual" and kernel.available(bf16=True) and os.environ.get("TOKENPOOL_INDEX_BF16", "1") != "0":
-        path = "C kernel, bf16 products on the AMX tiles, candidates within the error bound rescored in fp32"
+        how = "on the AMX tiles" if build_variant() == "amx" else "with AVX512-BF16"
+        path = f"C kernel, bf16 products {how}, candidates within the error bound rescored in fp32"
     elif args.codec != "residual" and kernel.available():
         path = f"C kernel, fp32 products ({build_variant()} class)"
     else:

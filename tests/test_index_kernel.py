@@ -1,5 +1,5 @@
 """The CPU MaxSim kernel (tokenpool/kernels/maxsim.c) of the exact index codecs: every build this CPU can run
-against a float64 brute force; the AMX bf16 path within its error bound; and the index's bf16 prefilter with
+against a float64 brute force; the bf16 path (AMX or AVX512-BF16) within its error bound; and the index's bf16 prefilter with
 fp32 rescoring returning exactly what the fp32 scan returns."""
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
     assert np.allclose(got, want[:, subset], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(not kernel.available(bf16=True), reason=f"needs an AMX CPU (this one: {build_variant()} class)")
+@pytest.mark.skipif(not kernel.available(bf16=True),
+                    reason=f"needs an AMX or AVX512-BF16 CPU (this one: {build_variant()} class)")
 @pytest.mark.parametrize("dim", [64, 128, 384])
-def test_amx_bf16_path_within_its_bound(dim):
+def test_bf16_path_within_its_bound(dim):
     offsets, x, queries, starts = _segment(dim, seed=1)
     codes = x.astype(np.float16)
     want = _brute(queries, starts, codes.astype(np.float32), offsets)

@@ -516,7 +516,7 @@ class MultiVectorIndex:
         for seg in segments:
             if self.device.type == "cuda":
                 scores = self._maxsim_segment_cuda(stacked, starts, seg)
-            elif prefilter:  # bf16 products on the tile unit: within a bound, rescored below
+            elif prefilter:  # bf16 products (AMX tiles or AVX512-BF16): within a bound, rescored below
                 scores = _maxsim_kernel.maxsim(stacked, starts, seg.codes, seg.offsets, scales=seg.scales,
                                                dim_scales=seg.dim_scales, bf16=True,
                                                threads=torch.get_num_threads()).astype(np.float64)
@@ -540,11 +540,11 @@ class MultiVectorIndex:
         return results
 
     def _bf16_prefilter(self, residual) -> bool:
-        """Whether exact search scans in bf16 on the AMX tiles first (then rescores in fp32): CPU indexes of an
-        exact codec on CPUs with AMX, where the fp32 scan is bound by arithmetic (32 FLOP per stored fp16
-        byte for a 32-row query), not by memory. TOKENPOOL_INDEX_BF16=0 turns it off."""
-        return (self.device.type == "cpu" and residual is None and os.environ.get(_BF16_ENV, "1") != "0"
-                and _maxsim_kernel.available(bf16=True))
+        """Whether exact search scans in bf16 first (then rescores in fp32): CPU indexes of an exact codec whose dim
+        is a multiple of 32, on CPUs with AMX or AVX512-BF16, where the fp32 scan is bound by arithmetic (32 FLOP
+        per stored fp16 byte for a 32-row query), not by memory. TOKENPOOL_INDEX_BF16=0 turns it off."""
+        return (self.device.type == "cpu" and residual is None and self.dim % 32 == 0
+                and os.environ.get(_BF16_ENV, "1") != "0" and _maxsim_kernel.available(bf16=True))
 
     @staticmethod
     def _rescore(per_segment: list, stacked: np.ndarray, starts: np.ndarray, qi: int, k: int, live: int) -> list:

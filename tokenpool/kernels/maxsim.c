@@ -16,6 +16,11 @@
  *   products, fp32 sums), up to 4 row blocks per token tile. Each product carries the bf16 rounding of both
  *   sides: |error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7); the caller rescores with the fp32 path every
  *   document that this bound lets into the top k, so search results stay exact.
+ * - bf16 with AVX512-BF16 (avx512 build, a function compiled for that extension, called only when the caller
+ *   saw avx512_bf16 in the CPU's flags: AMD Zen 4 / Zen 5, Intel Cooper Lake; D a multiple of 32): the fp32
+ *   path's outer product with dimension pairs: VDPBF16PS multiplies a vector of 16 query rows' (d, d+1) bf16
+ *   pairs by one token's broadcast pair, fp32 sums: half the instructions of the fp32 path, the same bound as
+ *   the AMX path (both sides rounded to bf16).
  *
  * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
  */
@@ -155,6 +160,59 @@ static void doc_max_amx(const uint16_t* qp, int64_t rp, int64_t D, const uint16_
 }
 #endif
 
+#if defined(__AVX512F__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__)) && \
+    (defined(__clang__) || __GNUC__ >= 10)
+#define HAVE_DPBF16 1
+#define TJB 6 /* tokens per step of the AVX512-BF16 path: 12 accumulators */
+/* AVX512-BF16 path, one document: row maxima m[rp] (rp a multiple of 32). qp: queries as bf16 pairs
+ * [D/2][rp] (the low half the even dimension); xw: the document's tokens as bf16 pairs [n][D/2]. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void doc_max_dpbf16(const uint32_t* qp, int64_t rp,
+                                                                                   int64_t D, const uint32_t* xw,
+                                                                                   int64_t n, float* m) {
+    const int64_t np = D / 2;
+    for (int64_t rb = 0; rb < rp; rb += 32) {
+        __m512 best0 = _mm512_set1_ps(-3.0e38f), best1 = best0;
+        for (int64_t j = 0; j < n; j += TJB) {
+            const int tj = n - j < TJB ? (int)(n - j) : TJB;
+            __m512 acc0[TJB], acc1[TJB];
+            for (int t = 0; t < TJB; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
+            const uint32_t* xj = xw + j * np;
+            for (int64_t p = 0; p < np; p++) {
+                const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + p * rp + rb);
+                const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + p * rp + rb + 16);
+                for (int t = 0; t < TJB; t++) {
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)xj[(t < tj ? t : 0) * np + p]);
+                    acc0[t] = _mm512_dpbf16_ps(acc0[t], q0, b);
+                    acc1[t] = _mm512_dpbf16_ps(acc1[t], q1, b);
+                }
+            }
+            for (int t = 0; t < tj; t++) {
+                best0 = _mm512_max_ps(best0, acc0[t]);
+                best1 = _mm512_max_ps(best1, acc1[t]);
+            }
+        }
+        _mm512_storeu_ps(m + rb, best0);
+        _mm512_storeu_ps(m + rb + 16, best1);
+    }
+}
+
+/* n fp16 values (n a multiple of 16) -> bf16, with the extension's rounding conversion (nearest even, as
+ * f32_to_bf16) */
+__attribute__((target("avx512f,avx512bw,avx512bf16,f16c"))) static void half_to_bf16_dp(const uint16_t* h,
+                                                                                        uint16_t* out, int64_t n) {
+    for (int64_t e = 0; e < n; e += 32) {
+        __builtin_prefetch(h + e + 4096, 0, 2); /* 8 KB ahead, as the AMX path */
+        const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + e)));
+        if (e + 16 < n) {
+            const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + e + 16)));
+            _mm512_storeu_si512(out + e, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        } else {
+            _mm256_storeu_si256((__m256i*)(out + e), (__m256i)_mm512_cvtneps_pbh(lo));
+        }
+    }
+}
+#endif
+
 int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
               const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
               const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
@@ -170,7 +228,11 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     use_amx = bf16 && D % 32 == 0 && amx_ready();
 #endif
-    if (bf16 && !use_amx) return 4; /* the caller asked for a path this build or CPU does not have */
+    int use_dp = 0;
+#ifdef HAVE_DPBF16
+    use_dp = bf16 && D % 32 == 0; /* the caller checked the CPU's flags */
+#endif
+    if (bf16 && !use_amx && !use_dp) return 4; /* the caller asked for a path this build or CPU does not have */
     const int64_t rp = use_amx ? (rows + 15) / 16 * 16 : (rows + RB - 1) / RB * RB;
     /* queries, packed once: fp32 transposed [D, rp] (zero columns past rows), or bf16 pairs for the tiles */
     float* qt = NULL;
@@ -184,6 +246,11 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                 const int64_t c = d / 32, p = (d % 32) / 2, e = d % 2, b = r / 16, rr = r % 16;
                 qp[(((c * nrb + b) * 16 + p) * 16 + rr) * 2 + e] = f32_to_bf16(q[r * D + d]);
             }
+    } else if (use_dp) {
+        qp = calloc((size_t)D * rp, sizeof(uint16_t)); /* [D/2][rp] pairs */
+        if (!qp) return 3;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t d = 0; d < D; d++) qp[((d / 2) * rp + r) * 2 + d % 2] = f32_to_bf16(q[r * D + d]);
     } else {
         qt = calloc((size_t)D * rp, sizeof(float));
         if (!qt) return 3;
@@ -196,8 +263,8 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
         float* x = malloc((size_t)(max_len + 16) * D * sizeof(float));
         float* m = malloc((size_t)rp * sizeof(float));
         float* cs = malloc(4 * 256 * sizeof(float));
-        uint16_t* xb = use_amx ? malloc((size_t)(max_len + 16) * D * sizeof(uint16_t)) : NULL;
-        const int ok = x && m && cs && (!use_amx || xb);
+        uint16_t* xb = use_amx || use_dp ? malloc((size_t)(max_len + 16) * D * sizeof(uint16_t)) : NULL;
+        const int ok = x && m && cs && (!(use_amx || use_dp) || xb);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -228,6 +295,16 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                 }
                 memset(xb + n * D, 0, (size_t)(np - n) * D * sizeof(uint16_t));
                 doc_max_amx(qp, rp, D, xb, n, m, cs);
+#endif
+            } else if (use_dp) {
+#ifdef HAVE_DPBF16
+                if (kind == 1) { /* fp16 -> bf16 in registers (D % 32 == 0) */
+                    half_to_bf16_dp((const uint16_t*)codes + t0 * D, xb, n * D);
+                } else {
+                    decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
+                    for (int64_t e = 0; e < n * D; e += VL) store_bf16(xb + e, ld(x + e));
+                }
+                doc_max_dpbf16((const uint32_t*)qp, rp, D, (const uint32_t*)xb, n, m);
 #endif
             } else {
                 decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);

@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 
 from tokenpool.kernels import build_variant, function, kernel_variant
+from tokenpool.platforms.cpu import cpu_info
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
          ctypes.c_int)
 _KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}
-_ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no AMX bf16 path on this CPU or build"}
+_ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no bf16 path on this CPU or build"}
 
 
 def available(bf16: bool = False) -> bool:
-    """Whether the kernel is built for this CPU (builds it); bf16: the AMX path (the amx build only)."""
-    if bf16 and build_variant() != "amx":
+    """Whether the kernel is built for this CPU (builds it); bf16: a bf16 path, on AMX (the amx build) or with
+    AVX512-BF16 (the avx512 build on a CPU whose flags have avx512_bf16, where the compiler could build it)."""
+    if bf16 and not (build_variant() == "amx" or cpu_info().isa_class == "avx512_bf16"):
         return False
-    return function("maxsim", _ARGS, kernel_variant(bf16)) is not None
+    if function("maxsim", _ARGS, kernel_variant(bf16)) is None:
+        return False
+    return not bf16 or _bf16_runs()
+
+
+@functools.cache
+def _bf16_runs() -> bool:
+    """Whether this build runs the bf16 path (an old compiler builds the avx512 variant without it): one tiny call."""
+    x = np.ones((1, 32), dtype=np.float32)
+    try:
+        maxsim(x, np.zeros(1, dtype=np.int64), x, np.array([0, 1]), bf16=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: np.ndarray, *,
@@ -27,8 +43,8 @@ def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: 
            bf16: bool = False, threads: int = 1, variant: str | None = None) -> np.ndarray:
     """`[n_queries, n_docs]` float32 MaxSim of each query (rows starts[i].. of `queries` `[rows, dim]` fp32)
     against documents `docs` (positions; default all) of a segment (`codes` `[tokens, dim]` fp32 / fp16 / int8
-    with `scales` and `dim_scales` for int8, `offsets` `[docs + 1]`). bf16: products on the AMX tiles with both
-    sides rounded to bf16 (|error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7)). Check `available` first;
+    with `scales` and `dim_scales` for int8, `offsets` `[docs + 1]`). bf16: products on the AMX tiles or with
+    AVX512-BF16 (dim a multiple of 32), both sides rounded to bf16 (|error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7)). Check `available` first;
     variant: a build of tokenpool.kernels (default: this CPU's, AVX-512 for fp32 on the AMX class)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     rows, dim = queries.shape
