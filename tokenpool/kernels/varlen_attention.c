@@ -287,6 +287,109 @@ static void attend_one_amx(const uint16_t* q, const uint16_t* k, const uint16_t*
 }
 #endif
 
+#if defined(__AVX512F__) && !(defined(__AMX_TILE__) && defined(__AMX_BF16__)) && \
+    (defined(__clang__) || __GNUC__ >= 10)
+/* AVX512-BF16 (avx512 build; called with bf16 == 2 only, when the caller saw avx512_bf16 in the CPU's flags: AMD
+ * Zen 4 / Zen 5, Intel Cooper Lake): both products with VDPBF16PS over pairs, bf16 products exact in fp32, fp32
+ * sums. S = Q K^T over dimension pairs (K's rows read as 32-bit pairs as they are stored; q unscaled, the scale
+ * applied in the softmax), P rounded to bf16 as on AMX, O = P V over key pairs (V interleaved by key pairs). */
+#define HAVE_DPBF16 1
+#include <immintrin.h>
+#define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+/* S[0..R, jb..jb+16 nb) over dimension pairs: qw [R][D/2], kw [D/2][lp] */
+DP_TARGET static void dp_scores(const uint32_t* qw, const uint32_t* kw, float* sb, int64_t D, int64_t lp, int64_t jb,
+                                int nb) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < D / 2; p++) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kw + p * lp + jb);
+        const __m512bh k1 = nb > 1 ? (__m512bh)_mm512_loadu_si512(kw + p * lp + jb + 16) : (__m512bh)_mm512_setzero_si512();
+        for (int r = 0; r < R; r++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)qw[r * (D / 2) + p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k0, b);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k1, b);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(sb + r * lp + jb, acc[r][0]);
+        if (nb > 1) _mm512_storeu_ps(sb + r * lp + jb + 16, acc[r][1]);
+    }
+}
+
+DP_TARGET static void attend_one_dp(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                    int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t o_stride, int64_t t0,
+                                    int64_t L, int64_t h, int64_t kvh, int64_t D, float scale, int64_t left,
+                                    int64_t right, uint32_t* kw, uint32_t* vw, float* sb, uint16_t* pb, uint32_t* qw) {
+    const int64_t lp = (L + 31) / 32 * 32, half = D / 2, nd = D / 16;
+    /* K as dimension pairs [D/2][lp] (keys past L: zeros), V as key pairs [lp/2][D] (the same) */
+    for (int64_t j = 0; j < lp; j++) {
+        const uint16_t* kr = k + (t0 + (j < L ? j : 0)) * k_stride + kvh * D;
+        for (int64_t p = 0; p < half; p++) {
+            uint32_t w = 0;
+            if (j < L) memcpy(&w, kr + 2 * p, 4);
+            kw[p * lp + j] = w;
+        }
+    }
+    for (int64_t jp = 0; jp < lp / 2; jp++) {
+        const int64_t j = 2 * jp;
+        const uint16_t* v0 = v + (t0 + j) * v_stride + kvh * D;
+        const uint16_t* v1 = v + (t0 + j + 1) * v_stride + kvh * D;
+        for (int64_t d = 0; d < D; d++)
+            vw[jp * D + d] = (j < L ? v0[d] : 0u) | (uint32_t)(j + 1 < L ? v1[d] : 0u) << 16;
+    }
+    for (int64_t i0 = 0; i0 < L; i0 += R) {
+        const int64_t rows = L - i0 < R ? L - i0 : R;
+        for (int64_t r = 0; r < R; r++) {
+            memcpy(qw + r * half, q + (t0 + i0 + (r < rows ? r : 0)) * q_stride + h * D, (size_t)D * 2);
+        }
+        int64_t jlo, jhi, unused;
+        key_range(i0, L, left, right, &jlo, &unused);
+        key_range(i0 + rows - 1, L, left, right, &unused, &jhi);
+        const int64_t jstart = jlo / 32 * 32, jpad = (jhi + 15) / 16 * 16;
+        int64_t jb = jstart;
+        for (; jb + 32 <= jpad; jb += 32) dp_scores(qw, kw, sb, D, lp, jb, 2);
+        for (; jb < jpad; jb += 16) dp_scores(qw, kw, sb, D, lp, jb, 1);
+        float inv[R];
+        for (int64_t r = 0; r < R; r++) {
+            float* s = sb + r * lp;
+            uint16_t* p = pb + r * lp;
+            if (r >= rows) {
+                for (int64_t j = jstart; j < jpad; j++) p[j] = 0;
+                inv[r] = 0.0f;
+            } else {
+                int64_t lo, hi;
+                key_range(i0 + r, L, left, right, &lo, &hi);
+                inv[r] = row_softmax(s, jstart, jpad, lo, hi, scale, p);
+            }
+        }
+        /* O = P V over key pairs, two head-dim vectors at a time */
+        const int64_t jp0 = jstart / 2, jp1 = (jpad + 1) / 2;
+        for (int64_t c0 = 0; c0 < nd; c0 += 2) {
+            const int nc = nd - c0 >= 2 ? 2 : 1;
+            __m512 acc[R][2];
+            for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            for (int64_t jp = jp0; jp < jp1; jp++) {
+                const uint32_t* vr = vw + jp * D + c0 * 16;
+                const __m512bh a0 = (__m512bh)_mm512_loadu_si512(vr);
+                const __m512bh a1 = nc == 2 ? (__m512bh)_mm512_loadu_si512(vr + 16) : (__m512bh)_mm512_setzero_si512();
+                for (int r = 0; r < R; r++) {
+                    uint32_t pw;
+                    memcpy(&pw, pb + r * lp + 2 * jp, 4);
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)pw);
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a0, b);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                uint16_t* orow = out + (t0 + i0 + r) * o_stride + h * D + c0 * 16;
+                for (int c = 0; c < nc; c++) store_bf16(orow + c * 16, (vf)acc[r][c] * inv[r]);
+            }
+        }
+    }
+}
+#endif
+
 int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, int64_t q_stride, int64_t k_stride,
                         int64_t v_stride, int64_t o_stride, const int32_t* cu, int64_t num_seqs, int64_t heads,
                         int64_t kv_heads, int64_t head_dim, float scale, int64_t window_left, int64_t window_right,
@@ -339,6 +442,41 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
         return failed;
     }
 #endif
+#ifdef HAVE_DPBF16
+    if (bf16 == 2) {
+        const int64_t lp32 = (max_len + 31) / 32 * 32;
+#pragma omp parallel num_threads(num_threads)
+        {
+            uint32_t* kw = aligned_alloc(64, (size_t)((D / 2 * lp32 * 4 + 63) / 64 * 64) + 64);
+            uint32_t* vw = aligned_alloc(64, (size_t)((lp32 / 2 * D * 4 + 63) / 64 * 64) + 64);
+            float* sb = aligned_alloc(64, (size_t)((R * lp32 * 4 + 63) / 64 * 64) + 64);
+            uint16_t* pb = aligned_alloc(64, (size_t)((R * (lp32 + 2) * 2 + 63) / 64 * 64) + 64);
+            uint32_t* qw = aligned_alloc(64, (size_t)((R * D / 2 * 4 + 63) / 64 * 64) + 64);
+            if (!kw || !vw || !sb || !pb || !qw) {
+#pragma omp atomic write
+                failed = 3;
+            }
+#pragma omp barrier
+            if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < tasks; task++) {
+                    const int64_t s = task / heads, h = task % heads;
+                    const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
+                    if (L > 0)
+                        attend_one_dp(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D,
+                                      scale, window_left, window_right, kw, vw, sb, pb, qw);
+                }
+            }
+            free(kw);
+            free(vw);
+            free(sb);
+            free(pb);
+            free(qw);
+        }
+        return failed;
+    }
+#endif
+    if (bf16 == 2) bf16 = 1; /* no AVX512-BF16 path in this build: the fp32-FMA one */
 #pragma omp parallel num_threads(num_threads)
     {
         float* kt = aligned_alloc(64, (size_t)((D * lp * 4 + 63) / 64 * 64) + 64);
