@@ -1,11 +1,11 @@
-"""FastPlaid (lightonai/fast-plaid, PLAID in Rust + CUDA) against tokenpool's fused exact MaxSim, one GPU, the
-same corpus in the same run.
+"""FastPlaid (lightonai/fast-plaid, PLAID in Rust + CUDA) against tokenpool's fused exact MaxSim and its residual
+codec (`--tp-nbits`, built and searched on the GPU), one GPU, the same corpus in the same run.
 
     pip install fast-plaid==1.7.0.2110   # built for torch 2.11, as on the GPU machine
     python bench/gpu_fastplaid.py [--docs 200000] [--tokens 100] [--dim 128] [--queries 1000]
 
 Corpus: unit token vectors around `--topics` random directions (each document draws 8 topics; a token is its
-topic plus noise), float16; queries: 32 noisy tokens of a random document each (a known relevant document).
+topic plus noise of norm `--noise`), float16; queries: 32 noisy tokens of a random document each (a known relevant document).
 Reported per system: index build time, bytes per token, QPS with all queries in one call (FastPlaid batches
 them itself; tokenpool scores 32 queries per kernel launch) and one query at a time, recall@10 against exact
 MaxSim (tokenpool's scores are exact: its recall is 1 by construction, checked against an fp32 reference on a
