@@ -343,14 +343,19 @@ def _kernel_ok(t: torch.Tensor, mp: int) -> bool:
     return available() and (t.is_cuda or _interpret()) and mp <= 128
 
 
+def _pad_rows(rows: torch.Tensor, q_offsets: np.ndarray, mp: int, width: int | None = None) -> torch.Tensor:
+    """Stacked query rows `[rows, n]` -> `[queries, mp, width or n]` float32, each query's rows first, zero padded
+    (slice copies: no index tensor to copy to the device, which would be a sync point there)."""
+    nq = len(q_offsets) - 1
+    out = torch.zeros(nq, mp, width or rows.shape[1], dtype=torch.float32, device=rows.device)
+    for b in range(nq):
+        out[b, :q_offsets[b + 1] - q_offsets[b], :rows.shape[1]] = rows[q_offsets[b]:q_offsets[b + 1]]
+    return out
+
+
 def _query_table(scores: torch.Tensor, q_offsets: np.ndarray, mp: int) -> torch.Tensor:
     """`scores [rows, n]` of stacked queries -> `[queries, n, mp]`: each query's rows as columns, zero padded."""
-    nq = len(q_offsets) - 1
-    lens = np.diff(q_offsets)
-    dest = torch.from_numpy(np.repeat(np.arange(nq) * mp - q_offsets[:-1], lens) + np.arange(q_offsets[-1]))
-    padded = torch.zeros(nq * mp, scores.shape[1], dtype=torch.float32, device=scores.device)
-    padded[dest.to(scores.device)] = scores.float()
-    return padded.view(nq, mp, -1).transpose(1, 2).contiguous()
+    return _pad_rows(scores, q_offsets, mp).transpose(1, 2).contiguous()
 
 
 def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc_offsets: torch.Tensor,
@@ -419,10 +424,7 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
     dim = x.shape[1]
     dp = _next_pow2(max(dim, 16))
     if _kernel_ok(x, mp) and dp <= 256:
-        qpad = torch.zeros(len(lens_q), mp, dp, dtype=torch.float32, device=x.device)
-        dest = torch.from_numpy(np.repeat(np.arange(len(lens_q)) * mp - q_offsets[:-1], lens_q)
-                                + np.arange(q_offsets[-1])).to(x.device)
-        qpad.view(-1, dp)[dest, :dim] = queries.float()
+        qpad = _pad_rows(queries, q_offsets, mp, dp)
         out = torch.empty(n, dtype=torch.float32, device=x.device)
         _pairs_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, MP=mp,
                             BT=32 if mp * dp <= 4096 else 16, num_warps=4)

@@ -188,7 +188,7 @@ class _Residual:
 def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_centroids: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage A for one segment: the (query, document) pairs, grouped by query, of the live documents with a
-    token in a centroid the query probes (`pair_key`: query * n_centroids + centroid, unique)."""
+    token in a centroid the query probes (`pair_key`: query * n_centroids + centroid; repeats allowed)."""
     arrays = seg.ivf_arrays(device)
     ivf, ptr = arrays["ivf"], arrays["ivf_ptr"]
     centroids = pair_key % n_centroids
@@ -597,8 +597,10 @@ class MultiVectorIndex:
             queries = torch.from_numpy(np.concatenate(group)).to(device)
             scores = queries @ codec.centroids.T  # [rows, centroids]
             probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
-            row_q = torch.from_numpy(np.repeat(np.arange(nq), np.diff(q_offsets))).to(device)
-            pair_key = (row_q[:, None] * n_centroids + probe).flatten().unique()
+            # (query, centroid) keys, repeats allowed (marking a document twice is harmless); built on the device
+            # without a host copy or a sort: each is a sync point on the GPU
+            pair_key = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten()
+                                  for b in range(nq)])
             found = []  # (segment, pair queries, pair documents, centroid MaxSim)
             for s, seg in enumerate(segments):
                 pair_q, pair_doc = _probed_pairs(seg, pair_key, nq, n_centroids, device)
@@ -619,8 +621,9 @@ class MultiVectorIndex:
             approx = torch.cat([f[3] for f in found]).float()
             order = torch.argsort(approx, descending=True, stable=True)
             order = order[torch.argsort(pair_q[order], stable=True)]
-            counts = torch.bincount(pair_q, minlength=nq)
-            rank = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[pair_q[order]]
+            sorted_q = pair_q[order]
+            first = torch.searchsorted(sorted_q, torch.arange(nq, device=device, dtype=sorted_q.dtype))
+            rank = torch.arange(len(order), device=device) - first[sorted_q]
             keep = order[rank < candidates]
             per_query: list[list[tuple]] = [[] for _ in group]
             kept_segments = [found[0][0]] if len(found) == 1 else torch.unique(seg_of[keep]).tolist()
