@@ -372,6 +372,8 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
     lens_q = np.diff(q_offsets)
     mp = _next_pow2(max(int(lens_q.max()), 16))
     if _kernel_ok(scores, mp):
+        if isinstance(cids, np.ndarray):  # a CPU segment's memory map, under Triton's interpreter only
+            cids = torch.from_numpy(np.asarray(cids, dtype=np.int32))
         st = _query_table(scores, q_offsets, mp)
         out = torch.empty(n, dtype=torch.float32, device=scores.device)
         _centroid_pairs_kernel[(n,)](st, cids, doc_offsets, pair_q, pair_doc, out, scores.shape[1],
