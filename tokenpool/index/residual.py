@@ -15,8 +15,8 @@ error at the same size (measured on all-MiniLM-L6-v2 token embeddings: bench/NOT
    decoded vectors renormalized to unit length when the indexed vectors were unit length.
 
 A token costs `nbits * dim / 8` bytes of codes plus 2 bytes of centroid id (4 with more than 65,536
-centroids): 34 bytes at 128 dimensions and nbits=2. Everything is trained on a sample (`train_tokens`), so
-the corpus never needs to fit in RAM.
+centroids): 34 bytes at 128 dimensions and nbits=2. Everything is trained on a sample (`train_tokens`, or 16
+rows per centroid where that is more), so the corpus never needs to fit in RAM for training.
 """
 
 from __future__ import annotations
