@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tokenpool.index import MultiVectorIndex
+from tokenpool.index.residual import default_num_centroids
 from tokenpool.scoring import maxsim
 
 DIM = 128  # ColBERT checkpoints: 96-128
@@ -105,6 +106,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
 _WRITER = """
 import sys, numpy as np
 from tokenpool.index import MultiVectorIndex
+from tokenpool.index.residual import default_num_centroids
 index = MultiVectorIndex.open(sys.argv[1])
 rng = np.random.default_rng(0)
 for call in range(10_000):
@@ -202,6 +204,37 @@ def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path
     found = subprocess.run([*run, "search", str(tmp_path / "rx"), texts[7], "-k", "3", *model], capture_output=True,
                            text=True, env=env, timeout=300)
     assert found.returncode == 0 and found.stdout.splitlines()[1].split("\t")[2] == "7", found.stderr
+
+
+def test_cli_build_trains_a_residual_codec_on_more_than_one_chunk(tmp_path, monkeypatch):
+    """`index build` holds chunks back for a new residual index's first add (its codec's training sample), then
+    adds chunk by chunk; an id repeated across held chunks ends the held add early instead of failing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenpool.index import cli
+
+    monkeypatch.setattr(cli, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(cli, "TRAIN_ROWS", 12)
+    rng = np.random.default_rng(2)
+    mats = [rng.standard_normal((int(rng.integers(3, 9)), 64)).astype(np.float32) for _ in range(22)]
+    ids = [f"d{i}" for i in range(20)] + ["d1", "d21"]  # d1 again, in the last chunk
+    pq.write_table(pa.table({"id": ids, "embedding": pa.array([m.tolist() for m in mats],
+                                                               pa.list_(pa.list_(pa.float32(), 64)))}),
+                   tmp_path / "emb.parquet")
+    stats = cli.build(str(tmp_path / "ix"), None, [str(tmp_path / "emb.parquet")], codec="residual", progress=False)
+    manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    assert [seg["docs"] for seg in manifest["segments"]] == [12, 4, 4, 2]
+    assert stats["documents"] == 21 and stats["centroids"] == default_num_centroids(sum(len(m) for m in mats[:12]))
+    index = MultiVectorIndex.open(tmp_path / "ix")
+    assert index.search([mats[20][:2]], k=1, exact=True)[0][0][0] == "d1"  # the later d1 replaced the first
+    early = ids[:5] + ["d0"] + ids[6:]  # d0 again while the first chunks are held: they are added before it
+    pq.write_table(pa.table({"id": early, "embedding": pa.array([m.tolist() for m in mats],
+                                                                 pa.list_(pa.list_(pa.float32(), 64)))}),
+                   tmp_path / "early.parquet")
+    cli.build(str(tmp_path / "ix2"), None, [str(tmp_path / "early.parquet")], codec="residual", progress=False)
+    manifest = json.loads((tmp_path / "ix2" / "manifest.json").read_text())
+    assert [seg["docs"] for seg in manifest["segments"]] == [4, 4, 4, 4, 4, 2]
 
 
 @pytest.mark.parametrize("codec", ["float16", "int8"])

@@ -4,8 +4,8 @@
                                                                             or embed-corpus's Parquet (id, embedding)
     tokenpool index search DIR --model M "a query" ["another" ...] [-k 10]
 
-`build` streams its inputs in chunks (bounded memory), adds each chunk as one durable `add`, and shows a
-progress bar; running it again over the same inputs replaces the same ids (upsert), so an interrupted build is
+`build` streams its inputs in chunks (bounded memory), adds each chunk as one durable `add` (for a new residual
+index the first add is TRAIN_ROWS documents: its codec is trained on them), and shows a progress bar; running it again over the same inputs replaces the same ids (upsert), so an interrupted build is
 finished by running it again.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK_ROWS = 1024
+TRAIN_ROWS = 16 * CHUNK_ROWS  # documents of the first add of a residual index: its codec's training sample
 
 
 def _rows(path: Path, columns: list[str], chunk: int) -> Iterator[dict[str, list]]:
@@ -92,16 +93,38 @@ def build(directory: str, model: str | None, inputs: list[str], *, codec: str = 
         index = MultiVectorIndex.create(directory, dim, codec=codec, nbits=nbits)
     bar = tqdm(desc="index build", unit="doc", disable=not progress, dynamic_ncols=True)
     added = 0
+
+    def add(is_embedded: bool, ids: list, payload: list) -> None:
+        nonlocal added
+        if is_embedded:
+            index.add(ids, [np.asarray(m, dtype=np.float32) for m in payload])
+        else:
+            llm.add_to_index(index, ids, payload, use_tqdm=False)
+        added += len(ids)
+        bar.update(len(ids))
+
+    # an untrained residual codec is trained on the first add: hold chunks back until it is TRAIN_ROWS
+    # documents (or the inputs end, or the input kind changes, or an id repeats), so the sample is not one chunk
+    held: list[tuple[bool, list, list]] = []
+
+    def add_held() -> None:
+        add(held[0][0], [i for h in held for i in h[1]], [x for h in held for x in h[2]])
+        held.clear()
+
     for f in files:
         columns = [id_column, "embedding"] if embedded[f] else [id_column, text_column]
         for chunk in _rows(f, columns, CHUNK_ROWS):
-            ids = chunk[id_column]
-            if embedded[f]:
-                index.add(ids, [np.asarray(m, dtype=np.float32) for m in chunk["embedding"]])
-            else:
-                llm.add_to_index(index, ids, chunk[text_column], use_tqdm=False)
-            added += len(ids)
-            bar.update(len(ids))
+            part = (embedded[f], chunk[id_column], chunk["embedding" if embedded[f] else text_column])
+            if held and (held[0][0] != part[0] or {i for h in held for i in h[1]} & set(part[1])):
+                add_held()  # in input order: a later row of an id replaces an earlier one
+            if index.codec != "residual" or index.stats()["centroids"] is not None:
+                add(*part)
+                continue
+            held.append(part)
+            if sum(len(h[1]) for h in held) >= TRAIN_ROWS:
+                add_held()
+    if held:
+        add_held()
     bar.close()
     return {"added": added, **index.stats()}
 
