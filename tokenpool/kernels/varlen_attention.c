@@ -442,48 +442,22 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
         return failed;
     }
 #endif
+    int use_dp = 0; /* bf16 == 2: the AVX512-BF16 path, where this build has it (else the fp32-FMA one) */
 #ifdef HAVE_DPBF16
-    if (bf16 == 2) {
-        const int64_t lp32 = (max_len + 31) / 32 * 32;
-#pragma omp parallel num_threads(num_threads)
-        {
-            uint32_t* kw = aligned_alloc(64, (size_t)((D / 2 * lp32 * 4 + 63) / 64 * 64) + 64);
-            uint32_t* vw = aligned_alloc(64, (size_t)((lp32 / 2 * D * 4 + 63) / 64 * 64) + 64);
-            float* sb = aligned_alloc(64, (size_t)((R * lp32 * 4 + 63) / 64 * 64) + 64);
-            uint16_t* pb = aligned_alloc(64, (size_t)((R * (lp32 + 2) * 2 + 63) / 64 * 64) + 64);
-            uint32_t* qw = aligned_alloc(64, (size_t)((R * D / 2 * 4 + 63) / 64 * 64) + 64);
-            if (!kw || !vw || !sb || !pb || !qw) {
-#pragma omp atomic write
-                failed = 3;
-            }
-#pragma omp barrier
-            if (!failed) {
-#pragma omp for schedule(dynamic, 1)
-                for (int64_t task = 0; task < tasks; task++) {
-                    const int64_t s = task / heads, h = task % heads;
-                    const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
-                    if (L > 0)
-                        attend_one_dp(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D,
-                                      scale, window_left, window_right, kw, vw, sb, pb, qw);
-                }
-            }
-            free(kw);
-            free(vw);
-            free(sb);
-            free(pb);
-            free(qw);
-        }
-        return failed;
-    }
+    use_dp = bf16 == 2;
 #endif
-    if (bf16 == 2) bf16 = 1; /* no AVX512-BF16 path in this build: the fp32-FMA one */
+    if (bf16 == 2) bf16 = 1;
+    const int64_t lpa = use_dp ? (max_len + 31) / 32 * 32 : lp;
 #pragma omp parallel num_threads(num_threads)
     {
-        float* kt = aligned_alloc(64, (size_t)((D * lp * 4 + 63) / 64 * 64) + 64);
-        float* vb = aligned_alloc(64, (size_t)((lp * D * 4 + 63) / 64 * 64) + 64);
-        float* sb = aligned_alloc(64, (size_t)((R * lp * 4 + 63) / 64 * 64) + 64);
-        float* qb = aligned_alloc(64, (size_t)((R * D * 4 + 63) / 64 * 64) + 64);
-        if (!kt || !vb || !sb || !qb) {
+        /* per thread: K^T (fp32; or dimension pairs), V (fp32; or key pairs), scores, the query block (fp32; or
+         * pairs), P (bf16, the AVX512-BF16 path only); each sized for the fp32 layout, which is the larger */
+        void* kt = aligned_alloc(64, (size_t)((D * lpa * 4 + 63) / 64 * 64) + 64);
+        void* vb = aligned_alloc(64, (size_t)((lpa * D * 4 + 63) / 64 * 64) + 64);
+        float* sb = aligned_alloc(64, (size_t)((R * lpa * 4 + 63) / 64 * 64) + 64);
+        void* qb = aligned_alloc(64, (size_t)((R * D * 4 + 63) / 64 * 64) + 64);
+        uint16_t* pb = use_dp ? aligned_alloc(64, (size_t)((R * lpa * 2 + 63) / 64 * 64) + 64) : NULL;
+        if (!kt || !vb || !sb || !qb || (use_dp && !pb)) {
 #pragma omp atomic write
             failed = 3;
         }
@@ -493,15 +467,23 @@ int tp_varlen_attention(const void* q, const void* k, const void* v, void* out, 
             for (int64_t task = 0; task < tasks; task++) {
                 const int64_t s = task / heads, h = task % heads;
                 const int64_t t0 = cu[s], L = (int64_t)cu[s + 1] - cu[s];
-                if (L > 0)
-                    attend_one(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D, scale,
-                               window_left, window_right, bf16, kt, vb, sb, qb);
+                if (L <= 0) continue;
+#ifdef HAVE_DPBF16
+                if (use_dp) {
+                    attend_one_dp(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D,
+                                  scale, window_left, window_right, kt, vb, sb, pb, qb);
+                    continue;
+                }
+#endif
+                attend_one(q, k, v, out, q_stride, k_stride, v_stride, o_stride, t0, L, h, h / group, D, scale,
+                           window_left, window_right, bf16, kt, vb, sb, qb);
             }
         }
         free(kt);
         free(vb);
         free(sb);
         free(qb);
+        free(pb);
     }
     return failed;
 }
