@@ -391,7 +391,7 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
         while start < hi - lo:
             stop = max(int(np.searchsorted(ends, (ends[start - 1] if start else 0) + budget, side="right")), start + 1)
             docs = pd[lo + start:lo + stop]
-            rows, owner = _rows_of(offs, docs)
+            rows, owner = expand_ranges(offs[docs], offs[docs + 1] - offs[docs])
             best = torch.full((q_scores.shape[0], len(docs)), float("-inf"), device=scores.device)
             if isinstance(cids, np.ndarray):  # a CPU segment's memory map
                 ids = torch.from_numpy(np.asarray(cids[rows], dtype=np.int64))
@@ -405,12 +405,15 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
     return out
 
 
-def _rows_of(offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The token rows of documents `docs` (in order) and, per row, its document's index in `docs`."""
-    lens = offsets[docs + 1] - offsets[docs]
-    owner = np.repeat(np.arange(len(docs)), lens)
-    first = np.cumsum(lens) - lens
-    return np.arange(int(lens.sum())) - first[owner] + offsets[docs][owner], owner
+def expand_ranges(starts, lengths):
+    """The ranges starts[i]..starts[i] + lengths[i] laid end to end -> (the indices, per index the range's i).
+    NumPy arrays or torch tensors (on any device; one host sync there, for the total)."""
+    if isinstance(starts, np.ndarray):
+        owner = np.repeat(np.arange(len(starts)), lengths)
+        return np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner] + starts[owner], owner
+    total = int(lengths.sum())
+    owner = torch.repeat_interleave(torch.arange(len(starts), device=starts.device), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) - (torch.cumsum(lengths, 0) - lengths)[owner] + starts[owner], owner
 
 
 def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, pair_q: torch.Tensor,
@@ -435,9 +438,7 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
     pq, t0, t1 = (t.cpu().numpy() for t in (pair_q, pair_t0, pair_t1))
     for b in np.unique(pq):
         sel = np.flatnonzero(pq == b)
-        lens = t1[sel] - t0[sel]
-        owner_np = np.repeat(np.arange(len(sel)), lens)
-        rows = np.arange(int(lens.sum())) - (np.cumsum(lens) - lens)[owner_np] + t0[sel][owner_np]
+        rows, owner_np = expand_ranges(t0[sel], t1[sel] - t0[sel])
         if len(rows) and (np.diff(rows) == 1).all():  # one run of x (as the candidate search lays it out)
             block = x[int(rows[0]):int(rows[-1]) + 1]
         else:

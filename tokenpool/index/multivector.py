@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs, expand_ranges, maxsim_pairs
 from tokenpool.index.residual import NBITS, ResidualCodec
 from tokenpool.kernels import maxsim as _maxsim_kernel
 
@@ -192,14 +193,8 @@ def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_cen
     arrays = seg.ivf_arrays(device)
     ivf, ptr = arrays["ivf"], arrays["ivf_ptr"]
     centroids = pair_key % n_centroids
-    starts = ptr[centroids]
-    lengths = ptr[centroids + 1] - starts
-    total = int(lengths.sum())
-    if total == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return empty, empty
-    which = torch.repeat_interleave(torch.arange(len(centroids), device=device), lengths, output_size=total)
-    docs = ivf[torch.arange(total, device=device) - (torch.cumsum(lengths, 0) - lengths)[which] + starts[which]]
+    positions, which = expand_ranges(ptr[centroids], ptr[centroids + 1] - ptr[centroids])
+    docs = ivf[positions]
     hit = torch.zeros(n_queries, len(seg.ids), dtype=torch.bool, device=device)
     hit[pair_key[which] // n_centroids, docs.long()] = True
     hit &= ~arrays["deleted"]
@@ -584,8 +579,6 @@ class MultiVectorIndex:
         A. per query, the documents with a token in one of its rows' `nprobe` best centroids (inverted lists);
         B. those ranked by MaxSim with each token replaced by its centroid (centroid ids only, no codes read);
         C. the best `candidates` of them decoded and scored exactly."""
-        from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs, maxsim_pairs
-
         codec = residual.to(device)
         n_centroids = len(codec.centroids)
         results = []
@@ -633,12 +626,9 @@ class MultiVectorIndex:
                 kq, kd = pair_q[mine], pair_doc[mine]
                 offsets = seg.device_arrays(device)["offsets"] if device.type == "cuda" else \
                     torch.from_numpy(seg.offsets)
-                starts = offsets[kd]
-                lengths = offsets[kd + 1] - starts
-                total = int(lengths.sum())
-                owner = torch.repeat_interleave(torch.arange(len(kd), device=device), lengths, output_size=total)
-                t0 = torch.cumsum(lengths, 0) - lengths
-                rows = torch.arange(total, device=device) - t0[owner] + starts[owner]
+                lengths = offsets[kd + 1] - offsets[kd]
+                rows, _ = expand_ranges(offsets[kd], lengths)
+                t0 = torch.cumsum(lengths, 0) - lengths  # each pair's first row in `rows`
                 if device.type == "cuda":
                     arrays = seg.device_arrays(device)
                     cids, codes = arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows)
