@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tokenpool.kernels import kernel_variant
 from tokenpool.kernels import varlen_attention as fused_attention
+from tokenpool.layers import triton_attention
 from tokenpool.platforms.cpu import attention_kernel, gemm_mode
 
 try:  # PyTorch >= 2.10: FlashAttention's varlen kernel (CUDA, fp16/bf16).
@@ -43,6 +44,9 @@ class AttentionMetadata:
     key_lens: list[int] | None = None
     kv_rows: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
+    # the Triton kernel's tile tables, built once per batch and shared by its layers (and by the copies that
+    # `dataclasses.replace` makes for windowed layers: the tables depend on seq_lens only)
+    tiles: dict = field(default_factory=dict, repr=False, compare=False)
 
     def with_key_lens(self, key_lens: list[int]) -> "AttentionMetadata":
         starts = np.cumsum([0] + self.seq_lens[:-1])
@@ -74,6 +78,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     if meta.kv_rows is not None:
         k, v = k.index_select(0, meta.kv_rows), v.index_select(0, meta.kv_rows)
         cu_k, max_k = meta.cu_seqlens_k, max(meta.key_lens)
+    if (q.is_cuda and meta.kv_rows is None and triton_attention.enabled()
+            and triton_attention.supports(q, k, v)):
+        return triton_attention.varlen_attention(q, k, v, meta.seq_lens, meta.window_bounds, meta.tiles)
     if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         kwargs = {}
         if groups > 1 and _VARLEN_GQA:
