@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokenpool.layers import triton_attention  # noqa: E402
 from tokenpool.layers.attention import _VARLEN_GQA, _varlen_attn  # noqa: E402
+from tokenpool.layers.rotary import RotaryEmbedding, rotate_heads_cuda_  # noqa: E402
 
 # name: (heads, kv_heads, head_dim, window (left, right))
 SHAPES = {
@@ -30,8 +31,11 @@ SHAPES = {
     "minilm": (12, 12, 32, (-1, -1)),
     "qwen2.5-3b-causal": (16, 2, 128, (-1, 0)),
 }
+# also timed with ModernBERT's rotary: a rotary pass over q and k, then attention, against a pass over k only with
+# q rotated inside the attention kernel
+ROTARY = ("modernbert-local", "modernbert-global")
 CONFIGS = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
-           (64, 64, 4, 3), (128, 64, 4, 3)]
+           (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 2, 3), (32, 64, 2, 3), (64, 32, 2, 3)]
 
 
 def lengths(budget: int, seed: int = 0) -> list[int]:
@@ -75,13 +79,14 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=65536)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--configs", default="all", help="'all' or 'default' (the kernel's own choice)")
     args = parser.parse_args()
     seq_lens = lengths(args.budget)
     total = sum(seq_lens)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(seq_lens)]), dtype=torch.int32, device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {len(seq_lens)} sequences, {total} tokens, "
           f"max {max(seq_lens)}")
-    print(f"| shape | kernel | us per call | TFLOP/s | max abs diff vs flash |")
+    print("| shape | kernel | us per call | TFLOP/s | max abs diff vs flash |")
     print("|---|---|---:|---:|---:|")
     for name in args.shapes.split(","):
         heads, kv_heads, head_dim, window = SHAPES[name]
@@ -99,7 +104,7 @@ def main() -> None:
         ref = flash()
         t = timed(flash, args.reps)
         print(f"| {name} | flash-attn 2 (torch) | {t * 1e6:.0f} | {work / t / 1e12:.1f} | 0 |")
-        for config in CONFIGS:
+        for config in (CONFIGS if args.configs == "all" else [None]):
             tiles = {}
 
             def tri():
@@ -111,7 +116,32 @@ def main() -> None:
             except Exception as exc:  # a blocking that does not compile for this head size (shared memory)
                 print(f"| {name} | triton {config} | failed: {type(exc).__name__} | | |")
                 continue
-            print(f"| {name} | triton {config} | {t * 1e6:.0f} | {work / t / 1e12:.1f} | {diff:.4f} |")
+            print(f"| {name} | triton {config or 'default'} | {t * 1e6:.0f} | {work / t / 1e12:.1f} | {diff:.4f} |")
+        if name in ROTARY:
+            positions = torch.cat([torch.arange(n, device="cuda") for n in seq_lens])
+            rope = RotaryEmbedding(head_dim, 10000.0)
+            cos, sin = rope(positions)
+            rotary = triton_attention.Rotary(positions, *rope.table(8192, positions.device))
+            width = fused.view(total, -1)
+            tiles = {}
+
+            def both_first():
+                rotate_heads_cuda_(width, cos, sin, heads + kv_heads, head_dim)
+                return triton_attention.varlen_attention(q, k, v, seq_lens, window, tiles)
+
+            def q_inside():
+                rotate_heads_cuda_(width[:, heads * head_dim:], cos, sin, kv_heads, head_dim)
+                return triton_attention.varlen_attention(q, k, v, seq_lens, window, tiles, rotary=rotary)
+
+            before = fused.clone()
+            expected = both_first()
+            fused.copy_(before)
+            diff = (q_inside().float() - expected.float()).abs().max().item()
+            for label, fn in (("rotary pass over q, k + triton", both_first),
+                              ("rotary pass over k + triton rotating q", q_inside)):
+                t = timed(fn, args.reps)  # rotates the same tensor over and over: timing only
+                print(f"| {name} | {label} | {t * 1e6:.0f} | {work / t / 1e12:.1f} | "
+                      f"{diff if fn is q_inside else 0:.4f} (between the two) |")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,46 @@ class Baseline:
         return results
 
 
+def _baseline(args, folder, dtype, passages, images, check_text, check_images, ref_text, ref_images, per_image,
+              rows) -> None:
+    """transformers' rates, the best of the probed batch sizes, appended to `rows`."""
+    total_tokens = sum(len(p) for p in passages)
+    base = Baseline(folder, getattr(torch, dtype))
+    cos_b_text = min_row_cosine(base.text(check_text, 1 << 30), ref_text)
+    cos_b_img = min_row_cosine(base.images(check_images, 1), ref_images)
+    best = None
+    for bt in args.hf_batch_tokens:
+        try:
+            base.text(passages[:100], bt)
+            _, s = timed(lambda: base.text(passages[:1000], bt), DEVICE)
+        except torch.OutOfMemoryError:
+            print(f"transformers text batch_tokens={bt}: out of memory")
+            torch.cuda.empty_cache() if DEVICE == "cuda" else None
+            continue
+        rate = sum(len(p) for p in passages[:1000]) / s
+        print(f"probe transformers text batch_tokens={bt}: {rate:,.0f} tok/s", flush=True)
+        best = max(best or (0, bt), (rate, bt))
+    outs, seconds = timed(lambda: base.text(passages, best[1]), DEVICE)
+    rows.append(("text", f"transformers (sdpa, {best[1]} padded tok/batch)", total_tokens / seconds,
+                 text_flops(passages) / seconds, cos_b_text))
+    del outs
+    best = None
+    for b in args.hf_image_batch:
+        try:
+            base.images(images[:b], b)
+            _, s = timed(lambda: base.images(images[: 2 * b], b), DEVICE)
+        except torch.OutOfMemoryError:
+            print(f"transformers images batch={b}: out of memory")
+            torch.cuda.empty_cache() if DEVICE == "cuda" else None
+            continue
+        rate = 2 * b / s
+        print(f"probe transformers images batch={b}: {rate:.2f} images/s", flush=True)
+        best = max(best or (0, b), (rate, b))
+    outs, seconds = timed(lambda: base.images(images, best[1]), DEVICE)
+    rows.append(("images", f"transformers (sdpa, {best[1]} images/batch)", len(images) / seconds,
+                 per_image * len(images) / seconds, cos_b_img))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=5000)
@@ -175,6 +215,7 @@ def main() -> None:
     parser.add_argument("--hf-batch-tokens", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--hf-image-batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-hf", action="store_true", help="tokenpool only (no transformers baseline)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: a tiny config (runs on the CPU)")
     args = parser.parse_args()
     global TINY
@@ -239,40 +280,9 @@ def main() -> None:
         del outs, llm
         torch.cuda.empty_cache() if DEVICE == "cuda" else None
 
-        base = Baseline(folder, getattr(torch, dtype))
-        cos_b_text = min_row_cosine(base.text(check_text, 1 << 30), ref_text)
-        cos_b_img = min_row_cosine(base.images(check_images, 1), ref_images)
-        best = None
-        for bt in args.hf_batch_tokens:
-            try:
-                base.text(passages[:100], bt)
-                _, s = timed(lambda: base.text(passages[:1000], bt), DEVICE)
-            except torch.OutOfMemoryError:
-                print(f"transformers text batch_tokens={bt}: out of memory")
-                torch.cuda.empty_cache() if DEVICE == "cuda" else None
-                continue
-            rate = sum(len(p) for p in passages[:1000]) / s
-            print(f"probe transformers text batch_tokens={bt}: {rate:,.0f} tok/s", flush=True)
-            best = max(best or (0, bt), (rate, bt))
-        outs, seconds = timed(lambda: base.text(passages, best[1]), DEVICE)
-        rows.append(("text", f"transformers (sdpa, {best[1]} padded tok/batch)", total_tokens / seconds,
-                     text_flops(passages) / seconds, cos_b_text))
-        del outs
-        best = None
-        for b in args.hf_image_batch:
-            try:
-                base.images(images[:b], b)
-                _, s = timed(lambda: base.images(images[: 2 * b], b), DEVICE)
-            except torch.OutOfMemoryError:
-                print(f"transformers images batch={b}: out of memory")
-                torch.cuda.empty_cache() if DEVICE == "cuda" else None
-                continue
-            rate = 2 * b / s
-            print(f"probe transformers images batch={b}: {rate:.2f} images/s", flush=True)
-            best = max(best or (0, b), (rate, b))
-        outs, seconds = timed(lambda: base.images(images, best[1]), DEVICE)
-        rows.append(("images", f"transformers (sdpa, {best[1]} images/batch)", len(images) / seconds,
-                     per_image * len(images) / seconds, cos_b_img))
+        if not args.skip_hf:
+            _baseline(args, folder, dtype, passages, images, check_text, check_images, ref_text, ref_images,
+                      per_image, rows)
 
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"\nQwen2.5-VL-3B shape, {name}, torch {torch.__version__}, bf16 matmul {peak:.0f} TFLOP/s; "
@@ -280,9 +290,10 @@ def main() -> None:
     print("| workload | system | rate | MFU | vs transformers | min cos vs fp32 transformers |")
     print("|---|---|---|---|---|---|")
     for workload, system, rate, flops, cos in rows:
-        hf = next(r[2] for r in rows if r[0] == workload and r[1].startswith("transformers"))
+        hf = next((r[2] for r in rows if r[0] == workload and r[1].startswith("transformers")), None)
         unit = "tok/s" if workload == "text" else "images/s"
-        print(f"| {workload} | {system} | {rate:,.1f} {unit} | {flops / (peak * 1e12):.1%} | {rate / hf:.2f}x | {cos:.5f} |")
+        ratio = f"{rate / hf:.2f}x" if hf else "-"
+        print(f"| {workload} | {system} | {rate:,.1f} {unit} | {flops / (peak * 1e12):.1%} | {ratio} | {cos:.5f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "peak_tflops": peak, "rows": rows}, indent=1))
 

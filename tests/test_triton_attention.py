@@ -66,3 +66,24 @@ def test_tile_table():
     table = triton_attention.tile_table([1, 128, 129, 0, 300], 128, torch.device("cpu")).tolist()
     assert table == [[0, 1, 0], [1, 128, 0], [129, 129, 0], [129, 129, 128],
                      [258, 300, 0], [258, 300, 128], [258, 300, 256]]
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (3, 3)])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_q_rotated_inside_the_kernel_equals_rotating_first(window, head_dim):
+    from tokenpool.layers.rotary import RotaryEmbedding, rotate
+
+    seq_lens = [1, 70, 130, 9]
+    q, k, v = _qkv(seq_lens, 2, 2, head_dim, torch.float16, seed=2)
+    positions = torch.cat([torch.arange(n) for n in seq_lens]).to(DEVICE)
+    rotary = RotaryEmbedding(head_dim, 160000.0)
+    cos, sin = rotary(positions)
+    table_cos, table_sin = rotary.table(256, positions.device)
+    torch.testing.assert_close(table_cos[positions], cos[:, :head_dim // 2], atol=0, rtol=0)
+    torch.testing.assert_close(table_sin[positions], sin[:, :head_dim // 2], atol=0, rtol=0)
+    out = triton_attention.varlen_attention(q, k, v, seq_lens, window,
+                                            rotary=triton_attention.Rotary(positions, table_cos, table_sin))
+    rotated_q = rotate(q, cos, sin)
+    expected = triton_attention.varlen_attention(rotated_q, k, v, seq_lens, window)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out.float(), _reference(rotated_q, k, v, seq_lens, window), atol=3e-3, rtol=0)

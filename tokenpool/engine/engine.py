@@ -20,6 +20,7 @@ from tokenpool.loader.colbert import MODES as COLBERT_MODES, ColbertIds
 from tokenpool.models.bge_m3 import lexical_weights
 from tokenpool.models.registry import build_model
 from tokenpool.outputs import BatchOutput, PoolingOutput, PoolingRequestOutput
+from tokenpool.layers import triton_attention
 from tokenpool.platforms.cpu import describe_plan
 from tokenpool.pooling_params import PoolingParams
 from tokenpool.tasks import COMBINED_TASK as ALL_TASKS
@@ -80,6 +81,8 @@ class LLMEngine:
         if self.device.type == "cpu":
             logger.info(describe_plan(self.dtype))
         if self.device.type == "cuda":
+            logger.info("CUDA attention: %s", "Triton varlen kernel" if triton_attention.enabled()
+                        else "PyTorch's FlashAttention-2")  # also checks $TOKENPOOL_CUDA_ATTENTION at start
             torch.cuda.set_device(self.device)
             torch.cuda.set_per_process_memory_fraction(args.gpu_memory_utilization, self.device)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)

@@ -43,6 +43,20 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
+    def table(self, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[positions, head_dim / 2]` of positions 0..positions-1 (1-D rotary; the first half of what
+        `__call__` gives for those positions, the same fp32 arithmetic), cached per device."""
+        if len(self.sections) != 1:
+            raise ValueError("Rotary tables are for 1-D rotary embeddings.")
+        cached = getattr(self, "_tables", {})
+        key = (positions, torch.device(device))
+        if key not in cached:
+            freqs = torch.arange(positions, device=device).float()[:, None] * inverse_frequencies(
+                self.theta, self.head_dim, torch.device(device))
+            cached[key] = (freqs.cos().contiguous(), freqs.sin().contiguous())
+            self._tables = cached
+        return cached[key]
+
 
 try:
     import triton

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tokenpool.layers.activation import exact_gelu_mul_cuda
+from tokenpool.layers import triton_attention
 from tokenpool.layers.attention import AttentionMetadata, varlen_attention
 from tokenpool.layers.fused import FusedOps
 from tokenpool.layers.linear import Linear
@@ -112,10 +113,12 @@ class ModernBertLayer(nn.Module):
                              f"supported: {', '.join(_GELU)}.") from None
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor, triton_attention.Rotary | None],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream `[T, hidden]` (fp32 under bf16 GEMMs on the CPU); delta: the previous layer's
-        MLP output, not yet added (None for layer 0). Returns (x, this layer's MLP output)."""
+        MLP output, not yet added (None for layer 0); rope: per-token cos / sin and, on CUDA, the tables with
+        which the Triton attention kernel rotates q itself. Returns (x, this layer's MLP output)."""
         ops, attn, dtype = self.ops, self.attn, self.attn.Wqkv.weight.dtype
         if delta is None:
             a = x.to(dtype)
@@ -124,11 +127,18 @@ class ModernBertLayer(nn.Module):
                                           dtype)
         tokens = x.shape[0]
         qkv = attn.Wqkv(a)
-        cos, sin = rope
-        q, k, v = qkv.view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
-        if not rotate_heads_cuda_(qkv, cos, sin, 2 * attn.num_heads, attn.head_dim):  # in place on CUDA
-            q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
-        ctx = varlen_attention(q, k, v, meta).reshape(tokens, -1)
+        cos, sin, rotary = rope
+        heads, head_dim = attn.num_heads, attn.head_dim
+        q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
+        if (rotary is not None and meta.kv_rows is None and triton_attention.supports(q, k, v)
+                and rotate_heads_cuda_(qkv[:, heads * head_dim:], cos, sin, heads, head_dim)):  # k only
+            ctx = triton_attention.varlen_attention(q, k, v, meta.seq_lens, meta.window_bounds, meta.tiles,
+                                                    rotary=rotary)
+        else:
+            if not rotate_heads_cuda_(qkv, cos, sin, 2 * heads, head_dim):  # q and k, in place on CUDA
+                q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
+            ctx = varlen_attention(q, k, v, meta)
+        ctx = ctx.reshape(tokens, -1)
         x, m = ops.add_pre_layer_norm(attn.Wo(ctx), x, self.mlp_norm.weight, self.mlp_norm.bias, self.mlp_norm.eps,
                                       dtype)
         h = self.mlp.Wi(m)
@@ -170,9 +180,16 @@ class ModernBertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         half = self.layout.window // 2
         local_meta = dataclasses.replace(meta, window=(half, half))
-        ropes = {False: self.rotary_global(positions)}
+        tables = input_ids.is_cuda and triton_attention.enabled()  # q rotated inside the attention kernel
+
+        def rope(rotary: RotaryEmbedding):
+            cos, sin = rotary(positions)
+            return cos, sin, triton_attention.Rotary(
+                positions, *rotary.table(self.config.max_position_embeddings, positions.device)) if tables else None
+
+        ropes = {False: rope(self.rotary_global)}
         if any(self.layout.local):
-            ropes[True] = self.rotary_local(positions) if self.layout.local_theta != self.layout.global_theta \
+            ropes[True] = rope(self.rotary_local) if self.layout.local_theta != self.layout.global_theta \
                 else ropes[False]
         x, delta = self.embeddings(input_ids), None
         for layer, local in zip(self.layers, self.layout.local):
