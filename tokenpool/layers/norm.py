@@ -77,6 +77,12 @@ def add_pre_layer_norm(delta: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """layer_norm(x) in the GEMM dtype (where the residual add already happened in a GEMM's epilogue)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
+
+
 def reference_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """The unfused form, for tests."""
     return F.layer_norm(x + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

@@ -18,6 +18,7 @@ kernel's window (or a band mask) on the CPU. The config's two forms are read: tr
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
@@ -117,11 +118,21 @@ class ModernBertLayer(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor, triton_attention.Rotary | None],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream `[T, hidden]` (fp32 under bf16 GEMMs on the CPU); delta: the previous layer's
-        MLP output, not yet added (None for layer 0); rope: per-token cos / sin and, on CUDA, the tables with
-        which the Triton attention kernel rotates q itself. Returns (x, this layer's MLP output)."""
-        ops, attn, dtype = self.ops, self.attn, self.attn.Wqkv.weight.dtype
-        if delta is None:
+        MLP output, not yet added (None for layer 0 and where it was added in a GEMM); rope: per-token cos / sin and, on CUDA, the tables with
+        which the Triton attention kernel rotates q itself. Returns (x, this layer's MLP output not yet added, or
+        None where it was added in the GEMM).
+
+        On CUDA (residual stream in the GEMM dtype, no biases on the output projections) the residual adds
+        happen in the output projections' GEMMs (`x.addmm_`: cuBLAS reads x as its C operand), so only the
+        LayerNorm is a pass of its own: 4 bytes per element moved instead of 8 (bench/NOTES.md).
+        """
+        ops, attn, mlp, dtype = self.ops, self.attn, self.mlp, self.attn.Wqkv.weight.dtype
+        in_gemm = (x.is_cuda and x.dtype == dtype and attn.Wo.bias is None and mlp.Wo.bias is None
+                   and GEMM_RESIDUAL)
+        if self.attn_norm is None:  # layer 0
             a = x.to(dtype)
+        elif delta is None:
+            a = ops.layer_norm(x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps, dtype)
         else:
             x, a = ops.add_pre_layer_norm(delta, x, self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps,
                                           dtype)
@@ -139,11 +150,23 @@ class ModernBertLayer(nn.Module):
                 q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
             ctx = varlen_attention(q, k, v, meta)
         ctx = ctx.reshape(tokens, -1)
-        x, m = ops.add_pre_layer_norm(attn.Wo(ctx), x, self.mlp_norm.weight, self.mlp_norm.bias, self.mlp_norm.eps,
-                                      dtype)
-        h = self.mlp.Wi(m)
+        norm = self.mlp_norm
+        if in_gemm:
+            x = x.addmm_(ctx, attn.Wo.weight.t())
+            m = ops.layer_norm(x, norm.weight, norm.bias, norm.eps, dtype)
+        else:
+            x, m = ops.add_pre_layer_norm(attn.Wo(ctx), x, norm.weight, norm.bias, norm.eps, dtype)
+        h = mlp.Wi(m)
         act = exact_gelu_mul_cuda(h) if self.approximate == "none" else None
-        return x, self.mlp.Wo(act if act is not None else ops.gelu_mul(h, self.approximate))
+        if act is None:
+            act = ops.gelu_mul(h, self.approximate)
+        if in_gemm:
+            return x.addmm_(act, mlp.Wo.weight.t()), None
+        return x, mlp.Wo(act)
+
+
+# TOKENPOOL_GEMM_RESIDUAL=0: the residual adds as separate passes on CUDA too (for A/B measurements).
+GEMM_RESIDUAL = os.environ.get("TOKENPOOL_GEMM_RESIDUAL", "1") != "0"
 
 
 class ModernBertModel(nn.Module):
