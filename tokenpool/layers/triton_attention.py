@@ -86,8 +86,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     """q `[T, heads, D]`, k / v `[T, kv_heads, D]` (views with unit stride in D; kv_heads divides heads),
     sequences of `seq_lens` laid end to end; `window` (left, right) as FlashAttention's `window_size` (-1:
     unbounded; causal is (-1, 0)) -> `[T, heads, D]`. `tiles`: a dict that caches the tile table per block
-    size (the metadata's, shared by the layers of one batch); `config`: (BLOCK_M, BLOCK_N, warps, stages) instead
-    of the measured default; `rotary`: rotate q (see the module doc). Rows past the last sequence (a batch rounded up) come out as zeros."""
+    size (the metadata's, shared by the layers of one batch); `config`: (BLOCK_M, BLOCK_N, warps, stages)
+    instead of the measured default; `rotary`: rotate q (see the module doc). Rows past the last sequence (a
+    batch rounded up) come out as zeros."""
     total, heads, head_dim = q.shape
     block_m, block_n, warps, stages = config or _config(head_dim, window)
     table = tiles.get(block_m) if tiles is not None else None
@@ -110,8 +111,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     _attention_kernel[(len(table), heads)](
         q, k, v, out, table, pos, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), head_dim ** -0.5 * _LOG2E,
-        ROTARY=rotary is not None, LEFT=left, RIGHT=right, GROUPS=heads // k.shape[1], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages)
+        ROTARY=rotary is not None, LEFT=left, RIGHT=right, GROUPS=heads // k.shape[1], D=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -119,8 +120,9 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tiles_ptr, pos_ptr, cos_ptr, sin_ptr, sq_row, sq_head, sk_row,
-                          sk_head, sv_row, sv_head, so_row, so_head, scale, ROTARY: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, GROUPS: tl.constexpr,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          sk_head, sv_row, sv_head, so_row, so_head, scale, ROTARY: tl.constexpr, LEFT: tl.constexpr,
+                          RIGHT: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
         tile, head = tl.program_id(0), tl.program_id(1)
         start = tl.load(tiles_ptr + tile * 3).to(tl.int64)
         length = tl.load(tiles_ptr + tile * 3 + 1)
@@ -173,5 +175,5 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(o_ptr + (start + rows)[:, None] * so_row + head * so_head + dims[None, :], acc.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        out_rows = o_ptr + (start + rows)[:, None] * so_row + head * so_head
+        tl.store(out_rows + dims[None, :], acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -118,9 +118,9 @@ class ModernBertLayer(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor, triton_attention.Rotary | None],
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream `[T, hidden]` (fp32 under bf16 GEMMs on the CPU); delta: the previous layer's
-        MLP output, not yet added (None for layer 0 and where it was added in a GEMM); rope: per-token cos / sin and, on CUDA, the tables with
-        which the Triton attention kernel rotates q itself. Returns (x, this layer's MLP output not yet added, or
-        None where it was added in the GEMM).
+        MLP output, not yet added (None for layer 0 and where it was added in a GEMM); rope: per-token cos / sin
+        and, on CUDA, the tables with which the Triton attention kernel rotates q itself. Returns (x, this
+        layer's MLP output not yet added, or None where it was added in the GEMM).
 
         On CUDA (residual stream in the GEMM dtype, no biases on the output projections) the residual adds
         happen in the output projections' GEMMs (`x.addmm_`: cuBLAS reads x as its C operand), so only the
