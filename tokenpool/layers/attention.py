@@ -70,6 +70,14 @@ class AttentionMetadata:
         return cls(cu.to(device, non_blocking=True), list(seq_lens), max(seq_lens), causal)
 
 
+def takes_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether `varlen_attention` runs tokenpool's Triton kernel for these inputs (CUDA, fp16/bf16, a head size
+    it has, every row a key; `TOKENPOOL_CUDA_ATTENTION` not `flash`): callers that fuse work into that kernel
+    (ModernBERT's rotary of q) ask here, so the choice is made in one place."""
+    return (q.is_cuda and meta.kv_rows is None and triton_attention.enabled()
+            and triton_attention.supports(q, k, v))
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """Attention of each sequence to itself. q: `[T, heads, head_dim]`, k, v: `[T, kv_heads, head_dim]` (grouped
     KV heads: kv_heads divides heads) -> `[T, heads, head_dim]`."""
@@ -78,8 +86,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     if meta.kv_rows is not None:
         k, v = k.index_select(0, meta.kv_rows), v.index_select(0, meta.kv_rows)
         cu_k, max_k = meta.cu_seqlens_k, max(meta.key_lens)
-    if (q.is_cuda and meta.kv_rows is None and triton_attention.enabled()
-            and triton_attention.supports(q, k, v)):
+    if takes_triton(q, k, v, meta):
         return triton_attention.varlen_attention(q, k, v, meta.seq_lens, meta.window_bounds, meta.tiles)
     if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         kwargs = {}

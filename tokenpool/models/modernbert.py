@@ -26,7 +26,7 @@ from torch import nn
 
 from tokenpool.layers.activation import exact_gelu_mul_cuda
 from tokenpool.layers import triton_attention
-from tokenpool.layers.attention import AttentionMetadata, varlen_attention
+from tokenpool.layers.attention import AttentionMetadata, takes_triton, varlen_attention
 from tokenpool.layers.fused import FusedOps
 from tokenpool.layers.linear import Linear
 from tokenpool.layers.rotary import RotaryEmbedding, rotate_heads_cuda_
@@ -141,7 +141,7 @@ class ModernBertLayer(nn.Module):
         cos, sin, rotary = rope
         heads, head_dim = attn.num_heads, attn.head_dim
         q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(1)
-        if (rotary is not None and meta.kv_rows is None and triton_attention.supports(q, k, v)
+        if (rotary is not None and takes_triton(q, k, v, meta)
                 and rotate_heads_cuda_(qkv[:, heads * head_dim:], cos, sin, heads, head_dim)):  # k only
             ctx = triton_attention.varlen_attention(q, k, v, meta.seq_lens, meta.window_bounds, meta.tiles,
                                                     rotary=rotary)
