@@ -6,7 +6,7 @@ import pytest
 
 from tests.settings import DEVICE, DTYPE
 from tests.toolkit import assert_batch_invariant, run_mixed
-from tokenpool import LLM
+from tokenpool import LLM, PoolingParams
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -46,3 +46,51 @@ def test_scheduler_respects_budget_and_seq_cap(minilm_path):
     assert sum(n for n, _ in sizes) == 10
     assert all(n <= 3 and t <= 300 for n, t in sizes)
     assert len(sizes) >= 4
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_batches_in_flight_keep_order_and_outputs(depth, minilm_path):
+    """With `depth` batches kept launched ahead (CUDA's pipeline; the CPU runs it the same way when told to),
+    the first outputs come `depth` steps later, never more than depth + 1 batches are launched and uncollected,
+    and every output equals the one of the plain sequential run."""
+    llm = LLM(str(minilm_path), dtype=DTYPE, device=DEVICE, max_num_batched_tokens=64, max_num_seqs=2)
+    engine = llm.llm_engine
+    texts = [_words(random.Random(i), 12 + 3 * i) for i in range(9)]
+    ids = llm.llm_engine.processor(texts)
+    expected = {f"r{i}": llm.encode([t], pooling_task="token_embed", use_tqdm=False)[0].outputs.data
+                for i, t in enumerate(texts)}
+    engine.runner.inflight_depth = depth
+    launched, collected = [0], []
+    real_launch = engine.runner.launch
+
+    def counting_launch(batch):
+        launched[0] += 1
+        return real_launch(batch)
+
+    engine.runner.launch = counting_launch
+    for i, seq in enumerate(ids):
+        engine.add_request(f"r{i}", seq, "token_embed", PoolingParams())
+    order, steps_before_first = [], None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if outs:
+            collected.append(len(outs))
+            steps_before_first = launched[0] - 1 if steps_before_first is None else steps_before_first
+        assert launched[0] - len(collected) <= depth + (0 if outs else 1)
+        for out in outs:
+            order.append(out.request_id)
+            assert_batch_invariant(expected[out.request_id], out.outputs.data)
+    assert steps_before_first == depth
+    assert order == [f"r{i}" for i in range(9)]
+
+
+def test_inflight_depth_setting(monkeypatch):
+    from tokenpool.engine.runner import cuda_inflight_depth
+
+    assert cuda_inflight_depth() == 2
+    monkeypatch.setenv("TOKENPOOL_CUDA_INFLIGHT", "3")
+    assert cuda_inflight_depth() == 3
+    for bad in ("0", "five", "9"):
+        monkeypatch.setenv("TOKENPOOL_CUDA_INFLIGHT", bad)
+        with pytest.raises(ValueError, match="TOKENPOOL_CUDA_INFLIGHT"):
+            cuda_inflight_depth()

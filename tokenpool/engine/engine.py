@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,7 @@ class LLMEngine:
             image_placeholder=getattr(image_processor, "placeholder", ""),
             input_types=COLBERT_MODES if colbert is not None else ())
         self._requests: dict[str, Request] = {}
-        self._inflight: InFlight | None = None
+        self._inflight: deque[InFlight] = deque()  # launched, not yet collected, oldest first
 
     def _lexical_skip_ids(self) -> frozenset[int]:
         """Token ids left out of lexical weights (FlagEmbedding: cls, eos, pad, unk)."""
@@ -236,13 +237,13 @@ class LLMEngine:
         return self.scheduler.num_waiting_tokens
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_waiting() or self._inflight is not None
+        return self.scheduler.has_waiting() or bool(self._inflight)
 
     def step(self) -> list[PoolingRequestOutput]:
         """Launch the next packed batch, then collect the previous one; return the finished requests.
 
-        Keeping one batch in flight lets the host prepare and launch batch N+1 while the device still
-        runs batch N (on the CPU, launching is running, so this is plain sequential execution). Each output
+        Keeping batches in flight lets the host prepare and launch batch N+2 while the device still runs
+        batches N and N+1 (on the CPU, launching is running, so this is plain sequential execution). Each output
         has a storage of its own (pickles compactly); see `step_batch` for the batch as one flat tensor.
         """
         try:
@@ -268,19 +269,23 @@ class LLMEngine:
         running = [rid for rid, r in self._requests.items() if r.status is RequestStatus.RUNNING]
         for rid in running:
             self._requests.pop(rid).status = RequestStatus.ABORTED
-        self._inflight = None
+        self._inflight.clear()
         return BatchFailed(running, error)
 
     def _advance(self) -> InFlight | None:
-        """Launch the next batch; return the one to collect now (None: nothing finished in this step)."""
+        """Launch the next batch; return the one to collect now (None: nothing finished in this step).
+
+        On CUDA up to `runner.inflight_depth` batches stay launched while more work waits; once nothing waits,
+        each step collects one (oldest first) until none is left.
+        """
         batch = self.scheduler.schedule()
-        launched = self.runner.launch(batch) if batch is not None else None
-        previous, self._inflight = self._inflight, launched
-        if previous is None:
-            if launched is None or self.device.type == "cuda" and self.scheduler.has_waiting():
-                return None
-            previous, self._inflight = launched, None
-        return previous
+        if batch is not None:
+            self._inflight.append(self.runner.launch(batch))
+        if not self._inflight:
+            return None
+        if len(self._inflight) <= self.runner.inflight_depth and self.scheduler.has_waiting():
+            return None
+        return self._inflight.popleft()
 
     def _request_outputs(self, batch, results: list) -> list[PoolingRequestOutput]:
         outputs = []

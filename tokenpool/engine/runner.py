@@ -1,12 +1,14 @@
 """Model runner: a `Batch` -> flat device tensors -> backbone -> poolers -> host tensors.
 
-On CUDA a batch is launched asynchronously (`launch`) and collected later (`finish`), so the host prepares
-batch N+1 while the GPU runs batch N. All outputs of a batch leave the device in ONE copy, made on a side
+On CUDA a batch is launched asynchronously (`launch`) and collected later (`finish`): `inflight_depth` batches
+stay launched ahead of the one being collected (2 by default, `TOKENPOOL_CUDA_INFLIGHT`), so the host's work
+for a batch (its launch, then taking its outputs apart) never leaves the GPU without queued work. All outputs of a batch leave the device in ONE copy, made on a side
 stream into a reused pinned buffer, so it overlaps the next batch's compute.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,6 +47,14 @@ class InFlight:
 _CPU_ROW_BUCKET = 64
 
 
+def cuda_inflight_depth() -> int:
+    """Batches kept launched on CUDA ahead of the one being collected (`TOKENPOOL_CUDA_INFLIGHT`, 1..4)."""
+    raw = os.environ.get("TOKENPOOL_CUDA_INFLIGHT", "2")
+    if raw.strip() not in ("1", "2", "3", "4"):
+        raise ValueError(f"TOKENPOOL_CUDA_INFLIGHT={raw!r}: expected 1, 2, 3 or 4 (batches kept in flight).")
+    return int(raw)
+
+
 class ModelRunner:
     def __init__(self, model: PoolingModel, device: torch.device, default_activation: bool | None = None,
                  default_dimensions: int | None = None):
@@ -53,13 +63,17 @@ class ModelRunner:
         self.default_activation = default_activation
         self.default_dimensions = default_dimensions  # PoolerConfig.dimensions: embed's default truncation
         self._cuda = device.type == "cuda"
+        # CPU: launching is running, so nothing stays in flight.
+        self.inflight_depth = cuda_inflight_depth() if self._cuda else 0
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             # Copies a batch's outputs out of the reused pinned staging buffer into their own memory (~4 ms for
             # a 65k-token MiniLM batch) while the main thread prepares and launches the next batch; torch
             # releases the GIL during the event wait and the copy.
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="tokenpool-d2h")
-            self._staging: list[torch.Tensor] = [torch.empty(0, pin_memory=True), torch.empty(0, pin_memory=True)]
+            # One staging buffer per batch that can be between its launch and its collection, plus the one
+            # being launched: a buffer is reused only after `finish` waited for the batch that last used it.
+            self._staging = [torch.empty(0, pin_memory=True) for _ in range(self.inflight_depth + 1)]
             self._turn = 0
 
     def prepare(self, batch: Batch) -> ModelInput:
@@ -132,7 +146,7 @@ class ModelRunner:
         if staging.numel() < flat.numel():
             staging = torch.empty(int(flat.numel() * 1.25), dtype=torch.float32, pin_memory=True)
             self._staging[self._turn] = staging
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._staging)
         compute = torch.cuda.current_stream(self.device)
         self._copy_stream.wait_stream(compute)
         with torch.cuda.stream(self._copy_stream):
@@ -140,7 +154,7 @@ class ModelRunner:
             flat.record_stream(self._copy_stream)
             done = torch.cuda.Event()
             done.record()
-        # The staging buffer is rewritten two launches later, after `finish` has waited for this copy.
+        # The staging buffer is rewritten len(_staging) launches later, after `finish` has waited for this copy.
         return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()]))
 
     def finish(self, inflight: InFlight) -> list:
