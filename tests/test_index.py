@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenpool.index import MultiVectorIndex
+from tokenpool.index import MultiVectorIndex, multivector
 from tokenpool.index.residual import default_num_centroids
 from tokenpool.scoring import maxsim
 
@@ -100,6 +100,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
         MultiVectorIndex.create(tmp_path / "ix", DIM)
     with pytest.raises(ValueError, match="holds no index"):
         MultiVectorIndex.open(tmp_path / "nothing")
+    assert index.search(_docs(1), k=3) == [[]]  # an empty index answers with no hits
     assert len(index) == 0 and [f.name for f in (tmp_path / "ix").iterdir()] == ["manifest.json"]
 
 
@@ -204,6 +205,15 @@ def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path
     found = subprocess.run([*run, "search", str(tmp_path / "rx"), texts[7], "-k", "3", *model], capture_output=True,
                            text=True, env=env, timeout=300)
     assert found.returncode == 0 and found.stdout.splitlines()[1].split("\t")[2] == "7", found.stderr
+    # compaction from the command line: one segment, the same answers; a folder without an index is one line
+    compacted = subprocess.run([*run, "compact", str(tmp_path / "ix")], capture_output=True, text=True, env=env,
+                               timeout=300)
+    assert compacted.returncode == 0 and "3 segments -> 1; 35 documents" in compacted.stdout, compacted.stderr
+    found = subprocess.run([*run, "search", str(tmp_path / "ix"), texts[7], "-k", "3", *model], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert found.returncode == 0 and found.stdout.splitlines()[1].split("\t")[2] == "7", found.stderr
+    missing = subprocess.run([*run, "compact", str(tmp_path / "none")], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "holds no index" in missing.stderr
 
 
 def test_cli_build_trains_a_residual_codec_on_more_than_one_chunk(tmp_path, monkeypatch):
@@ -216,6 +226,7 @@ def test_cli_build_trains_a_residual_codec_on_more_than_one_chunk(tmp_path, monk
 
     monkeypatch.setattr(cli, "CHUNK_ROWS", 4)
     monkeypatch.setattr(cli, "TRAIN_ROWS", 12)
+    monkeypatch.setattr(multivector, "_MERGE_FACTOR", 100)  # the segments as the chunks made them
     rng = np.random.default_rng(2)
     mats = [rng.standard_normal((int(rng.integers(3, 9)), 64)).astype(np.float32) for _ in range(22)]
     ids = [f"d{i}" for i in range(20)] + ["d1", "d21"]  # d1 again, in the last chunk
@@ -275,3 +286,99 @@ def test_nan_and_bad_k_are_refused_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="NaN or infinite"):
         index.search([bad])
     assert len(index) == 1 and "b" not in index
+
+
+def _files(path) -> set[str]:
+    return {f.name for f in path.iterdir()}
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8", "residual"])
+def test_small_adds_are_merged_and_search_is_unchanged(tmp_path, monkeypatch, codec):
+    """Many small adds, upserts and deletes: the index merges trailing same-tier segments as it goes (at most
+    _MERGE_FACTOR - 1 per tier, plus one), and every read equals an index that never merged."""
+    monkeypatch.setattr(multivector, "_MERGE_MIN_TOKENS", 64)
+    docs = _docs(160, seed=3)
+    ids = [f"d{i}" if i % 3 else i for i in range(len(docs))]
+    merged = MultiVectorIndex.create(tmp_path / "merged", DIM, codec=codec, num_centroids=64)
+    plain = MultiVectorIndex.create(tmp_path / "plain", DIM, codec=codec, num_centroids=64)
+    plain.auto_compact = False
+    merged.add(ids[:60], docs[:60], metadata=[{"i": i} for i in range(60)])  # the residual codec's sample
+    plain.add(ids[:60], docs[:60], metadata=[{"i": i} for i in range(60)])
+    rng = np.random.default_rng(0)
+    for start in range(60, 160, 4):
+        batch = list(range(start, start + 4))
+        for index in (merged, plain):
+            index.add([ids[i] for i in batch], [docs[i] for i in batch])  # no metadata on these
+        if start % 12 == 0:  # upsert one earlier document, delete another
+            j, gone = int(rng.integers(0, start)), ids[int(rng.integers(0, start))]
+            for index in (merged, plain):
+                index.add([ids[j]], [docs[(j + 7) % 160]])
+                if gone in index and gone != ids[j]:
+                    index.delete([gone])
+    tiers = [merged._tier(seg) for seg in merged._segments]
+    assert len(merged._segments) < len(plain._segments) / 3
+    assert all(tiers.count(t) < multivector._MERGE_FACTOR for t in set(tiers))
+    assert len(merged) == len(plain) and set(merged._where) == set(plain._where)
+    for doc_id in plain._where:
+        assert np.array_equal(merged.get(doc_id), plain.get(doc_id))
+        assert merged.metadata(doc_id) == plain.metadata(doc_id)
+    queries = _docs(6, seed=11)
+    assert merged.search(queries, k=10) == plain.search(queries, k=10)
+    assert merged.search(queries, k=10, exact=True) == plain.search(queries, k=10, exact=True)
+    reopened = MultiVectorIndex.open(tmp_path / "merged")
+    assert reopened.search(queries, k=10) == merged.search(queries, k=10)
+    assert set(reopened._where) == set(plain._where)  # ids keep their type (int or str) through merges
+    assert {type(i) for i in reopened._where} == {int, str}
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert len(manifest["segments"]) == len(merged._segments)
+    names = {seg["name"] for seg in manifest["segments"]}
+    assert {f.split(".")[0] for f in _files(tmp_path / "merged") if f.startswith("seg-")} == names
+
+
+def test_compact_drops_deleted_tokens_and_keeps_every_read(tmp_path):
+    docs = _docs(90, seed=5)
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM, codec="float16")
+    index.auto_compact = False
+    for start in range(0, 90, 30):
+        index.add(list(range(start, start + 30)), docs[start:start + 30], metadata=[str(i) for i in range(start, start + 30)])
+    index.delete(list(range(0, 90, 3)))
+    index.add([1], [docs[50]])  # an upsert: the old rows of 1 are dead too
+    queries = _docs(4, seed=8)
+    before = index.search(queries, k=15)
+    size_before = index.stats()["bytes_on_disk"]
+    live = {i: index.get(i) for i in index._where}
+    stats = index.compact()
+    assert stats["segments"] == 1 and stats["documents"] == 60 and stats["stored_tokens"] == stats["tokens"]
+    assert stats["tokens"] == sum(m.shape[0] for m in live.values())
+    assert stats["bytes_on_disk"] < size_before
+    assert index.search(queries, k=15) == before
+    assert all(np.array_equal(index.get(i), m) for i, m in live.items())
+    assert index.metadata(1) is None and index.metadata(2) == "2"
+    assert not any(".del-" in f for f in _files(tmp_path / "ix"))
+    assert MultiVectorIndex.open(tmp_path / "ix").search(queries, k=15) == before
+    index.delete(list(index._where))
+    assert index.compact()["segments"] == 0 and _files(tmp_path / "ix") == {"manifest.json"}
+    assert index.search(queries, k=3) == [[], [], [], []]
+
+
+def test_a_merge_that_never_commits_leaves_the_old_segments(tmp_path, monkeypatch):
+    """A crash between writing the merged segment and committing the manifest: the next open sees the old
+    segments and removes the merged segment's files."""
+    docs = _docs(40, seed=6)
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM, codec="int8")
+    index.auto_compact = False
+    for start in range(0, 40, 10):
+        index.add(list(range(start, start + 10)), docs[start:start + 10])
+    queries = _docs(3, seed=2)
+    before, files = index.search(queries, k=5), _files(tmp_path / "ix")
+
+    def crash(manifest):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(index, "_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        index.compact()
+    assert _files(tmp_path / "ix") > files  # the merged segment was written
+    again = MultiVectorIndex.open(tmp_path / "ix")
+    assert _files(tmp_path / "ix") == files and len(again._segments) == 4
+    assert again.search(queries, k=5) == before

@@ -115,7 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
     corpus.set_defaults(func=_embed_corpus)
 
     index = verbs.add_parser("index", help="Build or search a multi-vector index (tokenpool.index).")
-    index_verbs = index.add_subparsers(dest="index_command", required=True, metavar="build|search")
+    index_verbs = index.add_subparsers(dest="index_command", required=True, metavar="build|search|compact")
     build = index_verbs.add_parser(
         "build", help="Add documents to an index (created if missing).",
         description="Add the rows of --input (Parquet / JSONL files with id and text, folders or globs; or the "
@@ -133,6 +133,11 @@ def make_parser() -> argparse.ArgumentParser:
     search.add_argument("directory", metavar="DIR")
     search.add_argument("queries", nargs="+", metavar="QUERY")
     search.add_argument("-k", type=_positive_int, default=10)
+    compact = index_verbs.add_parser(
+        "compact", help="Merge an index's segments into one, dropping deleted documents' data.",
+        description="Rewrite the live documents of every segment of the index in DIR into one segment (adds "
+                    "merge small segments on their own; this also reclaims the space of deletions and upserts).")
+    compact.add_argument("directory", metavar="DIR")
     for sub in (build, search):
         sub.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
         sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -238,8 +243,17 @@ def _embed_corpus(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from tokenpool.index import cli as index_cli
 
-    engine = {"dtype": args.dtype, "device": args.device}
+    engine = {"dtype": getattr(args, "dtype", None), "device": getattr(args, "device", None)}
     try:
+        if args.index_command == "compact":
+            from tokenpool.index import MultiVectorIndex
+
+            before = MultiVectorIndex.open(args.directory).stats()
+            stats = MultiVectorIndex.open(args.directory).compact()
+            print(f"index compact: {before['segments']} segments -> {stats['segments']}; {stats['documents']} "
+                  f"documents, {stats['tokens']} tokens; {before['bytes_on_disk']:,} -> {stats['bytes_on_disk']:,} "
+                  "bytes on disk")
+            return
         if args.index_command == "build":
             stats = index_cli.build(args.directory, args.model, args.input, codec=args.codec, nbits=args.nbits,
                                     text_column=args.text_column, id_column=args.id_column,

@@ -1,8 +1,10 @@
-"""`tokenpool index build` and `tokenpool index search`: the multi-vector index from the command line.
+"""`tokenpool index build` and `tokenpool index search` (and `compact`, in tokenpool/entrypoints/cli.py): the
+multi-vector index from the command line.
 
     tokenpool index build DIR --model M --input FILES... [--codec float16]   texts (Parquet / JSONL with id and text),
                                                                             or embed-corpus's Parquet (id, embedding)
     tokenpool index search DIR --model M "a query" ["another" ...] [-k 10]
+    tokenpool index compact DIR                                             one segment, deleted data dropped
 
 `build` streams its inputs in chunks (bounded memory), adds each chunk as one durable `add` (for a new residual
 index the first add is TRAIN_ROWS documents: its codec is trained on them), and shows a progress bar; running it again over the same inputs replaces the same ids (upsert), so an interrupted build is

@@ -18,7 +18,10 @@ Durability: an `add` writes its segment files, fsyncs them, then commits a new m
 temporary file, fsynced, renamed over the old one, directory fsynced). The manifest is the only source of
 truth: a crash (kill -9) before the rename leaves the old manifest and unreferenced files, which `open`
 deletes, so an index always holds all or none of an `add`. `delete` and the replacement part of an upsert
-commit new deletion files the same way. Segments are never rewritten.
+commit new deletion files the same way. Segments are never rewritten in place: compaction (`compact()`, and
+automatically after an `add` once 4 segments of one size tier follow each other at the end) writes the live
+documents of several segments into one new segment and commits a manifest that lists it instead of them, so
+a crash leaves either the old segments or the new one; searches in flight keep reading the old ones.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy",
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
+_MERGE_FACTOR = 4  # automatic compaction: this many trailing segments of one size tier are merged into one
+_MERGE_MIN_TOKENS = 4096  # segments smaller than this share the lowest tier
 _BF16_ENV = "TOKENPOOL_INDEX_BF16"
 
 
@@ -186,6 +191,21 @@ class _Residual:
         return ivf, ptr.astype(np.int64)
 
 
+def _token_runs(offsets: np.ndarray, docs: np.ndarray, max_rows: int = 1 << 20):
+    """The token row ranges [lo, hi) of documents `docs` (sorted positions), consecutive documents joined,
+    each range at most ~max_rows long (one copy each when compacting)."""
+    if len(docs) == 0:
+        return
+    starts, stops = offsets[docs], offsets[docs + 1]
+    breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1  # a deleted document in between
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(docs)]):
+        lo, end = int(starts[a]), int(stops[b - 1])
+        while lo < end:
+            hi = min(end, lo + max_rows)
+            yield lo, hi
+            lo = hi
+
+
 def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_centroids: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage A for one segment: the (query, document) pairs, grouped by query, of the live documents with a
@@ -223,11 +243,17 @@ class MultiVectorIndex:
         self._manifest = manifest
         self._segments = segments
         self._lock = threading.Lock()
-        self._where: dict = {}  # id -> (segment index, document position)
+        self._where = self._locations(segments)  # id -> (segment index, document position)
+        # After an add, merge trailing runs of same-tier segments (see `compact`); off: adds never rewrite data.
+        self.auto_compact = True
+
+    @staticmethod
+    def _locations(segments: list[_Segment]) -> dict:
+        where = {}
         for s, seg in enumerate(segments):
-            for d, doc_id in enumerate(seg.ids):
-                if not seg.deleted[d]:
-                    self._where[doc_id] = (s, d)
+            for d in np.flatnonzero(~seg.deleted).tolist():
+                where[seg.ids[d]] = (s, d)
+        return where
 
     # ----- create / open -----
     @classmethod
@@ -414,6 +440,8 @@ class MultiVectorIndex:
             self._residual = residual
             segment = self._load_segment(root, manifest["segments"][-1], dim_scales, residual)
             self._apply(manifest, deletions, new_segment=segment)
+            if self.auto_compact:
+                self._merge_tail()
 
     def delete(self, ids: Sequence) -> None:
         """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return."""
@@ -428,6 +456,92 @@ class MultiVectorIndex:
             deletions = self._deletions(manifest, [self._where[i] for i in ids])
             self._commit(manifest)
             self._apply(manifest, deletions)
+
+    def compact(self) -> dict:
+        """Rewrite every segment's live documents into one segment (deleted and replaced documents' tokens are
+        dropped from disk); returns `stats()`. Durable and all-or-nothing like `add`; searches in flight keep
+        reading the old segments. Adds merge small segments automatically (`auto_compact`), so this is for
+        reclaiming the space of deletions, or for one segment before a benchmark."""
+        with self._lock:
+            if len(self._segments) > 1 or any(seg.deleted.any() for seg in self._segments):
+                self._merge(0, len(self._segments))
+        return self.stats()
+
+    @staticmethod
+    def _tier(seg: _Segment) -> int:
+        """A segment's size tier: live tokens in powers of _MERGE_FACTOR above _MERGE_MIN_TOKENS."""
+        live = np.diff(seg.offsets)[~seg.deleted].sum()
+        return int(np.log(max(live, 1) / _MERGE_MIN_TOKENS) // np.log(_MERGE_FACTOR)) if live > _MERGE_MIN_TOKENS else 0
+
+    def _merge_tail(self) -> None:
+        """Log-structured merging (the caller holds the lock): while the last _MERGE_FACTOR segments share a
+        tier, merge them. Each token is rewritten about once per tier it climbs (log of the index size), and an
+        index holds at most _MERGE_FACTOR - 1 segments per tier plus one, however small its adds."""
+        while len(self._segments) >= _MERGE_FACTOR:
+            tail = self._segments[-_MERGE_FACTOR:]
+            if len({self._tier(seg) for seg in tail}) != 1:
+                return
+            self._merge(len(self._segments) - _MERGE_FACTOR, len(self._segments))
+
+    def _merge(self, first: int, stop: int) -> None:
+        """Replace segments first..stop-1 by one segment of their live documents, in order (lock held)."""
+        root, old = self.path, self._segments[first:stop]
+        manifest = json.loads(json.dumps(self._manifest))
+        manifest["version"] += 1
+        keep = [np.flatnonzero(~seg.deleted) for seg in old]
+        lengths = [np.diff(seg.offsets)[k] for seg, k in zip(old, keep)]
+        docs, tokens = sum(map(len, keep)), int(sum(int(n.sum()) for n in lengths))
+        entries = []
+        if docs:
+            name = f"seg-{manifest['next_segment']:06d}"
+            manifest["next_segment"] += 1
+            offsets = np.zeros(docs + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+            ids = [seg.ids[d] for seg, k in zip(old, keep) for d in k.tolist()]
+            metadata = None
+            if any(seg.metadata is not None for seg in old):
+                metadata = [None if seg.metadata is None else seg.metadata[d] for seg, k in zip(old, keep)
+                            for d in k.tolist()]
+            arrays = {"codes.npy": [seg.codes for seg in old]}
+            if old[0].scales is not None:
+                arrays["scales.npy"] = [seg.scales for seg in old]
+            if old[0].residual is not None:
+                arrays["cids.npy"] = [seg.residual.cids for seg in old]
+            cids = None
+            for suffix, sources in arrays.items():
+                target = np.lib.format.open_memmap(root / f"{name}.{suffix}", mode="w+", dtype=sources[0].dtype,
+                                                   shape=(tokens, *sources[0].shape[1:]))
+                at = 0
+                for seg, source, k in zip(old, sources, keep):
+                    for lo, hi in _token_runs(seg.offsets, k):
+                        target[at:at + hi - lo] = source[lo:hi]
+                        at += hi - lo
+                target.flush()
+                if suffix == "cids.npy":
+                    cids = np.array(target)
+                del target
+            if cids is not None:
+                arrays["ivf.npy"], arrays["ivfptr.npy"] = _Residual.inverted_lists(
+                    cids, offsets, len(self._residual.centroids))
+                np.save(root / f"{name}.ivf.npy", arrays["ivf.npy"])
+                np.save(root / f"{name}.ivfptr.npy", arrays["ivfptr.npy"])
+            (root / f"{name}.docs.json").write_text(json.dumps({"ids": ids, "offsets": offsets.tolist(),
+                                                                "metadata": metadata}))
+            for suffix in [*arrays, "docs.json"]:
+                _fsync_file(root / f"{name}.{suffix}")
+            entries = [{"name": name, "docs": docs, "tokens": tokens, "deleted": None}]
+        replaced = manifest["segments"][first:stop]
+        manifest["segments"][first:stop] = entries
+        self._commit(manifest)
+        dim_scales = None if manifest.get("dim_scales") is None else np.asarray(manifest["dim_scales"], np.float32)
+        new = [self._load_segment(root, entry, dim_scales, self._residual) for entry in entries]
+        segments = self._segments[:first] + new + self._segments[stop:]
+        self._segments, self._where, self._manifest = segments, self._locations(segments), manifest
+        for entry in replaced:  # no longer referenced: searches in flight keep their memory maps open
+            for suffix in _SEGMENT_FILES:
+                (root / f"{entry['name']}.{suffix}").unlink(missing_ok=True)
+            if entry.get("deleted"):
+                (root / entry["deleted"]).unlink(missing_ok=True)
 
     def _encode(self, flat: np.ndarray, dim_scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         if self.codec == "float32":
@@ -499,6 +613,8 @@ class MultiVectorIndex:
         if not mats:
             return []
         segments, live, residual = self._segments, len(self._where), self._residual  # one committed version
+        if live == 0:
+            return [[] for _ in mats]
         if residual is not None and not exact:
             return self._search_candidates(segments, residual, mats, k, candidates or max(256, 16 * k),
                                            nprobe or _NPROBE, self.device)
