@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from tests.settings import DEVICE, DTYPE
 from tests.toolkit import assert_batch_invariant, run_mixed
@@ -94,3 +95,21 @@ def test_inflight_depth_setting(monkeypatch):
         monkeypatch.setenv("TOKENPOOL_CUDA_INFLIGHT", bad)
         with pytest.raises(ValueError, match="TOKENPOOL_CUDA_INFLIGHT"):
             cuda_inflight_depth()
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_outputs_copied_out_of_staging_in_parts(threads, monkeypatch):
+    from tokenpool.engine import runner
+
+    class Done:  # the device-to-host copy's event, already complete
+        def synchronize(self):
+            pass
+
+    monkeypatch.setenv("TOKENPOOL_COPY_THREADS", threads)
+    staging = torch.randn(3 * (1 << 20) + 5)
+    out = runner._copy_out(Done(), staging)
+    assert out.data_ptr() != staging.data_ptr() and torch.equal(out, staging)
+    for bad in ("0", "x", "33"):
+        monkeypatch.setenv("TOKENPOOL_COPY_THREADS", bad)
+        with pytest.raises(ValueError, match="TOKENPOOL_COPY_THREADS"):
+            runner.copy_threads()

@@ -66,6 +66,8 @@ class ModelRunner:
         # CPU: launching is running, so nothing stays in flight.
         self.inflight_depth = cuda_inflight_depth() if self._cuda else 0
         if self._cuda:
+            copy_threads()  # a bad TOKENPOOL_COPY_THREADS fails here, at start
+        if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             # Copies a batch's outputs out of the reused pinned staging buffer into their own memory (~4 ms for
             # a 65k-token MiniLM batch) while the main thread prepares and launches the next batch; torch
@@ -173,13 +175,37 @@ class ModelRunner:
         return inflight.pooled.flat if inflight.host is None else inflight.host.result()
 
 
+def copy_threads() -> int:
+    """Threads that copy a batch's outputs out of pinned staging (`TOKENPOOL_COPY_THREADS`, 1..32)."""
+    raw = os.environ.get("TOKENPOOL_COPY_THREADS", "1")
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 32:
+        raise ValueError(f"TOKENPOOL_COPY_THREADS={raw!r}: expected an int in 1..32 (threads copying outputs).")
+    return int(raw)
+
+
+_COPY_POOL: ThreadPoolExecutor | None = None
+
+
 def _copy_out(done: torch.cuda.Event, staging: torch.Tensor) -> torch.Tensor:
     """On the copier thread: wait for the device-to-host copy, then copy the batch out of the reused staging
     buffer into memory of its own (numpy's allocation: huge pages for large arrays, so that the first touch of
-    a 100 MB+ batch costs 2 MB page faults, not 4 KB ones). The copy releases the GIL."""
+    a 100 MB+ batch costs 2 MB page faults, not 4 KB ones). The copy releases the GIL; with
+    TOKENPOOL_COPY_THREADS > 1 it is split into that many parts copied at once (a 65k-token batch of a
+    768-wide model is 200 MB: one thread's memory copy can take longer than the GPU's batch)."""
+    global _COPY_POOL
     done.synchronize()
-    out = torch.from_numpy(np.empty(staging.numel(), dtype=np.float32))
-    return out.copy_(staging)
+    out = np.empty(staging.numel(), dtype=np.float32)
+    threads = copy_threads()
+    if threads == 1 or out.size < threads * (1 << 20):
+        return torch.from_numpy(out).copy_(staging)
+    if _COPY_POOL is None or _COPY_POOL._max_workers != threads:
+        _COPY_POOL = ThreadPoolExecutor(threads, thread_name_prefix="tokenpool-copy")
+    source = staging.numpy()
+    step = -(-out.size // threads)
+    parts = [_COPY_POOL.submit(np.copyto, out[lo:lo + step], source[lo:lo + step]) for lo in range(0, out.size, step)]
+    for part in parts:
+        part.result()
+    return torch.from_numpy(out)
 
 
 def _own_storages(results: list, flat: torch.Tensor) -> list:
