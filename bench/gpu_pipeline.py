@@ -24,7 +24,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_token_embed import SHAPES, build_checkpoint, corpus, flops_per_token, matmul_tflops  # noqa: E402
+from gpu_token_embed import SHAPES, build_checkpoint, corpus, first_batch, flops_per_token, matmul_tflops  # noqa: E402
 
 
 def main() -> None:
@@ -114,18 +114,8 @@ def main() -> None:
                 print(f"| {name} | {sum(values) / len(values) * 1e3:.2f} | {max(values) * 1e3:.2f} | {sum(values):.2f} |")
 
         # The forward alone on one full batch: the rate the pipeline could reach.
-        from tokenpool.engine.request import Request
-        from tokenpool.engine.scheduler import Batch
-        from tokenpool.inputs.prompt import ProcessedPrompt
-        from tokenpool.pooling_params import PoolingParams
-
-        reqs, n = [], 0
-        for i, p in enumerate(passages):
-            if n + len(p) > args.budget:
-                break
-            reqs.append(Request(str(i), ProcessedPrompt(p), "token_embed", PoolingParams(task="token_embed")))
-            n += len(p)
-        inputs = runner.prepare(Batch(reqs))
+        batch, n = first_batch(passages, args.budget)
+        inputs = runner.prepare(batch)
         with torch.inference_mode():
             for _ in range(2):
                 engine.model(inputs.input_ids, inputs.positions, inputs.attn)

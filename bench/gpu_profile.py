@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_token_embed import SHAPES, build_checkpoint, corpus  # noqa: E402
+from gpu_token_embed import SHAPES, build_checkpoint, corpus, first_batch  # noqa: E402
 
 
 def main() -> None:
@@ -43,18 +43,8 @@ def main() -> None:
         t_inputs = time.perf_counter() - t0
 
         # GPU time of the forward alone, one full batch.
-        from tokenpool.engine.scheduler import Batch
-        from tokenpool.engine.request import Request
-        from tokenpool.inputs.prompt import ProcessedPrompt
-        from tokenpool.pooling_params import PoolingParams
-
-        reqs, n = [], 0
-        for i, p in enumerate(passages):
-            if n + len(p) > args.budget:
-                break
-            reqs.append(Request(str(i), ProcessedPrompt(p), "token_embed", PoolingParams(task="token_embed")))
-            n += len(p)
-        batch = Batch(reqs)
+        batch, n = first_batch(passages, args.budget)
+        reqs = batch.requests
         runner = engine.runner
         inputs = runner.prepare(batch)
         with torch.inference_mode():
@@ -107,7 +97,7 @@ def main() -> None:
         t_full = (time.perf_counter() - t0) / 3 * 1e3
 
         print(f"batch: {len(reqs)} seqs, {n} tokens ({args.shape})")
-        print(f"| stage | ms |\n|---|---|")
+        print("| stage | ms |\n|---|---|")
         for name, v in [("forward (GPU)", t_fwd), ("pool+head (GPU)", t_pool), ("D2H pageable .cpu()", t_d2h),
                         ("host clone of outputs", t_clone), ("host copy into new tensor", t_copy),
                         ("prepare (host)", t_prep), ("launch returns after (host)", t_launch),

@@ -62,6 +62,23 @@ def corpus(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
     return [[0, *rng.integers(4, vocab, size=k - 2).tolist(), 2] for k in lengths]
 
 
+def first_batch(passages: list[list[int]], budget: int):
+    """The engine's first `Batch` of token_embed requests over `passages` (as many as fit `budget` tokens) and
+    its token count: one full batch, for timing the forward alone."""
+    from tokenpool.engine.request import Request
+    from tokenpool.engine.scheduler import Batch
+    from tokenpool.inputs.prompt import ProcessedPrompt
+    from tokenpool.pooling_params import PoolingParams
+
+    reqs, n = [], 0
+    for i, p in enumerate(passages):
+        if n + len(p) > budget:
+            break
+        reqs.append(Request(str(i), ProcessedPrompt(p), "token_embed", PoolingParams(task="token_embed")))
+        n += len(p)
+    return Batch(reqs), n
+
+
 def matmul_tflops(device: str) -> float:
     if device != "cuda":
         return float("nan")
