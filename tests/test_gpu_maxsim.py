@@ -230,11 +230,15 @@ def test_index_on_cuda_equals_the_cpu_index(tmp_path, codec):
     cpu.delete([5, 2500])
     gpu = MultiVectorIndex.open(tmp_path / "ix", device="cuda")
     queries = [docs[i][:32] for i in (3, 40, 2222)] + [np.asarray(flat[:7])]
-    for kwargs in ({}, {"exact": True}) if codec == "residual" else ({},):
-        want, got = cpu.search(queries, k=10, **kwargs), gpu.search(queries, k=10, **kwargs)
-        for w, h in zip(want, got):
-            assert [x[0] for x in h] == [x[0] for x in w]
-            assert np.allclose([x[1] for x in h], [x[1] for x in w], rtol=1e-3)
+    for compacted in (False, True):  # then merged into one segment on the GPU index: the same results
+        if compacted:
+            assert gpu.compact()["segments"] == 1
+            cpu = MultiVectorIndex.open(tmp_path / "ix")
+        for kwargs in ({}, {"exact": True}) if codec == "residual" else ({},):
+            want, got = cpu.search(queries, k=10, **kwargs), gpu.search(queries, k=10, **kwargs)
+            for w, h in zip(want, got):
+                assert [x[0] for x in h] == [x[0] for x in w]
+                assert np.allclose([x[1] for x in h], [x[1] for x in w], rtol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
