@@ -2,8 +2,9 @@
 
 On CUDA a batch is launched asynchronously (`launch`) and collected later (`finish`): `inflight_depth` batches
 stay launched ahead of the one being collected (2 by default, `TOKENPOOL_CUDA_INFLIGHT`), so the host's work
-for a batch (its launch, then taking its outputs apart) never leaves the GPU without queued work. All outputs of a batch leave the device in ONE copy, made on a side
-stream into a reused pinned buffer, so it overlaps the next batch's compute.
+for a batch (its launch, then taking its outputs apart) never leaves the GPU without queued work. All outputs
+of a batch leave the device in ONE copy, made on a side stream into a reused pinned buffer, so it overlaps
+the next batches' compute.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class InFlight:
 
     batch: Batch
     pooled: PooledBatch
-    # CUDA: the host copy of the outputs, made by the copier thread once the device-to-host copy is done.
+    # CUDA: the host copy of the outputs, made by the copier thread once the device-to-host copy is done,
+    # and the pinned staging buffer it is made from (free again once `host` is done).
     host: Future | None = None
+    staging: torch.Tensor | None = None
 
 
 _CPU_ROW_BUCKET = 64
@@ -67,16 +70,15 @@ class ModelRunner:
         self.inflight_depth = cuda_inflight_depth() if self._cuda else 0
         if self._cuda:
             copy_threads()  # a bad TOKENPOOL_COPY_THREADS fails here, at start
-        if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             # Copies a batch's outputs out of the reused pinned staging buffer into their own memory (~4 ms for
             # a 65k-token MiniLM batch) while the main thread prepares and launches the next batch; torch
             # releases the GIL during the event wait and the copy.
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="tokenpool-d2h")
-            # One staging buffer per batch that can be between its launch and its collection, plus the one
-            # being launched: a buffer is reused only after `finish` waited for the batch that last used it.
-            self._staging = [torch.empty(0, pin_memory=True) for _ in range(self.inflight_depth + 1)]
-            self._turn = 0
+            # Pinned staging buffers not in use: a launch takes one (or makes one), `finish` gives it back once
+            # the copy out of it is done, so a buffer is never rewritten while a batch still reads it (as many
+            # exist as batches were ever between launch and collection at once).
+            self._free_staging: list[torch.Tensor] = []
 
     def prepare(self, batch: Batch) -> ModelInput:
         requests = batch.requests
@@ -144,11 +146,9 @@ class ModelRunner:
         if not self._cuda:
             return InFlight(batch, pooled)
         flat = pooled.flat
-        staging = self._staging[self._turn]
-        if staging.numel() < flat.numel():
+        staging = self._free_staging.pop() if self._free_staging else None
+        if staging is None or staging.numel() < flat.numel():
             staging = torch.empty(int(flat.numel() * 1.25), dtype=torch.float32, pin_memory=True)
-            self._staging[self._turn] = staging
-        self._turn = (self._turn + 1) % len(self._staging)
         compute = torch.cuda.current_stream(self.device)
         self._copy_stream.wait_stream(compute)
         with torch.cuda.stream(self._copy_stream):
@@ -156,8 +156,7 @@ class ModelRunner:
             flat.record_stream(self._copy_stream)
             done = torch.cuda.Event()
             done.record()
-        # The staging buffer is rewritten len(_staging) launches later, after `finish` has waited for this copy.
-        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()]))
+        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()]), staging)
 
     def finish(self, inflight: InFlight) -> list:
         """Wait for a launched batch; per request, in batch order, a float32 host tensor (or a dict of them for
@@ -170,9 +169,12 @@ class ModelRunner:
         flat = self._host_flat(inflight)
         return flat, inflight.pooled.unpack(flat)
 
-    @staticmethod
-    def _host_flat(inflight: InFlight) -> torch.Tensor:
-        return inflight.pooled.flat if inflight.host is None else inflight.host.result()
+    def _host_flat(self, inflight: InFlight) -> torch.Tensor:
+        if inflight.host is None:
+            return inflight.pooled.flat
+        flat = inflight.host.result()
+        self._free_staging.append(inflight.staging)
+        return flat
 
 
 def copy_threads() -> int:
