@@ -50,11 +50,11 @@ def test_scheduler_respects_budget_and_seq_cap(minilm_path):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_batches_in_flight_keep_order_and_outputs(depth, minilm_path):
+def test_batches_in_flight_keep_order_and_outputs(depth, tiny_bge_m3):
     """With `depth` batches kept launched ahead (CUDA's pipeline; the CPU runs it the same way when told to),
     the first outputs come `depth` steps later, never more than depth + 1 batches are launched and uncollected,
     and every output equals the one of the plain sequential run."""
-    llm = LLM(str(minilm_path), dtype=DTYPE, device=DEVICE, max_num_batched_tokens=64, max_num_seqs=2)
+    llm = LLM(str(tiny_bge_m3), dtype=DTYPE, device=DEVICE, max_num_batched_tokens=64, max_num_seqs=2)
     engine = llm.llm_engine
     texts = [_words(random.Random(i), 12 + 3 * i) for i in range(9)]
     ids = llm.llm_engine.processor(texts)
