@@ -109,6 +109,8 @@ def test_outputs_copied_out_of_staging_in_parts(threads, monkeypatch):
     staging = torch.randn(3 * (1 << 20) + 5)
     out = runner._copy_out(Done(), staging)
     assert out.data_ptr() != staging.data_ptr() and torch.equal(out, staging)
+    monkeypatch.delenv("TOKENPOOL_COPY_THREADS")
+    assert 1 <= runner.copy_threads() <= 4
     for bad in ("0", "x", "33"):
         monkeypatch.setenv("TOKENPOOL_COPY_THREADS", bad)
         with pytest.raises(ValueError, match="TOKENPOOL_COPY_THREADS"):
