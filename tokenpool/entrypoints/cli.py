@@ -138,6 +138,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Rewrite the live documents of every segment of the index in DIR into one segment (adds "
                     "merge small segments on their own; this also reclaims the space of deletions and upserts).")
     compact.add_argument("directory", metavar="DIR")
+    compact.add_argument("--no-progress", action="store_true")
     for sub in (build, search):
         sub.add_argument("--model", default=None, help="Local folder or hub id (default: all-MiniLM-L6-v2).")
         sub.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -248,8 +249,13 @@ def _index(args: argparse.Namespace) -> None:
         if args.index_command == "compact":
             from tokenpool.index import MultiVectorIndex
 
-            before = MultiVectorIndex.open(args.directory).stats()
-            stats = MultiVectorIndex.open(args.directory).compact()
+            from tqdm.auto import tqdm
+
+            index = MultiVectorIndex.open(args.directory)
+            before = index.stats()
+            with tqdm(total=before["tokens"], desc="index compact", unit="token", unit_scale=True,
+                      disable=args.no_progress, dynamic_ncols=True) as bar:
+                stats = index.compact(progress=bar.update)
             print(f"index compact: {before['segments']} segments -> {stats['segments']}; {stats['documents']} "
                   f"documents, {stats['tokens']} tokens; {before['bytes_on_disk']:,} -> {stats['bytes_on_disk']:,} "
                   "bytes on disk")

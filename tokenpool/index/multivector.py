@@ -31,7 +31,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -457,14 +457,15 @@ class MultiVectorIndex:
             self._commit(manifest)
             self._apply(manifest, deletions)
 
-    def compact(self) -> dict:
+    def compact(self, progress: Callable[[int], None] | None = None) -> dict:
         """Rewrite every segment's live documents into one segment (deleted and replaced documents' tokens are
         dropped from disk); returns `stats()`. Durable and all-or-nothing like `add`; searches in flight keep
         reading the old segments. Adds merge small segments automatically (`auto_compact`), so this is for
-        reclaiming the space of deletions, or for one segment before a benchmark."""
+        reclaiming the space of deletions, or for one segment before a benchmark. `progress(n)` is called as
+        each run of n token rows is copied (`stats()["tokens"]` rows in all)."""
         with self._lock:
             if len(self._segments) > 1 or any(seg.deleted.any() for seg in self._segments):
-                self._merge(0, len(self._segments))
+                self._merge(0, len(self._segments), progress)
         return self.stats()
 
     @staticmethod
@@ -483,7 +484,7 @@ class MultiVectorIndex:
                 return
             self._merge(len(self._segments) - _MERGE_FACTOR, len(self._segments))
 
-    def _merge(self, first: int, stop: int) -> None:
+    def _merge(self, first: int, stop: int, progress: Callable[[int], None] | None = None) -> None:
         """Replace segments first..stop-1 by one segment of their live documents, in order (lock held)."""
         root, old = self.path, self._segments[first:stop]
         manifest = json.loads(json.dumps(self._manifest))
@@ -516,6 +517,8 @@ class MultiVectorIndex:
                     for lo, hi in _token_runs(seg.offsets, k):
                         target[at:at + hi - lo] = source[lo:hi]
                         at += hi - lo
+                        if progress is not None and suffix == "codes.npy":
+                            progress(hi - lo)
                 target.flush()
                 if suffix == "cids.npy":
                     cids = np.array(target)
