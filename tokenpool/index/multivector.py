@@ -112,7 +112,8 @@ class _Segment:
     cache: dict = dataclasses.field(default_factory=dict)  # max_norm, per-device copies (shared by replaced segments)
 
     def max_norm(self) -> float:
-        """The largest norm of a stored (decoded) row, computed once (a pass over the segment)."""
+        """The largest norm of a stored (decoded) row, computed once (a pass over the segment); for a merged
+        segment, the largest of its sources' (an upper bound: the bf16 scan's rescoring bound stays safe)."""
         if "max_norm" not in self.cache:
             best, tokens = 0.0, len(self.codes)
             for start in range(0, tokens, _SCAN_TOKENS):
@@ -439,6 +440,8 @@ class MultiVectorIndex:
             self._commit(manifest)
             self._residual = residual
             segment = self._load_segment(root, manifest["segments"][-1], dim_scales, residual)
+            if self._bf16_prefilter(residual):
+                segment.max_norm()  # here, while the rows are in the page cache, not in the next search
             self._apply(manifest, deletions, new_segment=segment)
             if self.auto_compact:
                 self._merge_tail()
@@ -538,6 +541,8 @@ class MultiVectorIndex:
         self._commit(manifest)
         dim_scales = None if manifest.get("dim_scales") is None else np.asarray(manifest["dim_scales"], np.float32)
         new = [self._load_segment(root, entry, dim_scales, self._residual) for entry in entries]
+        if new and all("max_norm" in seg.cache for seg in old):
+            new[0].cache["max_norm"] = max(seg.cache["max_norm"] for seg in old)
         segments = self._segments[:first] + new + self._segments[stop:]
         self._segments, self._where, self._manifest = segments, self._locations(segments), manifest
         for entry in replaced:  # no longer referenced: searches in flight keep their memory maps open
