@@ -388,3 +388,35 @@ def test_a_merge_that_never_commits_leaves_the_old_segments(tmp_path, monkeypatc
     again = MultiVectorIndex.open(tmp_path / "ix")
     assert _files(tmp_path / "ix") == files and len(again._segments) == 4
     assert again.search(queries, k=5) == before
+
+
+def test_reads_during_merges_see_one_version(tmp_path, monkeypatch):
+    """A reader thread's get() / metadata() while adds merge segments (documents move between segments) always
+    returns the document asked for."""
+    import threading
+
+    monkeypatch.setattr(multivector, "_MERGE_MIN_TOKENS", 16)
+    docs = _docs(240, seed=12)
+    index = MultiVectorIndex.create(tmp_path / "ix", DIM, codec="float32")
+    index.add([0], [docs[0]], metadata=[0])
+    stop, errors = threading.Event(), []
+
+    def read():
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            i = int(rng.integers(0, len(index)))  # ids 0..len-1 are all there
+            try:
+                if not np.array_equal(index.get(i), docs[i]) or index.metadata(i) != i:
+                    errors.append(i)
+            except KeyError:
+                errors.append(("missing", i))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, len(docs)):
+            index.add([i], [docs[i]], metadata=[i])
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors and len(index._segments) < 12

@@ -242,11 +242,21 @@ class MultiVectorIndex:
         self.codec: str = manifest["codec"]
         self._residual = residual  # the residual codec, once trained
         self._manifest = manifest
-        self._segments = segments
+        # (segments, id -> (segment index, document position)) of the committed version, replaced as one
+        # object so that a reader never pairs one version's positions with another's segments (a merge moves
+        # documents between segments)
+        self._state: tuple[list[_Segment], dict] = (segments, self._locations(segments))
         self._lock = threading.Lock()
-        self._where = self._locations(segments)  # id -> (segment index, document position)
         # After an add, merge trailing runs of same-tier segments (see `compact`); off: adds never rewrite data.
         self.auto_compact = True
+
+    @property
+    def _segments(self) -> list[_Segment]:
+        return self._state[0]
+
+    @property
+    def _where(self) -> dict:
+        return self._state[1]
 
     @staticmethod
     def _locations(segments: list[_Segment]) -> dict:
@@ -343,25 +353,25 @@ class MultiVectorIndex:
 
     def get(self, doc_id) -> np.ndarray:
         """The stored matrix of `doc_id`, decoded to float32 `[n, dim]`."""
-        s, d = self._locate(doc_id)
-        seg = self._segments[s]
+        seg, d = self._locate(doc_id)
         return np.array(seg.decode(int(seg.offsets[d]), int(seg.offsets[d + 1])))  # a copy, writable
 
     def metadata(self, doc_id):
-        s, d = self._locate(doc_id)
-        meta = self._segments[s].metadata
-        return None if meta is None else meta[d]
+        seg, d = self._locate(doc_id)
+        return None if seg.metadata is None else seg.metadata[d]
 
-    def _locate(self, doc_id) -> tuple[int, int]:
+    def _locate(self, doc_id) -> tuple[_Segment, int]:
+        segments, where = self._state  # one version
         try:
-            return self._where[doc_id]
+            s, d = where[doc_id]
         except (KeyError, TypeError):
             raise KeyError(f"No document with id {doc_id!r} in the index.") from None
+        return segments[s], d
 
     def stats(self) -> dict:
-        segments = self._segments
+        segments, where = self._state
         tokens = sum(int(seg.offsets[-1] - seg.offsets[0]) for seg in segments)
-        live_tokens = sum(int(seg.offsets[d + 1] - seg.offsets[d]) for s, d in self._where.values()
+        live_tokens = sum(int(seg.offsets[d + 1] - seg.offsets[d]) for s, d in where.values()
                           for seg in (segments[s],))
         bytes_on_disk = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
         if self.codec == "residual":
@@ -373,7 +383,7 @@ class MultiVectorIndex:
         if self.codec == "residual":
             extra = {"nbits": self._manifest["nbits"],
                      "centroids": None if self._residual is None else len(self._residual.centroids)}
-        return {**extra, "documents": len(self._where), "tokens": live_tokens, "stored_tokens": tokens, "dim": self.dim,
+        return {**extra, "documents": len(where), "tokens": live_tokens, "stored_tokens": tokens, "dim": self.dim,
                 "codec": self.codec, "bytes_per_token": per_token, "bytes_on_disk": bytes_on_disk,
                 "segments": len(segments)}
 
@@ -544,7 +554,7 @@ class MultiVectorIndex:
         if new and all("max_norm" in seg.cache for seg in old):
             new[0].cache["max_norm"] = max(seg.cache["max_norm"] for seg in old)
         segments = self._segments[:first] + new + self._segments[stop:]
-        self._segments, self._where, self._manifest = segments, self._locations(segments), manifest
+        self._state, self._manifest = (segments, self._locations(segments)), manifest
         for entry in replaced:  # no longer referenced: searches in flight keep their memory maps open
             for suffix in _SEGMENT_FILES:
                 (root / f"{entry['name']}.{suffix}").unlink(missing_ok=True)
@@ -597,7 +607,7 @@ class MultiVectorIndex:
             segments.append(new_segment)
             for d, doc_id in enumerate(new_segment.ids):
                 where[doc_id] = (len(segments) - 1, d)
-        self._segments, self._where, self._manifest = segments, where, manifest
+        self._state, self._manifest = (segments, where), manifest
         for name in old_files - {None}:
             (self.path / name).unlink(missing_ok=True)
 
@@ -620,7 +630,8 @@ class MultiVectorIndex:
         mats = [_as_matrix(q, self.dim, i) for i, q in enumerate(queries)]
         if not mats:
             return []
-        segments, live, residual = self._segments, len(self._where), self._residual  # one committed version
+        (segments, where), residual = self._state, self._residual  # one committed version
+        live = len(where)
         if live == 0:
             return [[] for _ in mats]
         if residual is not None and not exact:
