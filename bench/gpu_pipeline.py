@@ -82,11 +82,11 @@ def main() -> None:
             times["step"].append(time.perf_counter() - t0)
             return out
 
-        def copy_out(done, staging):
+        def copy_out(done, staging, *parts):
             t0 = time.perf_counter()
             done.synchronize()
             t1 = time.perf_counter()
-            out = real_copy(done, staging)
+            out = real_copy(done, staging, *parts)
             with lock:
                 times["copier wait"].append(t1 - t0)
                 times["copier copy"].append(time.perf_counter() - t1)

@@ -97,20 +97,30 @@ def test_inflight_depth_setting(monkeypatch):
             cuda_inflight_depth()
 
 
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_outputs_copied_out_of_staging_in_parts(threads, monkeypatch):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_outputs_copied_out_of_staging_in_parts(parts, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
     from tokenpool.engine import runner
 
     class Done:  # the device-to-host copy's event, already complete
         def synchronize(self):
             pass
 
-    monkeypatch.setenv("TOKENPOOL_COPY_THREADS", threads)
     staging = torch.randn(3 * (1 << 20) + 5)
-    out = runner._copy_out(Done(), staging)
+    with ThreadPoolExecutor(parts) as pool:
+        copied = []
+        real_submit = pool.submit
+        pool.submit = lambda fn, *a: copied.append(a[0].size) or real_submit(fn, *a)
+        out = runner._copy_out(Done(), staging, pool if parts > 1 else None, parts)
     assert out.data_ptr() != staging.data_ptr() and torch.equal(out, staging)
-    monkeypatch.delenv("TOKENPOOL_COPY_THREADS")
-    assert 1 <= runner.copy_threads() <= 4
+    assert copied == ([] if parts == 1 else [1048578, 1048578, 1048577])  # one part per thread
+    monkeypatch.delenv("TOKENPOOL_COPY_THREADS", raising=False)
+    for cpus, default in ((1, 1), (7, 1), (8, 2), (16, 4), (128, 4)):  # a quarter of the CPUs, 1..4
+        monkeypatch.setattr(runner.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert runner.copy_threads() == default
+    monkeypatch.setenv("TOKENPOOL_COPY_THREADS", "6")
+    assert runner.copy_threads() == 6
     for bad in ("0", "x", "33"):
         monkeypatch.setenv("TOKENPOOL_COPY_THREADS", bad)
         with pytest.raises(ValueError, match="TOKENPOOL_COPY_THREADS"):

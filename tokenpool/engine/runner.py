@@ -69,7 +69,10 @@ class ModelRunner:
         # CPU: launching is running, so nothing stays in flight.
         self.inflight_depth = cuda_inflight_depth() if self._cuda else 0
         if self._cuda:
-            copy_threads()  # a bad TOKENPOOL_COPY_THREADS fails here, at start
+            threads = copy_threads()  # a bad TOKENPOOL_COPY_THREADS fails here, at start
+            # The threads that split each batch's copy out of staging (None: the copier thread copies alone).
+            self._copy_parts = threads
+            self._copy_pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenpool-copy") if threads > 1 else None
             self._copy_stream = torch.cuda.Stream(device)
             # Copies a batch's outputs out of the reused pinned staging buffer into their own memory (~4 ms for
             # a 65k-token MiniLM batch) while the main thread prepares and launches the next batch; torch
@@ -156,7 +159,9 @@ class ModelRunner:
             flat.record_stream(self._copy_stream)
             done = torch.cuda.Event()
             done.record()
-        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()]), staging)
+        return InFlight(batch, pooled, self._copier.submit(_copy_out, done, staging[: flat.numel()], self._copy_pool,
+                                                                self._copy_parts),
+                        staging)
 
     def finish(self, inflight: InFlight) -> list:
         """Wait for a launched batch; per request, in batch order, a float32 host tensor (or a dict of them for
@@ -187,26 +192,20 @@ def copy_threads() -> int:
     return int(raw)
 
 
-_COPY_POOL: ThreadPoolExecutor | None = None
-
-
-def _copy_out(done: torch.cuda.Event, staging: torch.Tensor) -> torch.Tensor:
+def _copy_out(done: torch.cuda.Event, staging: torch.Tensor, pool: ThreadPoolExecutor | None = None,
+              parts: int = 1) -> torch.Tensor:
     """On the copier thread: wait for the device-to-host copy, then copy the batch out of the reused staging
     buffer into memory of its own (numpy's allocation: huge pages for large arrays, so that the first touch of
-    a 100 MB+ batch costs 2 MB page faults, not 4 KB ones). The copy releases the GIL; with
-    TOKENPOOL_COPY_THREADS > 1 it is split into that many parts copied at once (a 65k-token batch of a
-    768-wide model is 200 MB: one thread's memory copy can take longer than the GPU's batch)."""
-    global _COPY_POOL
+    a 100 MB+ batch costs 2 MB page faults, not 4 KB ones). The copy releases the GIL; with a `pool` of
+    `parts` threads (TOKENPOOL_COPY_THREADS) it is split into `parts` parts copied at once (a 65k-token batch of
+    a 768-wide model is 200 MB: one thread's memory copy can take longer than the GPU's batch)."""
     done.synchronize()
     out = np.empty(staging.numel(), dtype=np.float32)
-    threads = copy_threads()
-    if threads == 1 or out.size < threads * (1 << 20):
+    if pool is None or parts == 1 or out.size < parts * (1 << 20):
         return torch.from_numpy(out).copy_(staging)
-    if _COPY_POOL is None or _COPY_POOL._max_workers != threads:
-        _COPY_POOL = ThreadPoolExecutor(threads, thread_name_prefix="tokenpool-copy")
     source = staging.numpy()
-    step = -(-out.size // threads)
-    parts = [_COPY_POOL.submit(np.copyto, out[lo:lo + step], source[lo:lo + step]) for lo in range(0, out.size, step)]
+    step = -(-out.size // parts)
+    parts = [pool.submit(np.copyto, out[lo:lo + step], source[lo:lo + step]) for lo in range(0, out.size, step)]
     for part in parts:
         part.result()
     return torch.from_numpy(out)

@@ -244,7 +244,6 @@ def _embed_corpus(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from tokenpool.index import cli as index_cli
 
-    engine = {"dtype": getattr(args, "dtype", None), "device": getattr(args, "device", None)}
     try:
         if args.index_command == "compact":
             from tokenpool.index import MultiVectorIndex
@@ -260,6 +259,7 @@ def _index(args: argparse.Namespace) -> None:
                   f"documents, {stats['tokens']} tokens; {before['bytes_on_disk']:,} -> {stats['bytes_on_disk']:,} "
                   "bytes on disk")
             return
+        engine = {"dtype": args.dtype, "device": args.device}
         if args.index_command == "build":
             stats = index_cli.build(args.directory, args.model, args.input, codec=args.codec, nbits=args.nbits,
                                     text_column=args.text_column, id_column=args.id_column,
