@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--single", type=int, default=50, help="queries timed one at a time")
     p.add_argument("--nbits", type=int, default=4, help="FastPlaid's nbits")
     p.add_argument("--tp-nbits", default="2,4", help="tokenpool residual codec nbits to build (comma-separated)")
+    p.add_argument("--tp-paths", default="dense",
+                   help="tokenpool's candidate stages on the GPU: dense (fixed shapes, one host sync; the default "
+                        "path) and/or pairs (the pair lists, a sync per stage), comma-separated")
     p.add_argument("--tp-candidates", default="", help="also time tokenpool with these `candidates` (comma-separated)")
     args = p.parse_args()
     from tokenpool.index.cuda_maxsim import maxsim_cuda
@@ -114,8 +117,9 @@ def main() -> None:
         torch.cuda.synchronize()
         fp_single = (time.perf_counter() - t) / args.single
     # tokenpool's residual codec: the index built on the GPU (k-means and encoding there), searched there
-    from tokenpool.index import MultiVectorIndex
+    from tokenpool.index import MultiVectorIndex, multivector
 
+    dense_ok = multivector.dense_kernels_ok
     host = flat.cpu().float().numpy().reshape(args.docs, args.tokens, args.dim)
     q_host = [q.cpu().numpy() for q in queries]
     tp_rows = []
@@ -127,8 +131,11 @@ def main() -> None:
             index.add(list(range(args.docs)), list(host))
             build_tp = time.perf_counter() - t
             stats = index.stats()
-            for cand in [None] + [int(c) for c in args.tp_candidates.split(",") if c]:
+            for cand, path in [(c, pth) for c in [None] + [int(c) for c in args.tp_candidates.split(",") if c]
+                               for pth in args.tp_paths.split(",")]:
+                multivector.dense_kernels_ok = dense_ok if path == "dense" else (lambda *a: False)
                 index.search(q_host[:8], k=10, candidates=cand)  # warm: copies to the GPU, kernels
+                index.search(q_host[:1], k=10, candidates=cand)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 hits = index.search(q_host, k=10, candidates=cand)
@@ -141,7 +148,7 @@ def main() -> None:
                 single = (time.perf_counter() - t) / args.single
                 ids = [[d for d, _ in h] for h in hits]
                 rec = sum(len(set(a) & set(b.tolist())) for a, b in zip(ids, exact)) / (10 * args.queries)
-                if cand is None:  # the codec's own ceiling: every decoded document scored
+                if cand is None and path == args.tp_paths.split(",")[0]:  # the codec's own ceiling: every decoded document scored
                     scan = index.search(q_host[:100], k=10, exact=True)
                     print(f"tokenpool residual nbits={nbits}: recall@10 of exact=True vs fp16 exact (100 queries) "
                           f"{sum(len({d for d, _ in a} & set(b.tolist())) for a, b in zip(scan, exact)) / 1000:.3f}, "
@@ -157,7 +164,7 @@ def main() -> None:
                         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
                         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14))
                 first = sum(int(a[0] == s) for a, s in zip(ids, src.tolist())) / args.queries
-                tp_rows.append((nbits, cand, build_tp, stats, batched, single, rec, first))
+                tp_rows.append((nbits, cand, path, build_tp, stats, batched, single, rec, first))
     fp_ids = [[d for d, _ in hits] for hits in found]
     recall = sum(len(set(a) & set(b.tolist())) for a, b in zip(fp_ids, exact)) / (10 * args.queries)
     fp_top1 = sum(int(a[0] == s) for a, s in zip(fp_ids, src.tolist())) / args.queries
@@ -171,14 +178,14 @@ def main() -> None:
     print(f"| FastPlaid nbits={args.nbits} (defaults: 8 probes, 4,096 full scores) | {build:.1f} | "
           f"{disk / tokens:.1f} (on disk) | {args.queries / fp_batched:,.0f} | {fp_single * 1000:.2f} | {recall:.3f} | "
           f"{fp_top1:.3f} |")
-    for nbits, cand, build_tp, stats, batched, single, rec, first in tp_rows:
+    for nbits, cand, path, build_tp, stats, batched, single, rec, first in tp_rows:
         print(f"| tokenpool residual nbits={nbits} ({stats['centroids']:,} centroids, candidates "
-              f"{cand or 'default'}) | {build_tp:.1f} | {stats['bytes_per_token']} | {args.queries / batched:,.0f} | "
+              f"{cand or 'default'}, {path}) | {build_tp:.1f} | {stats['bytes_per_token']} | {args.queries / batched:,.0f} | "
               f"{single * 1000:.2f} | {rec:.3f} | {first:.3f} |")
     print(f"tokenpool exact / FastPlaid QPS: {fp_batched / ours_batched:.2f}x batched, "
           f"{fp_single / ours_single:.2f}x single")
-    for nbits, cand, _, _, batched, single, *_ in tp_rows:
-        print(f"tokenpool residual nbits={nbits} candidates {cand or 'default'} / FastPlaid QPS: "
+    for nbits, cand, path, _, _, batched, single, *_ in tp_rows:
+        print(f"tokenpool residual nbits={nbits} candidates {cand or 'default'} {path} / FastPlaid QPS: "
               f"{fp_batched / batched:.2f}x batched, {fp_single / single:.2f}x single")
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.reference.plaid_codec import plaid_roundtrip
-from tokenpool.index import MultiVectorIndex
+from tokenpool.index import MultiVectorIndex, cuda_maxsim, multivector
 from tokenpool.index.residual import ResidualCodec, default_num_centroids
 from tokenpool.scoring import maxsim
 
@@ -177,6 +177,65 @@ def test_candidate_stages_equal_the_exact_scan_when_nothing_is_cut(tmp_path):
         assert len(hits) == 5 and not {3, 260, 399} & {h[0] for h in hits}
         for doc_id, score in hits:
             assert score == pytest.approx(maxsim(query, index.get(doc_id)), rel=1e-4)
+
+
+@pytest.mark.skipif(not (cuda_maxsim.available() and (torch.cuda.is_available()
+                                                     or os.environ.get("TRITON_INTERPRET") == "1")),
+                    reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1)")
+def test_fixed_shape_stages_equal_the_pairs_path(tmp_path, monkeypatch):
+    """The GPU's fixed-shape candidate stages (`_dense_group`: a dense table of centroid MaxSim, candidates
+    decoded as padded row blocks, one host sync) return what the pairs path returns (ids in order, scores to
+    1e-5): three segments of documents of 1..70 tokens, replaced and deleted documents, queries of 1..40 rows,
+    candidate cuts below and above the probed documents, k above the live documents."""
+    rng = np.random.default_rng(9)
+    topics = rng.standard_normal((24, 64)).astype(np.float32)
+    docs = []
+    for _ in range(120):
+        m = topics[rng.integers(0, 24, int(rng.integers(1, 70)))] + rng.standard_normal((1, 64)).astype(np.float32)
+        docs.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+    index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=64)
+    index.auto_compact = False
+    index.add(list(range(60)), docs[:60])
+    index.add(list(range(50, 100)), docs[50:100])  # replaces 50..59
+    index.add([f"d{i}" for i in range(100, 120)], docs[100:])
+    index.delete([4, 55, "d110"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        index = MultiVectorIndex.open(tmp_path / "ix", device="cuda")
+    queries = [docs[i][:40] for i in (0, 55, 105)] + [rng.standard_normal((1, 64)).astype(np.float32)]
+    calls = []
+    real = multivector.MultiVectorIndex._dense_group
+    monkeypatch.setattr(multivector.MultiVectorIndex, "_dense_group",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    for kwargs in ({"k": 10}, {"k": 5, "candidates": 3}, {"k": 200, "candidates": 500, "nprobe": 2}):
+        # a one-row query's centroid MaxSim ties across the documents sharing its centroid: where candidates
+        # are cut, which of them is kept is arbitrary (stable sort there, top-k here), so it is left out
+        chosen = queries if "candidates" not in kwargs or kwargs["candidates"] >= 120 else queries[:3]
+        calls.clear()
+        dense = index.search(chosen, **kwargs)
+        assert calls
+        with monkeypatch.context() as m:
+            m.setattr(multivector, "dense_kernels_ok", lambda *a: False)
+            pairs = index.search(chosen, **kwargs)
+        for got, want in zip(dense, pairs):
+            assert [h[0] for h in got] == [h[0] for h in want]
+            assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5, atol=1e-6)
+    assert not {4, 55, "d110"} & {h[0] for hits in dense for h in hits}
+    # on CUDA the second search of a shape is captured as a CUDA graph and later ones replay it: the same
+    # results; a delete (a new index version) drops the graphs, so no replay answers with deleted documents
+    first = index.search(queries[:3], k=10)
+    for _ in range(3):
+        assert index.search(queries[:3], k=10) == first
+    if device == "cuda":
+        assert index._graphs.entries
+    gone = first[0][0][0]
+    index.delete([gone])
+    for _ in range(3):
+        again = index.search(queries[:3], k=10)
+        assert gone not in {h[0] for hits in again for h in hits}
+        kept = [h for h in first[0] if h[0] != gone]
+        assert [h[0] for h in again[0][:len(kept)]] == [h[0] for h in kept]
+        assert np.allclose([h[1] for h in again[0][:len(kept)]], [h[1] for h in kept], rtol=1e-6)
 
 
 _WRITER = """

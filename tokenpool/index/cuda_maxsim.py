@@ -339,6 +339,47 @@ if triton is not None:
         tl.store(out_ptr + pid, tl.sum(best, axis=0))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _probe_hits_kernel(ivf_ptr, ivf_ptr_ptr, key_ptr, hit_ptr, n_docs, n_centroids, BLOCK: tl.constexpr):
+        """One program per (query, probed centroid) key (query * n_centroids + centroid): sets hit[query, doc] for
+        every document in the centroid's inverted list (repeated keys and documents only write 1 again)."""
+        key = tl.load(key_ptr + tl.program_id(0)).to(tl.int64)
+        q = key // n_centroids
+        c = key % n_centroids
+        lo = tl.load(ivf_ptr_ptr + c)
+        hi = tl.load(ivf_ptr_ptr + c + 1)
+        b = tl.arange(0, BLOCK)
+        ones = tl.full([BLOCK], 1, tl.int8)
+        for start in range(lo, hi, BLOCK):
+            mask = start + b < hi
+            doc = tl.load(ivf_ptr + start + b, mask=mask, other=0).to(tl.int64)
+            tl.store(hit_ptr + q * n_docs + doc, ones, mask=mask)
+
+    @triton.jit
+    def _centroid_dense_kernel(st_ptr, cids_ptr, offsets_ptr, hit_ptr, deleted_ptr, out_ptr, n_docs, out_stride,
+                               n_centroids, MP: tl.constexpr, BT: tl.constexpr):
+        """Program (document, query): `_centroid_pairs_kernel`'s centroid MaxSim where hit[query, document] is set
+        and the document is not deleted, else -inf (its token loop then runs zero times)."""
+        doc = tl.program_id(0).to(tl.int64)
+        q = tl.program_id(1).to(tl.int64)
+        live = (tl.load(hit_ptr + q * n_docs + doc) != 0) & (tl.load(deleted_ptr + doc) == 0)
+        t0 = tl.load(offsets_ptr + doc)
+        t1 = tl.where(live, tl.load(offsets_ptr + doc + 1), t0)
+        base = st_ptr + q * n_centroids * MP
+        r = tl.arange(0, MP)
+        t = tl.arange(0, BT)
+        best = tl.full([MP], float("-inf"), tl.float32)
+        for start in range(t0, t1, BT):
+            mask = start + t < t1
+            c = tl.load(cids_ptr + start + t, mask=mask, other=0).to(tl.int64)
+            v = tl.load(base + c[:, None] * MP + r[None, :], mask=mask[:, None], other=float("-inf"))
+            best = tl.maximum(best, tl.max(v, axis=0))
+        total = tl.where(live, tl.sum(best, axis=0), float("-inf"))
+        tl.store(out_ptr + q * out_stride + doc, total)
+
+
 def _kernel_ok(t: torch.Tensor, mp: int) -> bool:
     return available() and (t.is_cuda or _interpret()) and mp <= 128
 
@@ -403,6 +444,30 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
             out[lo + start:lo + stop] = best.sum(dim=0)
             start = stop
     return out
+
+
+def centroid_maxsim_dense(scores: torch.Tensor, q_offsets: np.ndarray, probe_keys: torch.Tensor, ivf: torch.Tensor,
+                          ivf_ptr: torch.Tensor, cids: torch.Tensor, doc_offsets: torch.Tensor, deleted: torch.Tensor,
+                          out: torch.Tensor) -> None:
+    """Stages A and B of the residual candidate search for one segment, without a host sync: `out [queries, docs]`
+    (a float32 view, row stride free) gets, per (query, document), the centroid MaxSim (as
+    `centroid_maxsim_pairs`) where the document is live and has a token in one of the centroids the query
+    probes (`probe_keys`: query * n_centroids + centroid, on the device; `ivf`/`ivf_ptr` the segment's inverted
+    lists), else -inf. Two Triton launches of fixed grids (CUDA or Triton's interpreter only)."""
+    nq, n_docs = out.shape
+    n_centroids = scores.shape[1]
+    mp = _next_pow2(max(int(np.diff(q_offsets).max()), 16))
+    hit = torch.zeros(nq, n_docs, dtype=torch.int8, device=scores.device)
+    _probe_hits_kernel[(len(probe_keys),)](ivf, ivf_ptr, probe_keys, hit, n_docs, n_centroids, BLOCK=128,
+                                           num_warps=4)
+    st = _query_table(scores, q_offsets, mp)
+    _centroid_dense_kernel[(n_docs, nq)](st, cids, doc_offsets, hit, deleted.view(torch.uint8), out, n_docs,
+                                         out.stride(0), n_centroids, MP=mp, BT=max(16, 2048 // mp), num_warps=4)
+
+
+def dense_kernels_ok(t: torch.Tensor, q_offsets: np.ndarray) -> bool:
+    """Whether `centroid_maxsim_dense` and `maxsim_pairs`'s kernel serve queries `q_offsets` on `t`'s device."""
+    return _kernel_ok(t, _next_pow2(max(int(np.diff(q_offsets).max()), 16)))
 
 
 def expand_ranges(starts, lengths):

@@ -27,10 +27,12 @@ a crash leaves either the old segments or the new one; searches in flight keep r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs, expand_ranges, maxsim_pairs
+from tokenpool.index.cuda_maxsim import (centroid_maxsim_dense, centroid_maxsim_pairs, dense_kernels_ok, expand_ranges,
+                                         maxsim_pairs)
 from tokenpool.index.residual import NBITS, ResidualCodec
 from tokenpool.kernels import maxsim as _maxsim_kernel
 
@@ -50,6 +53,7 @@ _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy",
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
+_GRAPHS = 8  # CUDA: captured candidate searches kept per index
 _MERGE_FACTOR = 4  # automatic compaction: this many trailing segments of one size tier are merged into one
 _MERGE_MIN_TOKENS = 4096  # segments smaller than this share the lowest tier
 _BF16_ENV = "TOKENPOOL_INDEX_BF16"
@@ -223,6 +227,57 @@ def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_cen
     return pair_q, pair_doc
 
 
+class _SearchGraphs:
+    """CUDA graphs of `_dense_group` (the residual codec's candidate search, fixed shapes, no host sync), one per
+    (query row offsets, k, candidates, nprobe) seen twice, for the index version they were captured on: a
+    search of one query is ~90 kernel launches (~2 ms of host time on an H100/H200 host), replayed as one.
+    At most `_GRAPHS` kept (least recently used dropped); all dropped when the version changes (a graph holds
+    its segments' GPU arrays). Replays are serialized (a graph's input and output buffers are shared)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.version = None
+        self.entries: OrderedDict = OrderedDict()
+        self.seen: set = set()
+
+    def run(self, segments: list, key: tuple, stacked: np.ndarray, build: Callable) -> np.ndarray | None:
+        """`build(queries)`'s output for the queries `stacked`, through the graph of `key` (captured now if
+        `key` was seen before), copied to the host; None the first time a key is seen (run it eagerly)."""
+        with self.lock:
+            if self.version is not segments:
+                self.entries.clear()
+                self.seen.clear()
+                self.version = segments
+            entry = self.entries.get(key)
+            if entry is None:
+                if key not in self.seen:
+                    if len(self.seen) >= 1024:
+                        self.seen.clear()
+                    self.seen.add(key)
+                    return None
+                entry = self.entries[key] = self._capture(stacked, build)
+                while len(self.entries) > _GRAPHS:
+                    self.entries.popitem(last=False)
+            self.entries.move_to_end(key)
+            graph, queries, out = entry
+            queries.copy_(torch.from_numpy(stacked))
+            graph.replay()
+            return out.cpu().numpy()
+
+    @staticmethod
+    def _capture(stacked: np.ndarray, build: Callable) -> tuple:
+        queries = torch.from_numpy(stacked).to(build.args[1].centroids.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream (kernels compiled, cached arrays copied)
+            build(queries)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = build(queries)
+        return graph, queries, out
+
+
 class MultiVectorIndex:
     """Token matrices under stable external ids, searched by exact MaxSim. See the module doc.
 
@@ -247,6 +302,7 @@ class MultiVectorIndex:
         # documents between segments)
         self._state: tuple[list[_Segment], dict] = (segments, self._locations(segments))
         self._lock = threading.Lock()
+        self._graphs = _SearchGraphs() if self.device.type == "cuda" else None
         # After an add, merge trailing runs of same-tier segments (see `compact`); off: adds never rewrite data.
         self.auto_compact = True
 
@@ -636,7 +692,7 @@ class MultiVectorIndex:
             return [[] for _ in mats]
         if residual is not None and not exact:
             return self._search_candidates(segments, residual, mats, k, candidates or max(256, 16 * k),
-                                           nprobe or _NPROBE, self.device)
+                                           nprobe or _NPROBE, self.device, self._graphs)
         # every query at once: each block of stored tokens is decoded once per search, not once per query
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
@@ -708,7 +764,8 @@ class MultiVectorIndex:
 
     @staticmethod
     def _search_candidates(segments: list[_Segment], residual: ResidualCodec, mats: list[np.ndarray], k: int,
-                           candidates: int, nprobe: int, device: torch.device) -> list[list[tuple]]:
+                           candidates: int, nprobe: int, device: torch.device,
+                           graphs: "_SearchGraphs | None" = None) -> list[list[tuple]]:
         """Queries through the residual codec's candidates (see `search`), `_QUERY_GROUP` at a time, in three
         stages on `device`:
         A. per query, the documents with a token in one of its rows' `nprobe` best centroids (inverted lists);
@@ -722,7 +779,17 @@ class MultiVectorIndex:
             nq = len(group)
             q_offsets = np.zeros(nq + 1, dtype=np.int64)
             np.cumsum([m.shape[0] for m in group], out=q_offsets[1:])
-            queries = torch.from_numpy(np.concatenate(group)).to(device)
+            stacked = np.concatenate(group)
+            if dense_kernels_ok(codec.centroids, q_offsets):  # CUDA: fixed shapes, replayed as a CUDA graph
+                run = functools.partial(MultiVectorIndex._dense_group, segments, codec, q_offsets, k, candidates,
+                                        nprobe)
+                out = graphs.run(segments, (tuple(q_offsets), k, candidates, nprobe), stacked, run) \
+                    if graphs is not None and device.type == "cuda" else None
+                if out is None:
+                    out = run(torch.from_numpy(stacked).to(device)).cpu().numpy()
+                results += MultiVectorIndex._dense_hits(segments, out)
+                continue
+            queries = torch.from_numpy(stacked).to(device)
             scores = queries @ codec.centroids.T  # [rows, centroids]
             probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
             # (query, centroid) keys, repeats allowed (marking a document twice is harmless); built on the device
@@ -778,6 +845,75 @@ class MultiVectorIndex:
             for hits in per_query:
                 hits.sort(key=lambda t: -t[0])
                 results.append([(doc_id, score) for score, doc_id in hits[:k]])
+        return results
+
+    @staticmethod
+    def _dense_group(segments: list[_Segment], codec: ResidualCodec, q_offsets: np.ndarray, k: int, candidates: int,
+                     nprobe: int, queries: torch.Tensor) -> torch.Tensor:
+        """`_search_candidates`' stages for one group of queries in fixed shapes: A and B fill a `[queries, documents of every segment]` table of centroid MaxSim (-inf where not
+        probed or deleted: `centroid_maxsim_dense`); its `candidates` best per query are decoded as
+        `[candidates, longest document]` row blocks (each document's rows, its last row repeated) and scored
+        exactly (`maxsim_pairs`' kernel, a pair's rows cut to its document); the best k of those come back.
+        On CUDA (and under Triton's interpreter); the CPU takes the pairs path, which reads only candidates'
+        rows from the memory maps. Returns float64 `[2, queries, min(k, candidates)]`: the scores, best first
+        (-inf: no hit), and the documents' positions in the segments laid end to end (`_dense_hits`). No host
+        sync inside: a CUDA graph can capture it (`_SearchGraphs`)."""
+        device = queries.device
+        nq = len(q_offsets) - 1
+        n_centroids = len(codec.centroids)
+        scores = queries @ codec.centroids.T  # [rows, centroids]
+        probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
+        pair_key = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten() for b in range(nq)])
+        bases = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum([len(seg.ids) for seg in segments], out=bases[1:])
+        approx = torch.empty(nq, int(bases[-1]), dtype=torch.float32, device=device)
+        for s, seg in enumerate(segments):
+            arrays, ivf = seg.device_arrays(device), seg.ivf_arrays(device)
+            centroid_maxsim_dense(scores, q_offsets, pair_key, ivf["ivf"], ivf["ivf_ptr"], arrays["cids"],
+                                  arrays["offsets"], ivf["deleted"], approx[:, bases[s]:bases[s + 1]])
+        width = min(candidates, int(bases[-1]))
+        top, picked = approx.topk(width, dim=1)  # [queries, width]: -inf where fewer documents were probed
+        exact = torch.full((nq, width), float("-inf"), dtype=torch.float32, device=device)
+        pair_q = torch.arange(nq * width, device=device) // width
+        for s, seg in enumerate(segments):
+            longest = seg.cache.get("longest")
+            if longest is None:
+                longest = seg.cache["longest"] = int(np.diff(seg.offsets).max())
+            arrays = seg.device_arrays(device)
+            offsets = arrays["offsets"]
+            mine = (top > float("-inf")) & (picked >= int(bases[s])) & (picked < int(bases[s + 1]))
+            local = (picked - int(bases[s])).clamp_(0, len(seg.ids) - 1).flatten()
+            t0, t1 = offsets[local], offsets[local + 1]
+            # blocks of `chunk` pairs, so that the decoded rows stay bounded (~2^19 rows of float32)
+            chunk = max(1, (1 << 19) // longest)
+            for c0 in range(0, nq * width, chunk):
+                c1 = min(c0 + chunk, nq * width)
+                rows = torch.minimum(t0[c0:c1, None] + torch.arange(longest, device=device),
+                                     t1[c0:c1, None] - 1).flatten()
+                vectors = codec.decode(arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows),
+                                       device)
+                first = torch.arange(c1 - c0, device=device) * longest
+                lengths = torch.where(mine.flatten()[c0:c1], t1[c0:c1] - t0[c0:c1], 0)
+                part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
+                exact.view(-1)[c0:c1] = torch.where(mine.flatten()[c0:c1], part, exact.view(-1)[c0:c1])
+        best, where = exact.topk(min(k, width), dim=1)
+        return torch.stack([best.double(), picked.gather(1, where).double()])
+
+    @staticmethod
+    def _dense_hits(segments: list[_Segment], out: np.ndarray) -> list[list[tuple]]:
+        """`_dense_group`'s output, copied to the host, as per query (id, score) lists."""
+        best, docs = out
+        bases = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum([len(seg.ids) for seg in segments], out=bases[1:])
+        results = []
+        for b in range(len(best)):
+            hits = []
+            for score, doc in zip(best[b].tolist(), docs[b].astype(np.int64).tolist()):
+                if score == float("-inf"):
+                    break
+                s = int(np.searchsorted(bases, doc, side="right")) - 1
+                hits.append((segments[s].ids[doc - int(bases[s])], score))
+            results.append(hits)
         return results
 
     def _maxsim_segment_cuda(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
