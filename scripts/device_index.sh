@@ -16,5 +16,5 @@ if [[ ${TESTS:-} != none ]]; then
         -k "cuda or pair or fixed_shape or candidate"} 2>&1 | tail -3
 fi
 timeout 400 python bench/gpu_fastplaid.py ${ARGS:---docs 200000 --queries 1000 --single 50 --tp-nbits 2 \
-    --tp-paths dense,pairs --noise 0.8} 2>&1 | grep -v -i warn | tail -16
+    --tp-paths dense,pairs --noise 0.8} 2>&1 | grep -v -i warn | tail -22
 exit 0

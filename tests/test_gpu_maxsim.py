@@ -277,9 +277,13 @@ def test_residual_index_built_on_cuda(tmp_path):
 @pytest.mark.skipif(not (cuda_maxsim.available() and (torch.cuda.is_available() or INTERPRET)),
                     reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1)")
 def test_pair_kernels_equal_their_torch_paths():
-    """The candidate stages' per-pair kernels (centroid MaxSim, exact MaxSim) equal the torch paths run on the
-    CPU: queries of 1..40 rows (padding to 16, 32 and 64), documents of 1..150 tokens, pairs grouped by query."""
+    """The candidate stages' kernels equal the torch paths run on the CPU: the dense probe-hit and centroid-MaxSim
+    kernels (`centroid_maxsim_dense`) against `centroid_maxsim_pairs` on the probed live documents, and the
+    exact per-pair kernel (`maxsim_pairs`): queries of 1..40 rows (padding to 16, 32 and 64), documents of
+    1..150 tokens, pairs grouped by query."""
     import numpy as np
+
+    from tokenpool.index.multivector import _Residual
 
     g = torch.Generator().manual_seed(11)
     q_lens = [1, 7, 16, 17, 40]
@@ -290,12 +294,27 @@ def test_pair_kernels_equal_their_torch_paths():
     lens = torch.randint(1, 150, (500,), generator=g)
     doc_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
     cids = torch.randint(0, 300, (int(doc_offsets[-1]),), generator=g, dtype=torch.int32)
-    pair_q = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 1, 50, 7, 80]))
-    pair_doc = torch.randint(0, 500, (len(pair_q),), generator=g)
+    ivf, ivf_ptr = _Residual.inverted_lists(cids.numpy(), doc_offsets.numpy(), 300)
+    probe = scores.topk(3, dim=1).indices
+    keys = torch.cat([probe[q_offsets[b]:q_offsets[b + 1]].flatten() + b * 300 for b in range(5)])
+    deleted = torch.zeros(500, dtype=torch.bool)
+    deleted[::7] = True
+    full = torch.full((5, 600), 7.0, device=DEVICE)  # a strided view, as the index passes one segment's columns
+    cuda_maxsim.centroid_maxsim_dense(scores.to(DEVICE), q_offsets, keys.to(DEVICE), torch.from_numpy(ivf).to(DEVICE),
+                                      torch.from_numpy(ivf_ptr).to(DEVICE), cids.to(DEVICE), doc_offsets.to(DEVICE),
+                                      deleted.to(DEVICE), full[:, 50:550])
+    assert (full[:, :50] == 7).all() and (full[:, 550:] == 7).all()
+    got = full[:, 50:550].cpu()
+    hit = torch.zeros(5, 500, dtype=torch.bool)
+    for b in range(5):
+        for c in probe[q_offsets[b]:q_offsets[b + 1]].flatten().tolist():
+            hit[b, torch.from_numpy(ivf[ivf_ptr[c]:ivf_ptr[c + 1]]).long()] = True
+    hit &= ~deleted
+    pair_q, pair_doc = hit.nonzero(as_tuple=True)
     want = cuda_maxsim.centroid_maxsim_pairs(scores, q_offsets, cids, doc_offsets, pair_q, pair_doc)
-    got = cuda_maxsim.centroid_maxsim_pairs(scores.to(DEVICE), q_offsets, cids.to(DEVICE), doc_offsets.to(DEVICE),
-                                            pair_q.to(DEVICE), pair_doc.to(DEVICE))
-    assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert 100 < len(pair_q) < 2400 and torch.isneginf(got[~hit]).all()
+    assert torch.allclose(got[pair_q, pair_doc], want, rtol=1e-5, atol=1e-5)
+    pair_q = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 1, 50, 7, 80]))
     x = torch.randn(3000, 96, generator=g)
     t_lens = torch.randint(1, 120, (len(pair_q),), generator=g)
     t0 = torch.cumsum(t_lens, 0) - t_lens

@@ -294,28 +294,6 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _centroid_pairs_kernel(st_ptr, cids_ptr, offsets_ptr, pair_q_ptr, pair_doc_ptr, out_ptr, n_centroids,
-                               MP: tl.constexpr, BT: tl.constexpr):
-        """One program per (query, document) pair: the max over the document's tokens of the query's transposed
-        score table row ST[query, centroid of the token, :] (MP query-row scores, zero for padded rows; a
-        gathered 4 MP-byte row, from L2), summed over the rows."""
-        pid = tl.program_id(0)
-        q = tl.load(pair_q_ptr + pid).to(tl.int64)
-        doc = tl.load(pair_doc_ptr + pid)
-        t0 = tl.load(offsets_ptr + doc)
-        t1 = tl.load(offsets_ptr + doc + 1)
-        base = st_ptr + q * n_centroids * MP
-        r = tl.arange(0, MP)
-        t = tl.arange(0, BT)
-        best = tl.full([MP], float("-inf"), tl.float32)
-        for start in range(t0, t1, BT):
-            mask = start + t < t1
-            c = tl.load(cids_ptr + start + t, mask=mask, other=0).to(tl.int64)
-            v = tl.load(base + c[:, None] * MP + r[None, :], mask=mask[:, None], other=float("-inf"))
-            best = tl.maximum(best, tl.max(v, axis=0))
-        tl.store(out_ptr + pid, tl.sum(best, axis=0))
-
-    @triton.jit
     def _pairs_kernel(q_ptr, x_ptr, pair_q_ptr, pair_t0_ptr, pair_t1_ptr, out_ptr,
                       DIM: tl.constexpr, DP: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr):
         """One program per (query, document) pair: MaxSim of the query (MP zero-padded float32 rows) with the
@@ -360,8 +338,10 @@ if triton is not None:
     @triton.jit
     def _centroid_dense_kernel(st_ptr, cids_ptr, offsets_ptr, hit_ptr, deleted_ptr, out_ptr, n_docs, out_stride,
                                n_centroids, MP: tl.constexpr, BT: tl.constexpr):
-        """Program (document, query): `_centroid_pairs_kernel`'s centroid MaxSim where hit[query, document] is set
-        and the document is not deleted, else -inf (its token loop then runs zero times)."""
+        """Program (document, query): the max over the document's tokens of the query's transposed score table row
+        ST[query, centroid of the token, :] (MP query-row scores, zero for padded rows; a gathered 4 MP-byte row,
+        from L2), summed over the rows, where hit[query, document] is set and the document is not deleted; else
+        -inf (its token loop then runs zero times)."""
         doc = tl.program_id(0).to(tl.int64)
         q = tl.program_id(1).to(tl.int64)
         live = (tl.load(hit_ptr + q * n_docs + doc) != 0) & (tl.load(deleted_ptr + doc) == 0)
@@ -406,20 +386,10 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
     `scores [rows, centroids]` (the stacked queries' rows, query b's rows q_offsets[b]..q_offsets[b + 1]),
     `cids [tokens]` (a tensor, or on the CPU also a NumPy array / memory map), `doc_offsets [docs + 1]`, the
     pairs' query and document positions (grouped by query) -> float32 `[pairs]`.
-    On CUDA one Triton program per pair (`_centroid_pairs_kernel`); elsewhere torch gathers in bounded blocks."""
+    Torch gathers in bounded blocks (the CPU's path; where Triton runs, `centroid_maxsim_dense` serves instead)."""
     n = len(pair_q)
     if n == 0:
         return torch.empty(0, device=scores.device)
-    lens_q = np.diff(q_offsets)
-    mp = _next_pow2(max(int(lens_q.max()), 16))
-    if _kernel_ok(scores, mp):
-        if isinstance(cids, np.ndarray):  # a CPU segment's memory map, under Triton's interpreter only
-            cids = torch.from_numpy(np.asarray(cids, dtype=np.int32))
-        st = _query_table(scores, q_offsets, mp)
-        out = torch.empty(n, dtype=torch.float32, device=scores.device)
-        _centroid_pairs_kernel[(n,)](st, cids, doc_offsets, pair_q, pair_doc, out, scores.shape[1],
-                                     MP=mp, BT=max(16, 2048 // mp), num_warps=4)
-        return out
     out = torch.empty(n, dtype=torch.float32, device=scores.device)
     pq, pd = pair_q.cpu().numpy(), pair_doc.cpu().numpy()
     offs = _host_offsets(doc_offsets).numpy()

@@ -54,6 +54,9 @@ _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
 _GRAPHS = 8  # CUDA: captured candidate searches kept per index
+# ... and only searches that decode at most this many candidate rows (a graph keeps its buffers: ~100 MB at this
+# size; larger groups are bound by the GPU's work, not by launches)
+_GRAPH_ROWS = 1 << 17
 _MERGE_FACTOR = 4  # automatic compaction: this many trailing segments of one size tier are merged into one
 _MERGE_MIN_TOKENS = 4096  # segments smaller than this share the lowest tier
 _BF16_ENV = "TOKENPOOL_INDEX_BF16"
@@ -211,6 +214,13 @@ def _token_runs(offsets: np.ndarray, docs: np.ndarray, max_rows: int = 1 << 20):
             lo = hi
 
 
+def _longest(seg: _Segment) -> int:
+    """The segment's longest document, in tokens (computed once)."""
+    if "longest" not in seg.cache:
+        seg.cache["longest"] = int(np.diff(seg.offsets).max())
+    return seg.cache["longest"]
+
+
 def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_centroids: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage A for one segment: the (query, document) pairs, grouped by query, of the live documents with a
@@ -230,7 +240,8 @@ def _probed_pairs(seg: "_Segment", pair_key: torch.Tensor, n_queries: int, n_cen
 class _SearchGraphs:
     """CUDA graphs of `_dense_group` (the residual codec's candidate search, fixed shapes, no host sync), one per
     (query row offsets, k, candidates, nprobe) seen twice, for the index version they were captured on: a
-    search of one query is ~90 kernel launches (~2 ms of host time on an H100/H200 host), replayed as one.
+    search of one query is ~90 kernel launches (~1.7 ms of host time on an H200's host), replayed as one.
+    Only for groups that decode at most `_GRAPH_ROWS` rows (one or a few queries: where launches dominate).
     At most `_GRAPHS` kept (least recently used dropped); all dropped when the version changes (a graph holds
     its segments' GPU arrays). Replays are serialized (a graph's input and output buffers are shared)."""
 
@@ -783,8 +794,9 @@ class MultiVectorIndex:
             if dense_kernels_ok(codec.centroids, q_offsets):  # CUDA: fixed shapes, replayed as a CUDA graph
                 run = functools.partial(MultiVectorIndex._dense_group, segments, codec, q_offsets, k, candidates,
                                         nprobe)
+                rows = nq * min(candidates, sum(len(seg.ids) for seg in segments)) * max(map(_longest, segments))
                 out = graphs.run(segments, (tuple(q_offsets), k, candidates, nprobe), stacked, run) \
-                    if graphs is not None and device.type == "cuda" else None
+                    if graphs is not None and device.type == "cuda" and rows <= _GRAPH_ROWS else None
                 if out is None:
                     out = run(torch.from_numpy(stacked).to(device)).cpu().numpy()
                 results += MultiVectorIndex._dense_hits(segments, out)
@@ -876,9 +888,7 @@ class MultiVectorIndex:
         exact = torch.full((nq, width), float("-inf"), dtype=torch.float32, device=device)
         pair_q = torch.arange(nq * width, device=device) // width
         for s, seg in enumerate(segments):
-            longest = seg.cache.get("longest")
-            if longest is None:
-                longest = seg.cache["longest"] = int(np.diff(seg.offsets).max())
+            longest = _longest(seg)
             arrays = seg.device_arrays(device)
             offsets = arrays["offsets"]
             mine = (top > float("-inf")) & (picked >= int(bases[s])) & (picked < int(bases[s + 1]))
