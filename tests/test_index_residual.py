@@ -153,16 +153,24 @@ def test_upsert_delete_get_reopen(tmp_path):
         MultiVectorIndex.create(tmp_path / "bad", 64, codec="residual", nbits=3)
 
 
+def _topic_docs(rng, n: int, topics: int, longest: int, dim: int = 64) -> list[np.ndarray]:
+    """`n` documents of 1..`longest` unit rows: each row one of `topics` random directions plus the document's
+    own offset (so that documents share centroids, as real ones do)."""
+    centers = rng.standard_normal((topics, dim)).astype(np.float32)
+    docs = []
+    for _ in range(n):
+        m = centers[rng.integers(0, topics, int(rng.integers(1, longest + 1)))] + \
+            rng.standard_normal((1, dim)).astype(np.float32)
+        docs.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+    return docs
+
+
 def test_candidate_stages_equal_the_exact_scan_when_nothing_is_cut(tmp_path):
     """With every centroid probed and `candidates` >= the documents, the three candidate stages keep every live
     document of every segment and score it exactly: the default search then equals exact=True (deleted and
     replaced documents included); with fewer candidates, every hit's score is still its exact decoded MaxSim."""
     rng = np.random.default_rng(4)
-    topics = rng.standard_normal((16, 64)).astype(np.float32)
-    docs = []
-    for _ in range(400):
-        m = topics[rng.integers(0, 16, int(rng.integers(1, 50)))] + rng.standard_normal((1, 64)).astype(np.float32)
-        docs.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+    docs = _topic_docs(rng, 400, topics=16, longest=49)
     index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=32)
     index.add(list(range(250)), docs[:250])
     index.add(list(range(200, 400)), docs[200:])  # a second segment, replacing 200..249
@@ -188,11 +196,7 @@ def test_fixed_shape_stages_equal_the_pairs_path(tmp_path, monkeypatch):
     1e-5): three segments of documents of 1..70 tokens, replaced and deleted documents, queries of 1..40 rows,
     candidate cuts below and above the probed documents, k above the live documents."""
     rng = np.random.default_rng(9)
-    topics = rng.standard_normal((24, 64)).astype(np.float32)
-    docs = []
-    for _ in range(120):
-        m = topics[rng.integers(0, 24, int(rng.integers(1, 70)))] + rng.standard_normal((1, 64)).astype(np.float32)
-        docs.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+    docs = _topic_docs(rng, 120, topics=24, longest=69)
     index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=64)
     index.auto_compact = False
     index.add(list(range(60)), docs[:60])
