@@ -272,3 +272,48 @@ def test_a_kill_during_adds_leaves_whole_adds_and_the_codec(tmp_path):
     assert names == {f"{s['name']}.{x}" for s in manifest["segments"] for x in suffixes} | {
         "manifest.json", manifest["codec_file"]}
     assert len(index.search([np.ones((3, 64), np.float32)], k=5)[0]) == 5
+
+
+def test_search_graph_cache_bookkeeping(monkeypatch):
+    """`_SearchGraphs` without a GPU (capture replaced by a stand-in graph that recomputes on replay): a shape runs
+    eagerly the first time, is captured the second, replayed after with the new queries' results; a new index
+    version drops every graph; at most `_GRAPHS` are kept; a capture that raises warns once and that shape runs
+    eagerly from then on."""
+    captured = []
+
+    class Replay:
+        def __init__(self, build, queries, out):
+            self.build, self.queries, self.out = build, queries, out
+
+        def replay(self):
+            self.out.copy_(self.build(self.queries))
+
+    def capture(stacked, build):
+        captured.append(stacked.shape)
+        queries = torch.from_numpy(stacked.copy())
+        out = build(queries)
+        return Replay(build, queries, out), queries, out
+
+    monkeypatch.setattr(multivector._SearchGraphs, "_capture", staticmethod(capture))
+    graphs = multivector._SearchGraphs()
+    version = [object()]
+    double = lambda q: q * 2  # noqa: E731
+    a, b = np.ones((2, 3), np.float32), np.full((2, 3), 5, np.float32)
+    assert graphs.run(version, "k", a, double) is None and not captured
+    assert (graphs.run(version, "k", a, double) == 2).all() and len(captured) == 1
+    assert (graphs.run(version, "k", b, double) == 10).all() and len(captured) == 1  # replayed, new input
+    assert graphs.run([object()], "k", b, double) is None and not graphs.entries  # a new version: dropped
+    version = [object()]
+    for key in range(multivector._GRAPHS + 3):
+        graphs.run(version, key, a, double)
+        graphs.run(version, key, a, double)
+    assert len(graphs.entries) == multivector._GRAPHS and 0 not in graphs.entries
+
+    def broken(stacked, build):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(multivector._SearchGraphs, "_capture", staticmethod(broken))
+    assert graphs.run(version, "new", a, double) is None
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        assert graphs.run(version, "new", a, double) is None
+    assert graphs.run(version, "new", a, double) is None and "new" in graphs.failed

@@ -250,6 +250,7 @@ class _SearchGraphs:
         self.version = None
         self.entries: OrderedDict = OrderedDict()
         self.seen: set = set()
+        self.failed: set = set()  # keys whose capture raised (this version)
 
     def run(self, segments: list, key: tuple, stacked: np.ndarray, build: Callable) -> np.ndarray | None:
         """`build(queries)`'s output for the queries `stacked`, through the graph of `key` (captured now if
@@ -258,15 +259,25 @@ class _SearchGraphs:
             if self.version is not segments:
                 self.entries.clear()
                 self.seen.clear()
+                self.failed.clear()
                 self.version = segments
             entry = self.entries.get(key)
             if entry is None:
+                if key in self.failed:
+                    return None
                 if key not in self.seen:
                     if len(self.seen) >= 1024:
                         self.seen.clear()
                     self.seen.add(key)
                     return None
-                entry = self.entries[key] = self._capture(stacked, build)
+                try:
+                    entry = self.entries[key] = self._capture(stacked, build)
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # run eagerly from now on
+                    warnings.warn(f"tokenpool index: a search could not be captured as a CUDA graph ({exc}); "
+                                  "searches of this shape run without one.", RuntimeWarning, stacklevel=4)
+                    self.seen.discard(key)
+                    self.failed.add(key)
+                    return None
                 while len(self.entries) > _GRAPHS:
                     self.entries.popitem(last=False)
             self.entries.move_to_end(key)
