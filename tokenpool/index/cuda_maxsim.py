@@ -316,9 +316,6 @@ if triton is not None:
             best = tl.maximum(best, tl.max(s, axis=1))
         tl.store(out_ptr + pid, tl.sum(best, axis=0))
 
-
-if triton is not None:
-
     @triton.jit
     def _probe_hits_kernel(ivf_ptr, ivf_ptr_ptr, key_ptr, hit_ptr, n_docs, n_centroids, BLOCK: tl.constexpr):
         """One program per (query, probed centroid) key (query * n_centroids + centroid): sets hit[query, doc] for
@@ -436,8 +433,10 @@ def centroid_maxsim_dense(scores: torch.Tensor, q_offsets: np.ndarray, probe_key
 
 
 def dense_kernels_ok(t: torch.Tensor, q_offsets: np.ndarray) -> bool:
-    """Whether `centroid_maxsim_dense` and `maxsim_pairs`'s kernel serve queries `q_offsets` on `t`'s device."""
-    return _kernel_ok(t, _next_pow2(max(int(np.diff(q_offsets).max()), 16)))
+    """Whether `centroid_maxsim_dense` and `maxsim_pairs`'s kernel serve queries `q_offsets` on `t`'s device, for
+    vectors of `t`'s width (`maxsim_pairs` takes its kernel up to 256 dims)."""
+    mp = _next_pow2(max(int(np.diff(q_offsets).max()), 16))
+    return _kernel_ok(t, mp) and _next_pow2(max(t.shape[1], 16)) <= 256
 
 
 def expand_ranges(starts, lengths):

@@ -873,14 +873,15 @@ class MultiVectorIndex:
     @staticmethod
     def _dense_group(segments: list[_Segment], codec: ResidualCodec, q_offsets: np.ndarray, k: int, candidates: int,
                      nprobe: int, queries: torch.Tensor) -> torch.Tensor:
-        """`_search_candidates`' stages for one group of queries in fixed shapes: A and B fill a `[queries, documents of every segment]` table of centroid MaxSim (-inf where not
-        probed or deleted: `centroid_maxsim_dense`); its `candidates` best per query are decoded as
-        `[candidates, longest document]` row blocks (each document's rows, its last row repeated) and scored
-        exactly (`maxsim_pairs`' kernel, a pair's rows cut to its document); the best k of those come back.
-        On CUDA (and under Triton's interpreter); the CPU takes the pairs path, which reads only candidates'
-        rows from the memory maps. Returns float64 `[2, queries, min(k, candidates)]`: the scores, best first
-        (-inf: no hit), and the documents' positions in the segments laid end to end (`_dense_hits`). No host
-        sync inside: a CUDA graph can capture it (`_SearchGraphs`)."""
+        """`_search_candidates`' stages for one group of queries in fixed shapes: A and B fill a `[queries,
+        documents of every segment]` table of centroid MaxSim (-inf where not probed or deleted:
+        `centroid_maxsim_dense`); its `candidates` best per query are decoded as `[candidates, longest document]`
+        row blocks (each document's rows, its last row repeated) and scored exactly (`maxsim_pairs`' kernel, a
+        pair's rows cut to its document); the best k of those come back. Where Triton runs (CUDA, or its
+        interpreter); the CPU takes the pairs path, which reads only candidates' rows from the memory maps.
+        Returns float64 `[2, queries, min(k, candidates)]`: the scores, best first (-inf: no hit), and the
+        documents' positions in the segments laid end to end (`_dense_hits`). No host sync inside: a CUDA graph
+        can capture it (`_SearchGraphs`)."""
         device = queries.device
         nq = len(q_offsets) - 1
         n_centroids = len(codec.centroids)
