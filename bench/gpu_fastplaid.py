@@ -147,10 +147,12 @@ def main() -> None:
                 torch.cuda.synchronize()
                 batched = time.perf_counter() - t
                 t = time.perf_counter()
-                for i in range(args.single):
-                    index.search(q_host[i:i + 1], k=10, candidates=cand)
+                one_by_one = [index.search(q_host[i:i + 1], k=10, candidates=cand)[0] for i in range(args.single)]
                 torch.cuda.synchronize()
                 single = (time.perf_counter() - t) / args.single
+                same = sum(a == b for a, b in zip(one_by_one, hits))  # one at a time (a graph's replays) = batched
+                print(f"tokenpool residual nbits={nbits} {path}: one-query results equal the batched search's on "
+                      f"{same}/{args.single} queries")
                 print(f"tokenpool residual nbits={nbits} {path}: the second one-query search (graph capture on the "
                       f"dense path) {capture * 1000:.1f} ms; CUDA graphs held: "
                       f"{len(index._graphs.entries) if index._graphs else 0}")
