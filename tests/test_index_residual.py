@@ -292,7 +292,7 @@ def test_search_graph_cache_bookkeeping(monkeypatch):
         captured.append(stacked.shape)
         queries = torch.from_numpy(stacked.copy())
         out = build(queries)
-        return Replay(build, queries, out), queries, out
+        return Replay(build, queries, out), queries, out, None
 
     monkeypatch.setattr(multivector._SearchGraphs, "_capture", staticmethod(capture))
     graphs = multivector._SearchGraphs()

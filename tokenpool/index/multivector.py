@@ -281,7 +281,7 @@ class _SearchGraphs:
                 while len(self.entries) > _GRAPHS:
                     self.entries.popitem(last=False)
             self.entries.move_to_end(key)
-            graph, queries, out = entry
+            graph, queries, out, _ = entry
             queries.copy_(torch.from_numpy(stacked))
             graph.replay()
             return out.cpu().numpy()
@@ -297,7 +297,12 @@ class _SearchGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = build(queries)
-        return graph, queries, out
+        # the GPU arrays the graph reads, held with it: a later version's search replaces a segment's cached
+        # deleted mask (the cache is shared between a segment's versions) while a search of this version may
+        # still be in flight
+        device = queries.device
+        held = [(seg.device_arrays(device), seg.ivf_arrays(device)) for seg in build.args[0]]
+        return graph, queries, out, held
 
 
 class MultiVectorIndex:
