@@ -320,3 +320,36 @@ def test_search_graph_cache_bookkeeping(monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         assert graphs.run(version, "new", a, double) is None
     assert graphs.run(version, "new", a, double) is None and "new" in graphs.failed
+
+
+@pytest.mark.parametrize("n_centroids, id_dtype", [(300, np.uint16), (70_000, np.int32)])
+def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype):
+    """The CPU's centroid MaxSim stage: the C kernel (tokenpool/kernels/centroid_maxsim.c, over the memory-mapped
+    centroid ids) equals the torch gathers, for both id widths, queries of 1..235 rows, an empty document and
+    documents repeated across queries; a query over 256 rows takes the torch path."""
+    from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs
+    from tokenpool.kernels import centroid_maxsim as kernel
+
+    if not kernel.available():
+        pytest.skip("the C kernels are not built here (no C compiler, or TOKENPOOL_CPU_KERNELS=0)")
+    rng = np.random.default_rng(2)
+    lens = rng.integers(0, 150, 800)
+    lens[3] = 0
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    cids = rng.integers(0, n_centroids, offsets[-1]).astype(id_dtype)
+    pair_q = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 1, 50, 7, 80]))
+    pair_doc = torch.from_numpy(rng.integers(0, 800, len(pair_q)))
+    pair_doc[0] = 3
+    for q_offsets in (np.array([0, 1, 8, 25, 65, 300]), np.array([0, 1, 8, 25, 65, 330])):
+        scores = torch.from_numpy(rng.standard_normal((int(q_offsets[-1]), n_centroids)).astype(np.float32))
+        calls = []
+        real = kernel.centroid_maxsim
+        monkeypatch.setattr(kernel, "centroid_maxsim", lambda *a: calls.append(1) or real(*a))
+        got = centroid_maxsim_pairs(scores, q_offsets, cids, torch.from_numpy(offsets), pair_q, pair_doc)
+        assert len(calls) == (5 if q_offsets[-1] - q_offsets[-2] <= kernel.MAX_ROWS else 0)
+        monkeypatch.setattr(kernel, "available", lambda: False)
+        want = centroid_maxsim_pairs(scores, q_offsets, cids, torch.from_numpy(offsets), pair_q, pair_doc)
+        monkeypatch.undo()
+        assert torch.isneginf(got[0]) and torch.equal(torch.isfinite(got), torch.isfinite(want))
+        finite = torch.isfinite(want)
+        assert torch.allclose(got[finite], want[finite], rtol=1e-6, atol=1e-4)

@@ -383,16 +383,26 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
     `scores [rows, centroids]` (the stacked queries' rows, query b's rows q_offsets[b]..q_offsets[b + 1]),
     `cids [tokens]` (a tensor, or on the CPU also a NumPy array / memory map), `doc_offsets [docs + 1]`, the
     pairs' query and document positions (grouped by query) -> float32 `[pairs]`.
-    Torch gathers in bounded blocks (the CPU's path; where Triton runs, `centroid_maxsim_dense` serves instead)."""
+    The CPU's path (where Triton runs, `centroid_maxsim_dense` serves instead): a C kernel per query
+    (tokenpool/kernels/centroid_maxsim.c) for a memory-mapped segment where it is built, else torch gathers in
+    bounded blocks."""
+    from tokenpool.kernels import centroid_maxsim as kernel
+
     n = len(pair_q)
     if n == 0:
         return torch.empty(0, device=scores.device)
     out = torch.empty(n, dtype=torch.float32, device=scores.device)
     pq, pd = pair_q.cpu().numpy(), pair_doc.cpu().numpy()
     offs = _host_offsets(doc_offsets).numpy()
+    use_kernel = (isinstance(cids, np.ndarray) and scores.device.type == "cpu"
+                  and int(np.diff(q_offsets).max()) <= kernel.MAX_ROWS and kernel.available())
     for b in np.unique(pq):  # pairs are grouped by query
         lo, hi = np.searchsorted(pq, b), np.searchsorted(pq, b, side="right")
         q_scores = scores[int(q_offsets[b]):int(q_offsets[b + 1])]
+        if use_kernel:
+            out[lo:hi] = torch.from_numpy(kernel.centroid_maxsim(q_scores.numpy(), cids, offs, pd[lo:hi],
+                                                                 torch.get_num_threads()))
+            continue
         budget = max((1 << 18) // max(q_scores.shape[0], 1), 1)  # tokens per gathered [m, tokens] block
         ends = np.cumsum(offs[pd[lo:hi] + 1] - offs[pd[lo:hi]])
         start = 0
