@@ -395,7 +395,7 @@ def centroid_maxsim_pairs(scores: torch.Tensor, q_offsets: np.ndarray, cids, doc
     pq, pd = pair_q.cpu().numpy(), pair_doc.cpu().numpy()
     offs = _host_offsets(doc_offsets).numpy()
     use_kernel = (isinstance(cids, np.ndarray) and scores.device.type == "cpu"
-                  and int(np.diff(q_offsets).max()) <= kernel.MAX_ROWS and kernel.available())
+                  and kernel.supports(cids, int(np.diff(q_offsets).max())))
     for b in np.unique(pq):  # pairs are grouped by query
         lo, hi = np.searchsorted(pq, b), np.searchsorted(pq, b, side="right")
         q_scores = scores[int(q_offsets[b]):int(q_offsets[b + 1])]

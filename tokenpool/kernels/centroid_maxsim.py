@@ -19,17 +19,22 @@ def available() -> bool:
     return function("centroid_maxsim", _ARGS) is not None
 
 
+def supports(cids: np.ndarray, rows: int) -> bool:
+    """Whether the kernel takes centroid ids `cids` (uint16 or int32) and queries of `rows` rows, and is built."""
+    return np.asarray(cids).dtype in _KINDS and rows <= MAX_ROWS and available()
+
+
 def centroid_maxsim(scores: np.ndarray, cids: np.ndarray, offsets: np.ndarray, docs: np.ndarray,
                     threads: int = 1) -> np.ndarray:
     """float32 `[len(docs)]`: per document (positions `docs` of a segment with token offsets `offsets` and
     centroid ids `cids`, uint16 or int32, a memory map read in place), the sum over the query's rows of the
     max over its tokens of `scores [rows, n_centroids]` at the token's centroid. rows <= MAX_ROWS; check
-    `available` first."""
+    `supports` first."""
     rows = scores.shape[0]
     mp = max(16, -(-rows // 16) * 16)  # zero rows up to a multiple of 16: whole vectors, each adds 0
     table = np.zeros((scores.shape[1], mp), dtype=np.float32)
     table[:, :rows] = scores.T
-    cids = np.asarray(cids)
+    cids = np.ascontiguousarray(cids)  # a whole memory map stays one (read in place)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     docs = np.ascontiguousarray(docs, dtype=np.int64)
     out = np.empty(len(docs), dtype=np.float32)
