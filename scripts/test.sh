@@ -16,6 +16,8 @@ echo "== the same models with the CPU capped at AVX2, bf16 =="
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 TOKENPOOL_TEST_DTYPE=bfloat16 \
   "$PY" -m pytest -q tests/test_minilm.py tests/test_bge_m3.py tests/test_batch_invariance.py tests/test_qwen2_5_vl.py \
   tests/test_modernbert.py tests/test_colbert.py tests/test_index.py tests/test_index_kernel.py
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+  "$PY" -m pytest -q tests/test_index_residual.py -k "not recall"
 # The Triton kernels (CUDA attention, the index's MaxSim and candidate stages) on the CPU under Triton's
 # interpreter: their logic against the torch references without a GPU (a GPU runs them compiled: README).
 echo "== the Triton kernels under Triton's interpreter =="

@@ -19,6 +19,7 @@ import torch
 from tests.reference.plaid_codec import plaid_roundtrip
 from tokenpool.index import MultiVectorIndex, cuda_maxsim, multivector
 from tokenpool.index.residual import ResidualCodec, default_num_centroids
+from tokenpool.kernels import buildable_variants
 from tokenpool.scoring import maxsim
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -322,16 +323,19 @@ def test_search_graph_cache_bookkeeping(monkeypatch):
     assert graphs.run(version, "new", a, double) is None and "new" in graphs.failed
 
 
+@pytest.mark.parametrize("variant", buildable_variants())
 @pytest.mark.parametrize("n_centroids, id_dtype", [(300, np.uint16), (70_000, np.int32)])
-def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype):
+def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype, variant):
     """The CPU's centroid MaxSim stage: the C kernel (tokenpool/kernels/centroid_maxsim.c, over the memory-mapped
-    centroid ids) equals the torch gathers, for both id widths, queries of 1..235 rows, an empty document and
-    documents repeated across queries; a query over 256 rows takes the torch path."""
+    centroid ids; each build this CPU runs: AMX / AVX-512 / AVX2 / generic) equals the torch gathers, for both
+    id widths, queries of 1..235 rows, an empty document and documents repeated across queries; a query over
+    256 rows takes the torch path."""
     from tokenpool.index.cuda_maxsim import centroid_maxsim_pairs
     from tokenpool.kernels import centroid_maxsim as kernel
 
     if not kernel.available():
         pytest.skip("the C kernels are not built here (no C compiler, or TOKENPOOL_CPU_KERNELS=0)")
+    built = kernel.centroid_maxsim
     rng = np.random.default_rng(2)
     lens = rng.integers(0, 150, 800)
     lens[3] = 0
@@ -343,13 +347,12 @@ def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype
     for q_offsets in (np.array([0, 1, 8, 25, 65, 300]), np.array([0, 1, 8, 25, 65, 330])):
         scores = torch.from_numpy(rng.standard_normal((int(q_offsets[-1]), n_centroids)).astype(np.float32))
         calls = []
-        real = kernel.centroid_maxsim
-        monkeypatch.setattr(kernel, "centroid_maxsim", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(kernel, "centroid_maxsim", lambda *a: calls.append(1) or built(*a, variant=variant))
         got = centroid_maxsim_pairs(scores, q_offsets, cids, torch.from_numpy(offsets), pair_q, pair_doc)
         assert len(calls) == (5 if q_offsets[-1] - q_offsets[-2] <= kernel.MAX_ROWS else 0)
-        monkeypatch.setattr(kernel, "available", lambda: False)
-        want = centroid_maxsim_pairs(scores, q_offsets, cids, torch.from_numpy(offsets), pair_q, pair_doc)
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(kernel, "available", lambda: False)
+            want = centroid_maxsim_pairs(scores, q_offsets, cids, torch.from_numpy(offsets), pair_q, pair_doc)
         assert torch.isneginf(got[0]) and torch.equal(torch.isfinite(got), torch.isfinite(want))
         finite = torch.isfinite(want)
         assert torch.allclose(got[finite], want[finite], rtol=1e-6, atol=1e-4)

@@ -205,9 +205,9 @@ def _copy_out(done: torch.cuda.Event, staging: torch.Tensor, pool: ThreadPoolExe
         return torch.from_numpy(out).copy_(staging)
     source = staging.numpy()
     step = -(-out.size // parts)
-    parts = [pool.submit(np.copyto, out[lo:lo + step], source[lo:lo + step]) for lo in range(0, out.size, step)]
-    for part in parts:
-        part.result()
+    futures = [pool.submit(np.copyto, out[lo:lo + step], source[lo:lo + step]) for lo in range(0, out.size, step)]
+    for future in futures:
+        future.result()
     return torch.from_numpy(out)
 
 

@@ -214,6 +214,26 @@ def _token_runs(offsets: np.ndarray, docs: np.ndarray, max_rows: int = 1 << 20):
             lo = hi
 
 
+def _doc_bases(segments: list[_Segment]) -> np.ndarray:
+    """Each segment's first position in the segments' documents laid end to end, and the total, `[segments + 1]`."""
+    bases = np.zeros(len(segments) + 1, dtype=np.int64)
+    np.cumsum([len(seg.ids) for seg in segments], out=bases[1:])
+    return bases
+
+
+def _probe(queries: torch.Tensor, centroids: torch.Tensor, q_offsets: np.ndarray,
+           nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage A's start: the stacked queries' centroid scores `[rows, centroids]` and, per query row, its `nprobe`
+    best centroids as (query, centroid) keys query * centroids + centroid (repeats allowed: marking a document
+    twice is harmless), built on the device without a host copy or a sort (each a sync point on the GPU)."""
+    n_centroids = len(centroids)
+    scores = queries @ centroids.T
+    probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
+    keys = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten()
+                      for b in range(len(q_offsets) - 1)])
+    return scores, keys
+
+
 def _longest(seg: _Segment) -> int:
     """The segment's longest document, in tokens (computed once)."""
     if "longest" not in seg.cache:
@@ -810,7 +830,7 @@ class MultiVectorIndex:
             if dense_kernels_ok(codec.centroids, q_offsets):  # CUDA: fixed shapes, replayed as a CUDA graph
                 run = functools.partial(MultiVectorIndex._dense_group, segments, codec, q_offsets, k, candidates,
                                         nprobe)
-                rows = nq * min(candidates, sum(len(seg.ids) for seg in segments)) * max(map(_longest, segments))
+                rows = nq * min(candidates, int(_doc_bases(segments)[-1])) * max(map(_longest, segments))
                 out = graphs.run(segments, (tuple(q_offsets), k, candidates, nprobe), stacked, run) \
                     if graphs is not None and device.type == "cuda" and rows <= _GRAPH_ROWS else None
                 if out is None:
@@ -818,12 +838,7 @@ class MultiVectorIndex:
                 results += MultiVectorIndex._dense_hits(segments, out)
                 continue
             queries = torch.from_numpy(stacked).to(device)
-            scores = queries @ codec.centroids.T  # [rows, centroids]
-            probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
-            # (query, centroid) keys, repeats allowed (marking a document twice is harmless); built on the device
-            # without a host copy or a sort: each is a sync point on the GPU
-            pair_key = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten()
-                                  for b in range(nq)])
+            scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe)
             found = []  # (segment, pair queries, pair documents, centroid MaxSim)
             for s, seg in enumerate(segments):
                 pair_q, pair_doc = _probed_pairs(seg, pair_key, nq, n_centroids, device)
@@ -889,12 +904,8 @@ class MultiVectorIndex:
         can capture it (`_SearchGraphs`)."""
         device = queries.device
         nq = len(q_offsets) - 1
-        n_centroids = len(codec.centroids)
-        scores = queries @ codec.centroids.T  # [rows, centroids]
-        probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
-        pair_key = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten() for b in range(nq)])
-        bases = np.zeros(len(segments) + 1, dtype=np.int64)
-        np.cumsum([len(seg.ids) for seg in segments], out=bases[1:])
+        scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe)
+        bases = _doc_bases(segments)
         approx = torch.empty(nq, int(bases[-1]), dtype=torch.float32, device=device)
         for s, seg in enumerate(segments):
             arrays, ivf = seg.device_arrays(device), seg.ivf_arrays(device)
@@ -902,14 +913,16 @@ class MultiVectorIndex:
                                   arrays["offsets"], ivf["deleted"], approx[:, bases[s]:bases[s + 1]])
         width = min(candidates, int(bases[-1]))
         top, picked = approx.topk(width, dim=1)  # [queries, width]: -inf where fewer documents were probed
-        exact = torch.full((nq, width), float("-inf"), dtype=torch.float32, device=device)
+        exact = torch.full((nq * width,), float("-inf"), dtype=torch.float32, device=device)
         pair_q = torch.arange(nq * width, device=device) // width
+        live = top.flatten() > float("-inf")
         for s, seg in enumerate(segments):
             longest = _longest(seg)
             arrays = seg.device_arrays(device)
             offsets = arrays["offsets"]
-            mine = (top > float("-inf")) & (picked >= int(bases[s])) & (picked < int(bases[s + 1]))
-            local = (picked - int(bases[s])).clamp_(0, len(seg.ids) - 1).flatten()
+            flat = picked.flatten()
+            mine = live & (flat >= int(bases[s])) & (flat < int(bases[s + 1]))
+            local = (flat - int(bases[s])).clamp_(0, len(seg.ids) - 1)
             t0, t1 = offsets[local], offsets[local + 1]
             # blocks of `chunk` pairs, so that the decoded rows stay bounded (~2^19 rows of float32)
             chunk = max(1, (1 << 19) // longest)
@@ -920,18 +933,17 @@ class MultiVectorIndex:
                 vectors = codec.decode(arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows),
                                        device)
                 first = torch.arange(c1 - c0, device=device) * longest
-                lengths = torch.where(mine.flatten()[c0:c1], t1[c0:c1] - t0[c0:c1], 0)
+                lengths = torch.where(mine[c0:c1], t1[c0:c1] - t0[c0:c1], 0)
                 part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
-                exact.view(-1)[c0:c1] = torch.where(mine.flatten()[c0:c1], part, exact.view(-1)[c0:c1])
-        best, where = exact.topk(min(k, width), dim=1)
+                exact[c0:c1] = torch.where(mine[c0:c1], part, exact[c0:c1])
+        best, where = exact.view(nq, width).topk(min(k, width), dim=1)
         return torch.stack([best.double(), picked.gather(1, where).double()])
 
     @staticmethod
     def _dense_hits(segments: list[_Segment], out: np.ndarray) -> list[list[tuple]]:
         """`_dense_group`'s output, copied to the host, as per query (id, score) lists."""
         best, docs = out
-        bases = np.zeros(len(segments) + 1, dtype=np.int64)
-        np.cumsum([len(seg.ids) for seg in segments], out=bases[1:])
+        bases = _doc_bases(segments)
         results = []
         for b in range(len(best)):
             hits = []

@@ -25,11 +25,11 @@ def supports(cids: np.ndarray, rows: int) -> bool:
 
 
 def centroid_maxsim(scores: np.ndarray, cids: np.ndarray, offsets: np.ndarray, docs: np.ndarray,
-                    threads: int = 1) -> np.ndarray:
+                    threads: int = 1, variant: str | None = None) -> np.ndarray:
     """float32 `[len(docs)]`: per document (positions `docs` of a segment with token offsets `offsets` and
     centroid ids `cids`, uint16 or int32, a memory map read in place), the sum over the query's rows of the
     max over its tokens of `scores [rows, n_centroids]` at the token's centroid. rows <= MAX_ROWS; check
-    `supports` first."""
+    `supports` first. variant: a build of tokenpool.kernels (default: this CPU's)."""
     rows = scores.shape[0]
     mp = max(16, -(-rows // 16) * 16)  # zero rows up to a multiple of 16: whole vectors, each adds 0
     table = np.zeros((scores.shape[1], mp), dtype=np.float32)
@@ -38,7 +38,7 @@ def centroid_maxsim(scores: np.ndarray, cids: np.ndarray, offsets: np.ndarray, d
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     docs = np.ascontiguousarray(docs, dtype=np.int64)
     out = np.empty(len(docs), dtype=np.float32)
-    rc = function("centroid_maxsim", _ARGS)(table.ctypes.data, table.shape[0], mp, cids.ctypes.data,
+    rc = function("centroid_maxsim", _ARGS, variant)(table.ctypes.data, table.shape[0], mp, cids.ctypes.data,
                                             _KINDS[cids.dtype], offsets.ctypes.data, docs.ctypes.data, len(docs),
                                             out.ctypes.data, threads)
     if rc != 0:
