@@ -31,6 +31,18 @@ def _brute(queries, starts, decoded, offsets):
     return np.add.reduceat(np.maximum.reduceat(s, offsets[:-1], axis=1), starts, axis=0)
 
 
+def _encode(x, codec):
+    """(codes, row scales, dimension scales, the fp32 rows the kernel decodes) of a codec"""
+    if codec != "int8":
+        codes = x.astype(codec)
+        return codes, None, None, codes.astype(np.float32)
+    dim_scales = np.sqrt((x ** 2).mean(axis=0)).astype(np.float32)
+    y = x / dim_scales
+    scales = (np.abs(y).max(axis=1) / 127).astype(np.float32)
+    codes = np.rint(y / scales[:, None]).astype(np.int8)
+    return codes, scales, dim_scales, codes.astype(np.float32) * scales[:, None] * dim_scales
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dim", [96, 128, 384])
 @pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
@@ -38,16 +50,7 @@ def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
     if not kernel.available() or kernel.function("maxsim", kernel._ARGS, variant) is None:
         pytest.skip("the C kernel cannot be built here (no C compiler)")
     offsets, x, queries, starts = _segment(dim)
-    scales = dim_scales = None
-    if codec == "int8":
-        dim_scales = np.sqrt((x ** 2).mean(axis=0)).astype(np.float32)
-        y = x / dim_scales
-        scales = (np.abs(y).max(axis=1) / 127).astype(np.float32)
-        codes = np.rint(y / scales[:, None]).astype(np.int8)
-        decoded = codes.astype(np.float32) * scales[:, None] * dim_scales
-    else:
-        codes = x.astype(codec)
-        decoded = codes.astype(np.float32)
+    codes, scales, dim_scales, decoded = _encode(x, codec)
     want = _brute(queries, starts, decoded, offsets)
     got = kernel.maxsim(queries, starts, codes, offsets, scales=scales, dim_scales=dim_scales, threads=2,
                         variant=variant)
@@ -61,13 +64,14 @@ def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
 @pytest.mark.skipif(not kernel.available(bf16=True),
                     reason=f"needs an AMX or AVX512-BF16 CPU (this one: {build_variant()} class)")
 @pytest.mark.parametrize("dim", [64, 128, 384])
-def test_bf16_path_within_its_bound(dim):
+@pytest.mark.parametrize("codec", ["float16", "float32", "int8"])
+def test_bf16_path_within_its_bound(dim, codec):
     offsets, x, queries, starts = _segment(dim, seed=1)
-    codes = x.astype(np.float16)
-    want = _brute(queries, starts, codes.astype(np.float32), offsets)
-    got = kernel.maxsim(queries, starts, codes, offsets, bf16=True, threads=2)
+    codes, scales, dim_scales, decoded = _encode(x, codec)
+    want = _brute(queries, starts, decoded, offsets)
+    got = kernel.maxsim(queries, starts, codes, offsets, scales=scales, dim_scales=dim_scales, bf16=True, threads=2)
     row_norms = np.add.reduceat(np.linalg.norm(queries, axis=1), starts)
-    bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * np.linalg.norm(codes.astype(np.float32), axis=1).max()
+    bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * np.linalg.norm(decoded, axis=1).max()
     assert (np.abs(got - want) <= bound[:, None]).all()
     assert np.abs(got - want).max() > 1e-4  # really the bf16 path: not the fp32 results
 
