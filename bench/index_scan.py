@@ -1,12 +1,13 @@
 """Exact MaxSim scan of `tokenpool.index.MultiVectorIndex` on the CPU: effective bytes/s against the machine's
 memory bandwidth measured in the same run.
 
-    python bench/index_scan.py [--docs 20000] [--tokens 128] [--dim 128] [--codec float16] [--queries 1 8]
+    python bench/index_scan.py [--docs 20000] [--tokens 128] [--dim 128] [--codec float16 ...] [--queries 1 8]
 
 Random unit vectors (documents of exactly --tokens rows), queries of 32 x dim, encoding not included. The
 scan reads every stored byte once per pass; "effective bytes/s" = stored code bytes / seconds per pass (one
-query, or a batch of queries searched in one call). Memory bandwidth: the best of 5 copies of a 1 GiB
-array (numpy's single-threaded copy and torch's threaded one, counted as read + write).
+query, or a batch of queries searched in one call). Memory bandwidth: the best of 5 passes over a 1 GiB
+array of each of numpy's single-threaded copy, torch's threaded copy (copies counted as read + write) and
+torch's threaded sum (a read, as the scan's), whichever is fastest. Several codecs: one table.
 """
 
 from __future__ import annotations
@@ -23,19 +24,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def copy_bandwidth() -> float:
-    """The best of 5 copies of 1 GiB, counted as read + write: numpy's (one thread) and torch's (its threads,
-    which a many-core machine needs to reach its bandwidth), whichever is faster."""
+def memory_bandwidth() -> float:
+    """The best of 5 passes over 1 GiB: numpy's copy (one thread), torch's copy (its threads, which a many-core
+    machine needs to reach its bandwidth), both counted as read + write, and torch's sum (a read, as a scan is)."""
     import torch
 
     src = np.ones(1 << 28, dtype=np.float32)  # 1 GiB
     dst = np.empty_like(src)
+    s, d = torch.from_numpy(src), torch.from_numpy(dst)
     best = 0.0
-    for copy in (lambda: np.copyto(dst, src), lambda: torch.from_numpy(dst).copy_(torch.from_numpy(src))):
+    for moved, run in ((2, lambda: np.copyto(dst, src)), (2, lambda: d.copy_(s)), (1, lambda: s.sum())):
         for _ in range(5):
             t = time.perf_counter()
-            copy()
-            best = max(best, 2 * src.nbytes / (time.perf_counter() - t))
+            run()
+            best = max(best, moved * src.nbytes / (time.perf_counter() - t))
     return best
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--codec", default="float16")
+    parser.add_argument("--codec", nargs="+", default=["float16", "float32", "int8"], help="one or more codecs")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the scan's; default: torch's)")
     args = parser.parse_args()
@@ -55,43 +57,46 @@ def main() -> None:
     from tokenpool.index import MultiVectorIndex
 
     rng = np.random.default_rng(0)
-    bandwidth = copy_bandwidth()
-    with tempfile.TemporaryDirectory() as tmp:
-        index = MultiVectorIndex.create(Path(tmp) / "ix", args.dim, codec=args.codec)
-        step = 2000
-        for start in range(0, args.docs, step):
-            n = min(step, args.docs - start)
-            mats = rng.standard_normal((n, args.tokens, args.dim)).astype(np.float32)
-            mats /= np.linalg.norm(mats, axis=2, keepdims=True)
-            index.add(list(range(start, start + n)), list(mats))
-        stored = index.stats()["bytes_per_token"] * args.docs * args.tokens
-        rows = []
-        for q in args.queries:
-            queries = [m / np.linalg.norm(m, axis=1, keepdims=True)
-                       for m in rng.standard_normal((q, 32, args.dim)).astype(np.float32)]
-            index.search(queries, k=10)  # warm: pages in the page cache
-            best = min(_timed(index, queries) for _ in range(3))
-            rows.append((q, best, stored * q / best))
+    bandwidth = memory_bandwidth()
+    rows = []
+    for codec in args.codec:
+        with tempfile.TemporaryDirectory() as tmp:
+            index = MultiVectorIndex.create(Path(tmp) / "ix", args.dim, codec=codec)
+            step = 2000
+            data = np.random.default_rng(1)  # the same documents for every codec
+            for start in range(0, args.docs, step):
+                n = min(step, args.docs - start)
+                mats = data.standard_normal((n, args.tokens, args.dim)).astype(np.float32)
+                mats /= np.linalg.norm(mats, axis=2, keepdims=True)
+                index.add(list(range(start, start + n)), list(mats))
+            stored = index.stats()["bytes_per_token"] * args.docs * args.tokens
+            for q in args.queries:
+                queries = [m / np.linalg.norm(m, axis=1, keepdims=True)
+                           for m in rng.standard_normal((q, 32, args.dim)).astype(np.float32)]
+                index.search(queries, k=10)  # warm: pages in the page cache
+                best = min(_timed(index, queries) for _ in range(3))
+                rows.append((codec, stored, q, best, stored * q / best))
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t")
-    print(f"\n{args.docs:,} docs x {args.tokens} tokens x {args.dim} dims, {args.codec} ({stored / 1e9:.2f} GB stored), "
-          f"queries of 32 x {args.dim}, random unit vectors; {cpu}, {os.cpu_count()} cores, "
-          f"{__import__('torch').get_num_threads()} threads; "
-          f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"\n{args.docs:,} docs x {args.tokens} tokens x {args.dim} dims, queries of 32 x {args.dim}, random unit "
+          f"vectors; {cpu}, {os.cpu_count()} cores, {__import__('torch').get_num_threads()} threads; "
+          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s")
     from tokenpool.kernels import build_variant
     from tokenpool.kernels import maxsim as kernel
 
-    if args.codec != "residual" and kernel.available(bf16=True) and os.environ.get("TOKENPOOL_INDEX_BF16", "1") != "0":
+    if kernel.available(bf16=True) and os.environ.get("TOKENPOOL_INDEX_BF16", "1") != "0":
         how = "on the AMX tiles" if build_variant() == "amx" else "with AVX512-BF16"
         path = f"C kernel, bf16 products {how}, candidates within the error bound rescored in fp32"
-    elif args.codec != "residual" and kernel.available():
+    elif kernel.available():
         path = f"C kernel, fp32 products ({build_variant()} class)"
     else:
         path = "PyTorch blocks"
-    print(f"scan: {path}")
-    print("| queries per call | seconds per call | QPS | effective GB/s (stored bytes x queries / s) | vs memory bandwidth |")
-    print("|---|---|---|---|---|")
-    for q, seconds, rate in rows:
-        print(f"| {q} | {seconds:.3f} | {q / seconds:.1f} | {rate / 1e9:.2f} | {rate / bandwidth:.0%} |")
+    print(f"scan of the exact codecs: {path}")
+    print("| codec | GB stored | queries per call | seconds per call | QPS | effective GB/s (stored bytes x queries / s) "
+          "| vs memory bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for codec, stored, q, seconds, rate in rows:
+        print(f"| {codec} | {stored / 1e9:.2f} | {q} | {seconds:.3f} | {q / seconds:.1f} | {rate / 1e9:.2f} "
+              f"| {rate / bandwidth:.0%} |")
 
 
 def _timed(index, queries) -> float:
