@@ -20,7 +20,8 @@
  *   saw avx512_bf16 in the CPU's flags: AMD Zen 4 / Zen 5, Intel Cooper Lake; D a multiple of 32): the fp32
  *   path's outer product with dimension pairs: VDPBF16PS multiplies a vector of 16 query rows' (d, d+1) bf16
  *   pairs by one token's broadcast pair, fp32 sums: half the instructions of the fp32 path, the same bound as
- *   the AMX path (both sides rounded to bf16).
+ *   the AMX path (both sides rounded to bf16). Every code kind is converted to bf16 in registers, 8 tokens at a
+ *   time just before their products.
  *
  * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
  */
@@ -339,7 +340,8 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                     next = (const char*)codes + offsets[i2] * D * width;
                     next_bytes = (offsets[i2 + 1] - offsets[i2]) * D * width;
                 }
-                doc_max_dpbf16((const uint32_t*)qp, rp, D, codes, kind, row_scales, dim_scales, t0, n, m, xb, next, next_bytes);
+                doc_max_dpbf16((const uint32_t*)qp, rp, D, codes, kind, row_scales, dim_scales, t0, n, m, xb, next,
+                               next_bytes);
 #endif
             } else {
                 decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
