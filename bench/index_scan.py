@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def memory_bandwidth() -> float:
+def memory_bandwidth() -> tuple[float, str]:
     """Over 1 GiB: numpy's copy (one thread), torch's copy (its threads, which a many-core machine needs to reach
     its bandwidth), both counted as read + write, and torch's sum (a read, as a scan is); the median of 5 passes
     after a warm-up (on the 2-core VM single passes reached up to twice the sustained rate now and then), the
@@ -34,16 +34,17 @@ def memory_bandwidth() -> float:
     src = np.ones(1 << 28, dtype=np.float32)  # 1 GiB
     dst = np.empty_like(src)
     s, d = torch.from_numpy(src), torch.from_numpy(dst)
-    best = 0.0
-    for moved, run in ((2, lambda: np.copyto(dst, src)), (2, lambda: d.copy_(s)), (1, lambda: s.sum())):
+    medians = {}
+    for name, moved, run in (("numpy copy", 2, lambda: np.copyto(dst, src)), ("torch copy", 2, lambda: d.copy_(s)),
+                             ("torch sum", 1, lambda: s.sum())):
         run()
         rates = []
         for _ in range(5):
             t = time.perf_counter()
             run()
             rates.append(moved * src.nbytes / (time.perf_counter() - t))
-        best = max(best, float(np.median(rates)))
-    return best
+        medians[name] = float(np.median(rates))
+    return max(medians.values()), ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in medians.items())
 
 
 def main() -> None:
@@ -62,7 +63,7 @@ def main() -> None:
     from tokenpool.index import MultiVectorIndex
 
     rng = np.random.default_rng(0)
-    bandwidth = memory_bandwidth()
+    bandwidth, methods = memory_bandwidth()
     rows = []
     for codec in args.codec:
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +85,7 @@ def main() -> None:
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t")
     print(f"\n{args.docs:,} docs x {args.tokens} tokens x {args.dim} dims, queries of 32 x {args.dim}, random unit "
           f"vectors; {cpu}, {os.cpu_count()} cores, {__import__('torch').get_num_threads()} threads; "
-          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s ({methods})")
     from tokenpool.kernels import build_variant
     from tokenpool.kernels import maxsim as kernel
 
