@@ -295,11 +295,19 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        float* x = malloc((size_t)(max_len + 16) * D * sizeof(float));
+        /* scratch each path reads: fp32 rows (the fp32 path, the AMX path's non-fp16 codes), bf16 rows (AMX: a
+         * whole document; AVX512-BF16: two blocks of TJB tokens) */
+        const int need_x = !use_dp && !(use_amx && kind == 1);
+        float* x = need_x ? malloc((size_t)(max_len + 16) * D * sizeof(float)) : NULL;
         float* m = malloc((size_t)rp * sizeof(float));
         float* cs = malloc(4 * 256 * sizeof(float));
-        uint16_t* xb = use_amx || use_dp ? malloc((size_t)(max_len + 16) * D * sizeof(uint16_t)) : NULL;
-        const int ok = x && m && cs && (!(use_amx || use_dp) || xb);
+#ifdef HAVE_DPBF16
+        const int64_t xb_rows = use_dp ? 2 * TJB : max_len + 16;
+#else
+        const int64_t xb_rows = max_len + 16;
+#endif
+        uint16_t* xb = use_amx || use_dp ? malloc((size_t)xb_rows * D * sizeof(uint16_t)) : NULL;
+        const int ok = (!need_x || x) && m && cs && (!(use_amx || use_dp) || xb);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
