@@ -53,6 +53,9 @@ def main() -> None:
                         "search replayed as a CUDA graph; the default path) and/or pairs (the pair lists, a sync per "
                         "stage; the path of queries over 128 rows), comma-separated")
     p.add_argument("--tp-candidates", default="", help="also time tokenpool with these `candidates` (comma-separated)")
+    p.add_argument("--tp-segments", default="1",
+                   help="tokenpool residual indexes built in this many equal adds, merging off (one segment each; "
+                        "comma-separated: e.g. 1,8 shows what a search pays for an index left in segments)")
     args = p.parse_args()
     from tokenpool.index.cuda_maxsim import maxsim_cuda
 
@@ -124,14 +127,18 @@ def main() -> None:
     host = flat.cpu().float().numpy().reshape(args.docs, args.tokens, args.dim)
     q_host = [q.cpu().numpy() for q in queries]
     tp_rows = []
-    for nbits in [int(b) for b in args.tp_nbits.split(",") if b]:
+    for nbits, n_seg in [(int(b), int(n)) for b in args.tp_nbits.split(",") if b
+                         for n in args.tp_segments.split(",") if n]:
         with tempfile.TemporaryDirectory() as tmp:
             index = MultiVectorIndex.create(Path(tmp) / "tp", args.dim, codec="residual", nbits=nbits, device="cuda")
+            index.auto_compact = False
             torch.cuda.synchronize()
             t = time.perf_counter()
-            index.add(list(range(args.docs)), list(host))
+            cuts = [args.docs * i // n_seg for i in range(n_seg + 1)]
+            for a, b in zip(cuts, cuts[1:]):  # the first add trains the codec on a sample of its own documents
+                index.add(list(range(a, b)), list(host[a:b]))
             build_tp = time.perf_counter() - t
-            stats = index.stats()
+            stats = {**index.stats(), "segments": n_seg}
             for cand, path in [(c, pth) for c in [None] + [int(c) for c in args.tp_candidates.split(",") if c]
                                for pth in args.tp_paths.split(",")]:
                 multivector.dense_kernels_ok = dense_ok if path == "dense" else (lambda *a: False)
@@ -151,16 +158,16 @@ def main() -> None:
                 torch.cuda.synchronize()
                 single = (time.perf_counter() - t) / args.single
                 same = sum(a == b for a, b in zip(one_by_one, hits))  # one at a time (a graph's replays) = batched
-                print(f"tokenpool residual nbits={nbits} {path}: one-query results equal the batched search's on "
-                      f"{same}/{args.single} queries")
-                print(f"tokenpool residual nbits={nbits} {path}: the second one-query search (graph capture on the "
-                      f"dense path) {capture * 1000:.1f} ms; CUDA graphs held: "
+                name = f"tokenpool residual nbits={nbits} segments={n_seg}"
+                print(f"{name} {path}: one-query results equal the batched search's on {same}/{args.single} queries")
+                print(f"{name} {path}: the second one-query search (graph capture on the dense path) "
+                      f"{capture * 1000:.1f} ms; CUDA graphs held: "
                       f"{len(index._graphs.entries) if index._graphs else 0}")
                 ids = [[d for d, _ in h] for h in hits]
                 rec = sum(len(set(a) & set(b.tolist())) for a, b in zip(ids, exact)) / (10 * args.queries)
                 if cand is None and path == args.tp_paths.split(",")[0]:  # the codec's own ceiling: every decoded document scored
                     scan = index.search(q_host[:100], k=10, exact=True)
-                    print(f"tokenpool residual nbits={nbits}: recall@10 of exact=True vs fp16 exact (100 queries) "
+                    print(f"{name}: recall@10 of exact=True vs fp16 exact (100 queries) "
                           f"{sum(len({d for d, _ in a} & set(b.tolist())) for a, b in zip(scan, exact)) / 1000:.3f}, "
                           f"default vs exact=True "
                           f"{sum(len({d for d, _ in a} & {d for d, _ in b}) for a, b in zip(hits, scan)) / 1000:.3f}")
@@ -189,14 +196,14 @@ def main() -> None:
           f"{disk / tokens:.1f} (on disk) | {args.queries / fp_batched:,.0f} | {fp_single * 1000:.2f} | {recall:.3f} | "
           f"{fp_top1:.3f} |")
     for nbits, cand, path, build_tp, stats, batched, single, rec, first in tp_rows:
-        print(f"| tokenpool residual nbits={nbits} ({stats['centroids']:,} centroids, candidates "
-              f"{cand or 'default'}, {path}) | {build_tp:.1f} | {stats['bytes_per_token']} | {args.queries / batched:,.0f} | "
-              f"{single * 1000:.2f} | {rec:.3f} | {first:.3f} |")
+        print(f"| tokenpool residual nbits={nbits} ({stats['centroids']:,} centroids, {stats['segments']} segment(s), "
+              f"candidates {cand or 'default'}, {path}) | {build_tp:.1f} | {stats['bytes_per_token']} | "
+              f"{args.queries / batched:,.0f} | {single * 1000:.2f} | {rec:.3f} | {first:.3f} |")
     print(f"tokenpool exact / FastPlaid QPS: {fp_batched / ours_batched:.2f}x batched, "
           f"{fp_single / ours_single:.2f}x single")
-    for nbits, cand, path, _, _, batched, single, *_ in tp_rows:
-        print(f"tokenpool residual nbits={nbits} candidates {cand or 'default'} {path} / FastPlaid QPS: "
-              f"{fp_batched / batched:.2f}x batched, {fp_single / single:.2f}x single")
+    for nbits, cand, path, _, stats, batched, single, *_ in tp_rows:
+        print(f"tokenpool residual nbits={nbits} segments={stats['segments']} candidates {cand or 'default'} {path} / "
+              f"FastPlaid QPS: {fp_batched / batched:.2f}x batched, {fp_single / single:.2f}x single")
 
 
 if __name__ == "__main__":

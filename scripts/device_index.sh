@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call: the index's GPU tests, then bench/gpu_fastplaid.py (FastPlaid against tokenpool's residual
-# codec, both candidate paths). FastPlaid is installed from wheels carried in .fpwheels (fast-plaid built for torch
+# codec, both candidate paths, one segment and eight). FastPlaid is installed from wheels carried in .fpwheels (fast-plaid built for torch
 # 2.11 and its pure-Python dependencies: `pip download fast-plaid==1.7.0.2110 --no-deps` and its requirements).
 #   run(command="bash scripts/device_index.sh", carry=[".fpwheels"])
 # Environment: TESTS (pytest arguments; "none" skips the tests), ARGS (bench/gpu_fastplaid.py's).
@@ -16,5 +16,5 @@ if [[ ${TESTS:-} != none ]]; then
         -k "cuda or pair or fixed_shape or candidate"} 2>&1 | tail -3
 fi
 timeout 400 python bench/gpu_fastplaid.py ${ARGS:---docs 200000 --queries 1000 --single 50 --tp-nbits 2 \
-    --tp-paths dense,pairs --noise 0.8} 2>&1 | grep -v -i warn | tail -22
+    --tp-paths dense,pairs --tp-segments 1,8 --noise 0.8} 2>&1 | grep -v -i warn | tail -30
 exit 0

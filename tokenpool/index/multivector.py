@@ -895,13 +895,13 @@ class MultiVectorIndex:
                      nprobe: int, queries: torch.Tensor) -> torch.Tensor:
         """`_search_candidates`' stages for one group of queries in fixed shapes: A and B fill a `[queries,
         documents of every segment]` table of centroid MaxSim (-inf where not probed or deleted:
-        `centroid_maxsim_dense`); its `candidates` best per query are decoded as `[candidates, longest document]`
-        row blocks (each document's rows, its last row repeated) and scored exactly (`maxsim_pairs`' kernel, a
-        pair's rows cut to its document); the best k of those come back. Where Triton runs (CUDA, or its
-        interpreter); the CPU takes the pairs path, which reads only candidates' rows from the memory maps.
-        Returns float64 `[2, queries, min(k, candidates)]`: the scores, best first (-inf: no hit), and the
-        documents' positions in the segments laid end to end (`_dense_hits`). No host sync inside: a CUDA graph
-        can capture it (`_SearchGraphs`)."""
+        `centroid_maxsim_dense`); its `candidates` best per query are decoded once each, as `[candidates,
+        longest document of any segment]` row blocks (each document's rows, its last row repeated), and scored
+        exactly (`maxsim_pairs`' kernel, a pair's rows cut to its document); the best k of those come back. Where
+        Triton runs (CUDA, or its interpreter); the CPU takes the pairs path, which reads only candidates' rows
+        from the memory maps. Returns float64 `[2, queries, min(k, candidates)]`: the scores, best first (-inf:
+        no hit), and the documents' positions in the segments laid end to end (`_dense_hits`). No host sync
+        inside: a CUDA graph can capture it (`_SearchGraphs`)."""
         device = queries.device
         nq = len(q_offsets) - 1
         scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe)
@@ -915,27 +915,38 @@ class MultiVectorIndex:
         top, picked = approx.topk(width, dim=1)  # [queries, width]: -inf where fewer documents were probed
         exact = torch.full((nq * width,), float("-inf"), dtype=torch.float32, device=device)
         pair_q = torch.arange(nq * width, device=device) // width
+        flat = picked.flatten()
         live = top.flatten() > float("-inf")
-        for s, seg in enumerate(segments):
-            longest = _longest(seg)
-            arrays = seg.device_arrays(device)
-            offsets = arrays["offsets"]
-            flat = picked.flatten()
-            mine = live & (flat >= int(bases[s])) & (flat < int(bases[s + 1]))
-            local = (flat - int(bases[s])).clamp_(0, len(seg.ids) - 1)
-            t0, t1 = offsets[local], offsets[local + 1]
-            # blocks of `chunk` pairs, so that the decoded rows stay bounded (~2^19 rows of float32)
-            chunk = max(1, (1 << 19) // longest)
-            for c0 in range(0, nq * width, chunk):
-                c1 = min(c0 + chunk, nq * width)
-                rows = torch.minimum(t0[c0:c1, None] + torch.arange(longest, device=device),
-                                     t1[c0:c1, None] - 1).flatten()
-                vectors = codec.decode(arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows),
-                                       device)
-                first = torch.arange(c1 - c0, device=device) * longest
-                lengths = torch.where(mine[c0:c1], t1[c0:c1] - t0[c0:c1], 0)
-                part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
-                exact[c0:c1] = torch.where(mine[c0:c1], part, exact[c0:c1])
+        longest = max(_longest(seg) for seg in segments)
+        span = torch.arange(longest, device=device)
+        # blocks of `chunk` pairs, so that the decoded rows stay bounded (~2^19 rows of float32); each pair's rows
+        # are gathered from the segment that holds its document (a select per segment: the codes are small), then
+        # every pair is decoded and scored once
+        chunk = max(1, (1 << 19) // longest)
+        for c0 in range(0, nq * width, chunk):
+            c1 = min(c0 + chunk, nq * width)
+            doc, on = flat[c0:c1], live[c0:c1]
+            lengths = torch.zeros(c1 - c0, dtype=torch.int64, device=device)
+            cids = codes = None
+            for s, seg in enumerate(segments):
+                arrays = seg.device_arrays(device)
+                offsets = arrays["offsets"]
+                mine = on & (doc >= int(bases[s])) & (doc < int(bases[s + 1]))
+                local = (doc - int(bases[s])).clamp_(0, len(seg.ids) - 1)
+                t0, t1 = offsets[local], offsets[local + 1]
+                rows = torch.minimum(t0[:, None] + span, t1[:, None] - 1).flatten()
+                seg_cids, seg_codes = arrays["cids"].index_select(0, rows), arrays["codes"].index_select(0, rows)
+                if cids is None:
+                    cids, codes = seg_cids, seg_codes
+                else:
+                    take = mine.repeat_interleave(longest)
+                    cids = torch.where(take, seg_cids, cids)
+                    codes = torch.where(take[:, None], seg_codes, codes)
+                lengths = torch.where(mine, t1 - t0, lengths)
+            vectors = codec.decode(cids, codes, device)
+            first = torch.arange(c1 - c0, device=device) * longest
+            part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
+            exact[c0:c1] = torch.where(on, part, exact[c0:c1])
         best, where = exact.view(nq, width).topk(min(k, width), dim=1)
         return torch.stack([best.double(), picked.gather(1, where).double()])
 
