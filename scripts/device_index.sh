@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: the index's GPU tests, then bench/gpu_fastplaid.py (FastPlaid against tokenpool's residual
-# codec, both candidate paths, one segment and eight). FastPlaid is installed from wheels carried in .fpwheels (fast-plaid built for torch
-# 2.11 and its pure-Python dependencies: `pip download fast-plaid==1.7.0.2110 --no-deps` and its requirements).
+# codec, both candidate paths, an index of one segment and of eight). FastPlaid is installed from wheels carried in
+# .fpwheels (fast-plaid built for torch 2.11 and its pure-Python dependencies: `pip download
+# fast-plaid==1.7.0.2110 --no-deps` and its requirements).
 #   run(command="bash scripts/device_index.sh", carry=[".fpwheels"])
 # Environment: TESTS (pytest arguments; "none" skips the tests), ARGS (bench/gpu_fastplaid.py's).
 set -u
