@@ -279,8 +279,8 @@ def test_residual_index_built_on_cuda(tmp_path):
 def test_pair_kernels_equal_their_torch_paths():
     """The candidate stages' kernels equal the torch paths run on the CPU: the dense probe-hit and centroid-MaxSim
     kernels (`centroid_maxsim_dense`) against `centroid_maxsim_pairs` on the probed live documents, and the
-    exact per-pair kernel (`maxsim_pairs`): queries of 1..40 rows (padding to 16, 32 and 64), documents of
-    1..150 tokens, pairs grouped by query."""
+    exact per-pair kernels (`maxsim_pairs`, 96 and 384 dims) against float64: queries of 1..40 rows (padding to
+    16, 32 and 64), documents of 1..150 tokens, pairs grouped by query."""
     import numpy as np
 
     from tokenpool.index.multivector import _Residual
@@ -315,12 +315,16 @@ def test_pair_kernels_equal_their_torch_paths():
     assert 100 < len(pair_q) < 2400 and torch.isneginf(got[~hit]).all()
     assert torch.allclose(got[pair_q, pair_doc], want, rtol=1e-5, atol=1e-5)
     pair_q = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 1, 50, 7, 80]))
-    x = torch.randn(3000, 96, generator=g)
     t_lens = torch.randint(1, 120, (len(pair_q),), generator=g)
     t0 = torch.cumsum(t_lens, 0) - t_lens
     t1 = torch.minimum(t0 + t_lens, torch.tensor(3000))
     t0 = torch.minimum(t0 % 2900, t1 - 1)  # runs inside x; a query's runs overlap each other's, as allowed
-    want = cuda_maxsim.maxsim_pairs(queries, q_offsets, x, pair_q, t0, t1)
-    got = cuda_maxsim.maxsim_pairs(queries.to(DEVICE), q_offsets, x.to(DEVICE), pair_q.to(DEVICE), t0.to(DEVICE),
-                                   t1.to(DEVICE))
-    assert torch.allclose(got.cpu().double(), want.double(), rtol=1e-4, atol=1e-4)
+    for dim, every in ((96, 1), (384, 4)):  # 384: the kernel for vectors over 256 dims (dimension chunks)
+        pq, a0, a1 = pair_q[::every], t0[::every], t1[::every]  # (fewer pairs: Triton's interpreter is slow)
+        wide = torch.randn(int(q_offsets[-1]), dim, generator=g)
+        x = torch.randn(3000, dim, generator=g)
+        want = torch.stack([(wide[q_offsets[b]:q_offsets[b + 1]].double() @ x[a:e].double().T).amax(1).sum()
+                            for b, a, e in zip(pq.tolist(), a0.tolist(), a1.tolist())])
+        got = cuda_maxsim.maxsim_pairs(wide.to(DEVICE), q_offsets, x.to(DEVICE), pq.to(DEVICE), a0.to(DEVICE),
+                                       a1.to(DEVICE))
+        assert torch.allclose(got.cpu().double(), want, rtol=1e-4, atol=1e-4)

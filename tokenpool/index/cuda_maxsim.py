@@ -317,6 +317,35 @@ if triton is not None:
         tl.store(out_ptr + pid, tl.sum(best, axis=0))
 
     @triton.jit
+    def _pairs_chunked_kernel(q_ptr, x_ptr, pair_q_ptr, pair_t0_ptr, pair_t1_ptr, out_ptr,
+                              DIM: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, MP: tl.constexpr,
+                              BT: tl.constexpr):
+        """`_pairs_kernel` for wide vectors (DP > 256): each block of BT tokens' scores summed over DP / DC chunks
+        of the dimensions, the query's chunk read again per block (from L1/L2), so registers hold [MP, DC] and
+        [BT, DC] tiles whatever the width."""
+        pid = tl.program_id(0)
+        q = tl.load(pair_q_ptr + pid).to(tl.int64)
+        t0 = tl.load(pair_t0_ptr + pid)
+        t1 = tl.load(pair_t1_ptr + pid)
+        r = tl.arange(0, MP)
+        c = tl.arange(0, DC)
+        t = tl.arange(0, BT)
+        q_rows = q_ptr + (q * MP + r)[:, None] * DP
+        best = tl.full([MP], float("-inf"), tl.float32)
+        for start in range(t0, t1, BT):
+            rows = start + t
+            x_rows = x_ptr + rows.to(tl.int64)[:, None] * DIM
+            s = tl.zeros([MP, BT], tl.float32)
+            for d0 in tl.static_range(0, DP, DC):
+                cols = d0 + c
+                qt = tl.load(q_rows + cols[None, :])
+                x = tl.load(x_rows + cols[None, :], mask=(rows[:, None] < t1) & (cols[None, :] < DIM), other=0.0)
+                s += tl.dot(qt, tl.trans(x), input_precision="tf32x3")
+            s = tl.where(rows[None, :] < t1, s, float("-inf"))
+            best = tl.maximum(best, tl.max(s, axis=1))
+        tl.store(out_ptr + pid, tl.sum(best, axis=0))
+
+    @triton.jit
     def _probe_hits_kernel(ivf_ptr, ivf_ptr_ptr, key_ptr, hit_ptr, n_docs, n_centroids, BLOCK: tl.constexpr):
         """One program per (query, probed centroid) key (query * n_centroids + centroid): sets hit[query, doc] for
         every document in the centroid's inverted list (repeated keys and documents only write 1 again)."""
@@ -355,6 +384,9 @@ if triton is not None:
             best = tl.maximum(best, tl.max(v, axis=0))
         total = tl.where(live, tl.sum(best, axis=0), float("-inf"))
         tl.store(out_ptr + q * out_stride + doc, total)
+
+
+_PAIRS_MAX_DIM = 4096  # widest vectors (padded to a power of two) `maxsim_pairs` scores in a kernel
 
 
 def _kernel_ok(t: torch.Tensor, mp: int) -> bool:
@@ -444,9 +476,9 @@ def centroid_maxsim_dense(scores: torch.Tensor, q_offsets: np.ndarray, probe_key
 
 def dense_kernels_ok(t: torch.Tensor, q_offsets: np.ndarray) -> bool:
     """Whether `centroid_maxsim_dense` and `maxsim_pairs`'s kernel serve queries `q_offsets` on `t`'s device, for
-    vectors of `t`'s width (`maxsim_pairs` takes its kernel up to 256 dims)."""
+    vectors of `t`'s width (`maxsim_pairs` takes its kernels up to `_PAIRS_MAX_DIM` dims)."""
     mp = _next_pow2(max(int(np.diff(q_offsets).max()), 16))
-    return _kernel_ok(t, mp) and _next_pow2(max(t.shape[1], 16)) <= 256
+    return _kernel_ok(t, mp) and _next_pow2(max(t.shape[1], 16)) <= _PAIRS_MAX_DIM
 
 
 def expand_ranges(starts, lengths):
@@ -464,7 +496,8 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
                  pair_t0: torch.Tensor, pair_t1: torch.Tensor) -> torch.Tensor:
     """Exact MaxSim per (query, document) pair, float32 `[pairs]`: query b is rows q_offsets[b]..q_offsets[b + 1]
     of `queries`, a pair's document rows pair_t0..pair_t1 of `x` (float32 `[tokens, dim]`, on one device with
-    the queries). On CUDA one Triton program per pair (3xTF32 products); elsewhere torch, query by query."""
+    the queries). On CUDA one Triton program per pair (3xTF32 products; vectors over 256 dims in chunks of 128
+    dims); elsewhere torch, query by query."""
     n = len(pair_q)
     if n == 0:
         return torch.empty(0, device=x.device)
@@ -472,11 +505,16 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
     mp = _next_pow2(max(int(lens_q.max()), 16))
     dim = x.shape[1]
     dp = _next_pow2(max(dim, 16))
-    if _kernel_ok(x, mp) and dp <= 256:
+    if _kernel_ok(x, mp) and dp <= _PAIRS_MAX_DIM:
         qpad = _pad_rows(queries, q_offsets, mp, dp)
         out = torch.empty(n, dtype=torch.float32, device=x.device)
-        _pairs_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, MP=mp,
-                            BT=32 if mp * dp <= 4096 else 16, num_warps=4)
+        pair_q, pair_t0, pair_t1 = pair_q.contiguous(), pair_t0.contiguous(), pair_t1.contiguous()  # read as arrays
+        if dp <= 256:
+            _pairs_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, MP=mp,
+                                BT=32 if mp * dp <= 4096 else 16, num_warps=4)
+        else:
+            _pairs_chunked_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, DC=128,
+                                        MP=mp, BT=32 if mp <= 32 else 16, num_warps=4)
         return out
     out = torch.empty(n, dtype=torch.float64, device=x.device)
     pq, t0, t1 = (t.cpu().numpy() for t in (pair_q, pair_t0, pair_t1))
