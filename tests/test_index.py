@@ -74,7 +74,7 @@ def test_upsert_delete_get_and_reopen(tmp_path):
     with pytest.raises(ValueError, match="Unknown id"):
         index.delete([4, "missing"])
     assert 4 in index  # nothing of that call applied
-    index.delete([4, "new"])
+    assert index.delete([4, "new", 4]) == 2  # an id given twice counts once
     assert len(index) == 9 and 4 not in index
     hits = index.search([replacement], k=20)[0]
     assert [h[0] for h in hits].count(3) == 1 and 4 not in [h[0] for h in hits]
@@ -100,6 +100,23 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
         MultiVectorIndex.create(tmp_path / "ix", DIM)
     with pytest.raises(ValueError, match="holds no index"):
         MultiVectorIndex.open(tmp_path / "nothing")
+    # ids: ints in a signed 64-bit range (HTTP's and JSON's), non-empty strs; a bare str is not a list of ids
+    for ids, match in (([1 << 64], "must be in 0..2\\*\\*63 - 1"), ([-5], "must be in 0"), ([""], "empty string"),
+                       ("ab", "ids must be a list of ids")):
+        with pytest.raises(ValueError, match=match):
+            index.add(ids, _docs(len(ids)))
+    with pytest.raises(ValueError, match="no NaN"):
+        index.add([1], _docs(1), metadata=[{"x": float("nan")}])
+    with pytest.raises(ValueError, match="list of \\[n, 128\\] matrices, one per document"):
+        index.add([1], _docs(1)[0])
+    with pytest.raises(ValueError, match="list of \\[n, 128\\] matrices, one per query"):
+        index.search(_docs(1)[0])
+    with pytest.raises(ValueError, match="queries\\[0\\] has no rows: a query needs"):
+        index.search([np.zeros((0, DIM))])
+    (tmp_path / "file").write_text("x")
+    for make in (MultiVectorIndex.open, lambda p: MultiVectorIndex.create(p, DIM)):
+        with pytest.raises(ValueError, match="is a file"):
+            make(tmp_path / "file")
     assert index.search(_docs(1), k=3) == [[]]  # an empty index answers with no hits
     assert len(index) == 0 and [f.name for f in (tmp_path / "ix").iterdir()] == ["manifest.json"]
 
@@ -420,3 +437,45 @@ def test_reads_during_merges_see_one_version(tmp_path, monkeypatch):
         stop.set()
         reader.join()
     assert not errors and len(index._segments) < 12
+
+
+def test_cli_build_input_rules(tmp_path, minilm_path):
+    """A later row of an id replaces an earlier one within a chunk too; a bad row is a ValueError naming the file
+    and the id, and a build that fails before its first add leaves no index; an existing index's codec is kept
+    (naming another is an error)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenpool.index import cli
+
+    rng = np.random.default_rng(5)
+    mats = [rng.standard_normal((4, 16)).astype(np.float32) for _ in range(3)]
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "embedding": pa.array([m.tolist() for m in mats],
+                                                                          pa.list_(pa.list_(pa.float32(), 16)))}),
+                   tmp_path / "dup.parquet")
+    stats = cli.build(str(tmp_path / "ix"), None, [str(tmp_path / "dup.parquet")], progress=False)
+    assert stats["documents"] == 2 and stats["codec"] == "float16"
+    assert np.allclose(MultiVectorIndex.open(tmp_path / "ix").get("a"), mats[2], atol=1e-2)  # the last row
+    with pytest.raises(ValueError, match="holds a float16 index; --codec residual applies to a new index only"):
+        cli.build(str(tmp_path / "ix"), None, [str(tmp_path / "dup.parquet")], codec="residual", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"id": "x", "text": "fine"}\n{"id": "e", "text": 5}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: the row of id 'e' has int 5 as its 'text'"):
+        cli.build(str(tmp_path / "new"), str(minilm_path), [str(tmp_path / "bad.jsonl")], progress=False,
+                  engine_kwargs={"dtype": "float32"})
+    assert not (tmp_path / "new" / "manifest.json").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    (tmp_path / "file.txt").write_text("not an index")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("[1, 2]")
+    for args, message in ((["index", "compact", str(tmp_path / "file.txt")], "is a file, not an index"),
+                          (["index", "compact", str(tmp_path / "broken")], "is not a tokenpool multi-vector index"),
+                          (["index", "search", str(tmp_path), "q", "-k", "abc"], "expected a positive integer"),
+                          (["serve", "--port", "99999"], "expected a port in 0..65535"),
+                          (["demo", "--model", str(tmp_path / "nowhere")], "tokenpool demo: ")):
+        done = subprocess.run([sys.executable, "-m", "tokenpool", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode in (1, 2) and "Traceback" not in done.stderr and message in done.stderr, \
+            (args, done.stderr)

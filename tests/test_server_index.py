@@ -13,7 +13,7 @@ import requests
 from tests.fixtures.colbert import SAMPLE_DOCUMENTS, SAMPLE_QUERIES, build_tiny_colbert
 from tests.server_fixtures import serve
 from tokenpool import LLM
-from tokenpool.index import MultiVectorIndex
+from tokenpool.index import RESIDUAL_TRAIN_TOKENS, MultiVectorIndex
 
 IDS = [f"doc-{i}" for i in range(len(SAMPLE_DOCUMENTS))]
 
@@ -43,6 +43,21 @@ def test_add_search_delete_and_restart(colbert, tmp_path):
         assert _post(server, "/v1/index/delete", {"ids": ["doc-0"]}).json()["documents"] == len(IDS) - 1
         bad = _post(server, "/v1/index/documents", {"ids": ["a", "b"], "input": ["only one"]})
         assert bad.status_code == 400 and "2 ids but 1 inputs" in bad.json()["error"]["message"]
+        # refused, changing nothing: another model's name, an empty text, an id past 64 bits; an empty query
+        for path, body in (("/v1/index/documents", {"ids": ["x"], "input": ["text"], "model": "nope"}),
+                           ("/v1/index/delete", {"ids": ["doc-1"], "model": "nope"}),
+                           ("/v1/index/documents", {"ids": ["x"], "input": [""]}),
+                           ("/v1/index/documents", {"ids": [1 << 64], "input": ["text"]}),
+                           ("/v1/search", {"query": ""}), ("/v1/search", {"query": "a", "candidates": 0})):
+            answer = _post(server, path, body)
+            assert answer.status_code in (400, 404) and answer.json()["error"]["message"], (path, body)
+        assert requests.get(server.url("/v1/index"), timeout=10).json()["documents"] == len(IDS) - 1
+        twice = _post(server, "/v1/index/delete", {"ids": ["doc-1", "doc-1"]}).json()
+        assert twice["deleted"] == 1 and twice["documents"] == len(IDS) - 2
+        scan = _post(server, "/v1/search", {"query": SAMPLE_QUERIES[0], "k": 2, "exact": True}).json()
+        assert len(scan["data"][0]["results"]) == 2
+        assert _post(server, "/v1/index/documents", {"ids": ["doc-1"], "input": [SAMPLE_DOCUMENTS[1]],
+                                                     "metadata": [{"n": 1}]}).status_code == 200
     # offline, the same model and the same documents: the same ranking and scores
     llm = LLM(str(colbert), dtype="float32")
     offline = MultiVectorIndex.create(tmp_path / "offline", llm.llm_engine.info.output_dims["token_embed"],
@@ -105,19 +120,27 @@ def test_an_index_of_another_width_is_refused_in_one_line(colbert, tmp_path):
 
 
 def test_a_residual_index_over_http_equals_the_offline_one(colbert, tmp_path):
-    """--index-codec residual --index-nbits 4: the codec is trained on the first add; search results equal the
-    same documents added offline to a residual index of the same settings (the same training: deterministic)."""
+    """--index-codec residual --index-nbits 4: the codec is trained on the first add, which must hold a training
+    sample (a smaller first request is a 400 and adds nothing); search results equal the same documents added
+    offline to a residual index of the same settings (the same training: deterministic)."""
     args = [str(colbert), "--dtype", "float32", "--index", str(tmp_path / "ix"), "--index-codec", "residual",
             "--index-nbits", "4"]
+    words = " ".join(SAMPLE_DOCUMENTS).split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 30)) for _ in range(1000)]  # ~20k tokens (documents cut at 24)
+    ids = [f"t{i}" for i in range(len(texts))]
     with serve(args) as server:
-        assert _post(server, "/v1/index/documents", {"ids": IDS, "input": SAMPLE_DOCUMENTS}).status_code == 200
+        small = _post(server, "/v1/index/documents", {"ids": IDS, "input": SAMPLE_DOCUMENTS})
+        assert small.status_code == 400 and f"{RESIDUAL_TRAIN_TOKENS:,} tokens" in small.json()["error"]["message"]
+        assert requests.get(server.url("/v1/index"), timeout=10).json()["documents"] == 0
+        assert _post(server, "/v1/index/documents", {"ids": ids, "input": texts}).status_code == 200
         found = _post(server, "/v1/search", {"query": SAMPLE_QUERIES, "k": 3}).json()
         stats = requests.get(server.url("/v1/index"), timeout=10).json()
     assert stats["codec"] == "residual" and stats["nbits"] == 4 and stats["centroids"] > 1
     llm = LLM(str(colbert), dtype="float32")
     offline = MultiVectorIndex.create(tmp_path / "offline", llm.llm_engine.info.output_dims["token_embed"],
                                       codec="residual", nbits=4)
-    llm.add_to_index(offline, IDS, SAMPLE_DOCUMENTS, use_tqdm=False)
+    llm.add_to_index(offline, ids, texts, use_tqdm=False)
     for item, want in zip(found["data"], llm.search(SAMPLE_QUERIES, offline, k=3)):
         assert [r["id"] for r in item["results"]] == [w[0] for w in want]
         assert np.allclose([r["score"] for r in item["results"]], [w[1] for w in want], rtol=1e-4)

@@ -31,16 +31,32 @@ def _size(text: str) -> int:
     """`65536`, `64k`, `64m` or `1g` bytes."""
     text = text.strip().lower()
     scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    value = int(float(text[:-1] if scale > 1 else text) * scale)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except (ValueError, OverflowError):
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive size in bytes (e.g. 65536, 64k, 64m, 1g), got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0: any free port), got {text!r}")
     return value
 
 
@@ -57,7 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(serve)
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--port", type=_port, default=8000)
     server.add_argument("--api-key", default=os.environ.get("TOKENPOOL_API_KEY"),
                         help="Require `Authorization: Bearer KEY` on every route but /health "
                              "(default: $TOKENPOOL_API_KEY).")
@@ -72,10 +88,12 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--index", default=None, metavar="DIR",
                         help="Serve a multi-vector index from DIR (created if missing): /v1/index/documents, "
                              "/v1/index/delete, /v1/search, GET /v1/index.")
-    server.add_argument("--index-codec", default="float16", choices=["float32", "float16", "int8", "residual"],
-                        help="Codec of a new --index (residual: compressed, trained on the first documents added).")
-    server.add_argument("--index-nbits", type=int, default=2, choices=[1, 2, 4],
-                        help="Bits per dimension of a new residual --index.")
+    server.add_argument("--index-codec", default=None, choices=["float32", "float16", "int8", "residual"],
+                        help="Codec of a new --index (default float16; residual: compressed, trained on the first "
+                             "request's documents, which must hold 16,384 tokens or more). An existing index keeps "
+                             "its own: naming another is an error.")
+    server.add_argument("--index-nbits", type=int, default=None, choices=[1, 2, 4],
+                        help="Bits per dimension of a new residual --index (default 2).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="No log line per request.")
@@ -123,9 +141,11 @@ def make_parser() -> argparse.ArgumentParser:
                     "embedded in document mode. Existing ids are replaced: re-running finishes a build.")
     build.add_argument("directory", metavar="DIR")
     build.add_argument("--input", nargs="+", required=True, metavar="FILES")
-    build.add_argument("--codec", default="float16", choices=["float32", "float16", "int8", "residual"],
-                       help="Codec of a new index (residual: compressed, trained on the first 1,024 documents).")
-    build.add_argument("--nbits", type=int, default=2, choices=[1, 2, 4], help="Bits per dimension (residual).")
+    build.add_argument("--codec", default=None, choices=["float32", "float16", "int8", "residual"],
+                       help="Codec of a new index (default float16; residual: compressed, trained on the first "
+                            "16,384 documents). An existing index keeps its own: naming another is an error.")
+    build.add_argument("--nbits", type=int, default=None, choices=[1, 2, 4],
+                       help="Bits per dimension of a new residual index (default 2).")
     build.add_argument("--text-column", default="text")
     build.add_argument("--id-column", default="id")
     build.add_argument("--no-progress", action="store_true")
@@ -301,7 +321,10 @@ def run_server(engine_args, config, *, log_level: str = "info", access_log: bool
 def _demo(args: argparse.Namespace) -> None:
     from tokenpool import LLM
 
-    llm = LLM(args.model, device=args.device)
+    try:
+        llm = LLM(args.model, device=args.device)
+    except ValueError as e:  # a model that cannot be found or loaded: one line, as `serve` says it
+        sys.exit(f"tokenpool demo: {e}")
     tasks = llm.supported_tasks
     print(f"model: {llm.llm_engine.model_dir}  tasks: {', '.join(tasks)}")
     columns = [t for t in ("embed", "token_embed", "token_classify") if t in tasks]

@@ -1,5 +1,5 @@
 """Multi-vector retrieval built in: `MultiVectorIndex` (tokenpool/index/multivector.py)."""
 
-from tokenpool.index.multivector import CODECS, MultiVectorIndex
+from tokenpool.index.multivector import CODECS, RESIDUAL_TRAIN_TOKENS, MultiVectorIndex
 
-__all__ = ["CODECS", "MultiVectorIndex"]
+__all__ = ["CODECS", "RESIDUAL_TRAIN_TOKENS", "MultiVectorIndex"]

@@ -7,8 +7,9 @@ multi-vector index from the command line.
     tokenpool index compact DIR                                             one segment, deleted data dropped
 
 `build` streams its inputs in chunks (bounded memory), adds each chunk as one durable `add` (for a new residual
-index the first add is TRAIN_ROWS documents: its codec is trained on them), and shows a progress bar; running it again over the same inputs replaces the same ids (upsert), so an interrupted build is
-finished by running it again.
+index the first add is TRAIN_ROWS documents: its codec is trained on them), and shows a progress bar; running it
+again over the same inputs replaces the same ids (upsert), so an interrupted build is finished by running it
+again. Within the inputs, a later row of an id replaces an earlier one.
 """
 
 from __future__ import annotations
@@ -68,42 +69,62 @@ def _is_embedded(path: Path) -> bool:
     return "embedding" in schema.names and pa.types.is_list(schema.field("embedding").type)
 
 
-def build(directory: str, model: str | None, inputs: list[str], *, codec: str = "float16", nbits: int = 2,
-          text_column: str = "text",
-          id_column: str = "id", progress: bool = True, engine_kwargs: dict | None = None) -> dict:
+def _last_of_each(ids: list, payload: list) -> tuple[list, list]:
+    """A chunk's rows with each id once, its last row kept (in input order, a later row of an id replaces an
+    earlier one, as across chunks)."""
+    last = {}
+    for n, doc_id in enumerate(ids):
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (int, str)):
+            raise ValueError(f"ids must be ints or strs, got {type(doc_id).__name__} {doc_id!r}.")
+        last[doc_id] = n
+    if len(last) == len(ids):
+        return ids, payload
+    keep = sorted(last.values())
+    return [ids[n] for n in keep], [payload[n] for n in keep]
+
+
+def build(directory: str, model: str | None, inputs: list[str], *, codec: str | None = None, nbits: int | None = None,
+          text_column: str = "text", id_column: str = "id", progress: bool = True,
+          engine_kwargs: dict | None = None) -> dict:
+    """Add every row of `inputs` to the index in `directory`, created (codec default float16, nbits 2) at the
+    first add, so a build that fails before it leaves no empty index; an existing index must have `codec` /
+    `nbits` where they are given."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from tokenpool.index import MultiVectorIndex
+    from tokenpool.index.multivector import check_codec
     from tokenpool.ray.corpus import list_inputs
 
     files = [f for spec in inputs for f in list_inputs(spec)]
     embedded = {f: _is_embedded(f) for f in files}
+    index = None
+    if (Path(directory) / "manifest.json").exists() or Path(directory).is_file():
+        index = MultiVectorIndex.open(directory)
+        check_codec(index, codec, nbits, "--codec", "--nbits")
     llm = None
     if not all(embedded.values()):
         from tokenpool import LLM
 
         llm = LLM(model, **(engine_kwargs or {}))
-    if (Path(directory) / "manifest.json").exists():
-        index = MultiVectorIndex.open(directory)
-    else:
-        if llm is None:
-            first = next(_rows(files[0], ["embedding"], 1))["embedding"][0]
-            dim = len(first[0])
-        else:
-            dim = llm.llm_engine.info.output_dims["token_embed"]
-        index = MultiVectorIndex.create(directory, dim, codec=codec, nbits=nbits)
     bar = tqdm(desc="index build", unit="doc", disable=not progress, dynamic_ncols=True)
     added = 0
 
     def add(is_embedded: bool, ids: list, payload: list) -> None:
-        nonlocal added
+        nonlocal added, index
+        matrices = [np.asarray(m, dtype=np.float32) for m in payload] if is_embedded else None
+        if index is None:  # created at the first add, once its rows have been read and checked
+            dim = matrices[0].shape[-1] if is_embedded else llm.llm_engine.info.output_dims["token_embed"]
+            index = MultiVectorIndex.create(directory, dim, codec=codec or "float16", nbits=nbits or 2)
         if is_embedded:
-            index.add(ids, [np.asarray(m, dtype=np.float32) for m in payload])
+            index.add(ids, matrices)
         else:
             llm.add_to_index(index, ids, payload, use_tqdm=False)
         added += len(ids)
         bar.update(len(ids))
+
+    def untrained() -> bool:
+        return (index.untrained if index is not None else codec == "residual")
 
     # an untrained residual codec is trained on the first add: hold chunks back until it is TRAIN_ROWS
     # documents (or the inputs end, or the input kind changes, or an id repeats), so the sample is not one chunk
@@ -116,10 +137,20 @@ def build(directory: str, model: str | None, inputs: list[str], *, codec: str = 
     for f in files:
         columns = [id_column, "embedding"] if embedded[f] else [id_column, text_column]
         for chunk in _rows(f, columns, CHUNK_ROWS):
-            part = (embedded[f], chunk[id_column], chunk["embedding" if embedded[f] else text_column])
+            try:
+                ids, payload = _last_of_each(chunk[id_column], chunk["embedding" if embedded[f] else text_column])
+                if not embedded[f]:
+                    bad = next((i for i, t in zip(ids, payload) if not isinstance(t, str) or not t), None)
+                    if bad is not None:
+                        text = payload[ids.index(bad)]
+                        raise ValueError(f"the row of id {bad!r} has {type(text).__name__} {text!r} as its "
+                                         f"{text_column!r}: a document's text must be a non-empty string.")
+            except ValueError as e:
+                raise ValueError(f"{f}: {e}") from None
+            part = (embedded[f], ids, payload)
             if held and (held[0][0] != part[0] or {i for h in held for i in h[1]} & set(part[1])):
                 add_held()  # in input order: a later row of an id replaces an earlier one
-            if index.codec != "residual" or index.stats()["centroids"] is not None:
+            if not untrained():
                 add(*part)
                 continue
             held.append(part)
@@ -128,6 +159,8 @@ def build(directory: str, model: str | None, inputs: list[str], *, codec: str = 
     if held:
         add_held()
     bar.close()
+    if index is None:
+        raise ValueError(f"no rows in {', '.join(map(str, files))}: nothing added, no index created.")
     return {"added": added, **index.stats()}
 
 

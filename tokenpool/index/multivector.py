@@ -60,6 +60,7 @@ _GRAPH_ROWS = 1 << 17
 _MERGE_FACTOR = 4  # automatic compaction: this many trailing segments of one size tier are merged into one
 _MERGE_MIN_TOKENS = 4096  # segments smaller than this share the lowest tier
 _BF16_ENV = "TOKENPOOL_INDEX_BF16"
+RESIDUAL_TRAIN_TOKENS = 1 << 14  # a residual codec trained on fewer tokens warns (the server refuses it)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,24 +86,63 @@ def _write_durably(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def _as_matrix(vectors, dim: int, index: int) -> np.ndarray:
-    """One document's `[n, dim]` float32 matrix from a numpy array, a torch tensor or nested lists."""
+def _as_matrix(vectors, dim: int, index: int, what: str = "vectors", item: str = "a document") -> np.ndarray:
+    """One document's (or query's) `[n, dim]` float32 matrix from a numpy array, a torch tensor or nested lists."""
     if hasattr(vectors, "detach"):  # torch
         vectors = vectors.detach().to("cpu").float().numpy()
-    matrix = np.asarray(vectors, dtype=np.float32)
+    try:
+        matrix = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}[{index}] is not an [n, {dim}] array of numbers ({e}).") from None
     if matrix.ndim != 2 or matrix.shape[1] != dim:
-        raise ValueError(f"vectors[{index}] has shape {tuple(matrix.shape)}; expected [n, {dim}].")
+        raise ValueError(f"{what}[{index}] has shape {tuple(matrix.shape)}; expected [n, {dim}].")
     if matrix.shape[0] == 0:
-        raise ValueError(f"vectors[{index}] has no rows: a document needs at least one vector.")
+        raise ValueError(f"{what}[{index}] has no rows: {item} needs at least one vector.")
     if not np.isfinite(matrix).all():
-        raise ValueError(f"vectors[{index}] holds NaN or infinite values.")
+        raise ValueError(f"{what}[{index}] holds NaN or infinite values.")
     return matrix
+
+
+def check_codec(index: "MultiVectorIndex", codec: str | None, nbits: int | None, codec_flag: str = "codec",
+                nbits_flag: str = "nbits") -> None:
+    """An existing index asked for with a codec (or nbits) it does not have: a ValueError naming both (the
+    options only apply to a new index)."""
+    if codec is not None and codec != index.codec:
+        raise ValueError(f"{index.path} holds a {index.codec} index; {codec_flag} {codec} applies to a new index "
+                         f"only (leave it out, or choose a new folder).")
+    have = index._manifest.get("nbits")
+    if nbits is not None and index.codec == "residual" and nbits != have:
+        raise ValueError(f"{index.path} holds a residual index of nbits={have}; {nbits_flag} {nbits} applies to a "
+                         f"new index only (leave it out, or choose a new folder).")
+
+
+def _matrix_list(values, dim: int, what: str, item: str) -> list:
+    """A list of `[n, dim]` matrices; one bare matrix (2-D) is an error that says to wrap it in a list."""
+    if getattr(values, "ndim", None) == 2:
+        raise ValueError(f"{what} must be a list of [n, {dim}] matrices, one per {item.split()[-1]}; got one "
+                         f"matrix of shape {tuple(values.shape)} (pass [matrix] for one).")
+    return list(values)
+
+
+_MAX_INT_ID = (1 << 63) - 1  # ids are also written as JSON and served over HTTP: a signed 64-bit range
 
 
 def _check_id(value, index: int):
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"ids[{index}] must be an int or a str, got {type(value).__name__} {value!r}.")
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT_ID:
+        raise ValueError(f"ids[{index}] = {value}: an int id must be in 0..2**63 - 1.")
+    if isinstance(value, str) and not value:
+        raise ValueError(f"ids[{index}] is an empty string: a str id needs at least one character.")
     return value
+
+
+def _id_list(ids) -> list:
+    """`ids` as a list of checked ids; a bare str or int (whose characters would be taken as ids) is an error."""
+    if isinstance(ids, (str, bytes, int)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"ids must be a list of ids (int or str), got {type(ids).__name__} {ids!r} "
+                         f"(pass [{ids!r}] for one id).")
+    return [_check_id(i, k) for k, i in enumerate(ids)]
 
 
 @dataclass
@@ -388,6 +428,8 @@ class MultiVectorIndex:
         if num_centroids is not None and (not isinstance(num_centroids, int) or not 1 <= num_centroids <= 1 << 20):
             raise ValueError(f"num_centroids must be an int in 1..{1 << 20}, got {num_centroids!r}.")
         root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root} is a file, not a folder: an index is a folder.")
         if (root / _MANIFEST).exists():
             raise ValueError(f"{root} already holds an index; open it with MultiVectorIndex.open.")
         root.mkdir(parents=True, exist_ok=True)
@@ -407,13 +449,17 @@ class MultiVectorIndex:
         by a fused Triton MaxSim kernel (tokenpool/index/cuda_maxsim.py: no score matrix in GPU memory); the
         residual codec decodes on the GPU."""
         root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root} is a file, not an index (an index is a folder).")
         try:
             manifest = json.loads((root / _MANIFEST).read_text())
         except FileNotFoundError:
             raise ValueError(f"{root} holds no index (no {_MANIFEST}); create one with MultiVectorIndex.create.") \
                 from None
-        if manifest.get("format") != _FORMAT:
-            raise ValueError(f"{root}/{_MANIFEST} is not a tokenpool multi-vector index.")
+        except (ValueError, UnicodeDecodeError) as e:  # not JSON
+            raise ValueError(f"{root / _MANIFEST} is not a tokenpool multi-vector index ({e}).") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+            raise ValueError(f"{root / _MANIFEST} is not a tokenpool multi-vector index.")
         dim_scales = manifest.get("dim_scales")
         dim_scales = None if dim_scales is None else np.asarray(dim_scales, dtype=np.float32)
         residual = ResidualCodec.load(root / manifest["codec_file"]) if manifest.get("codec_file") else None
@@ -448,6 +494,11 @@ class MultiVectorIndex:
                         docs.get("metadata"), deleted, residual)
 
     # ----- reads -----
+    @property
+    def untrained(self) -> bool:
+        """A residual index whose codec is not trained yet: its next add trains it on that add's tokens."""
+        return self.codec == "residual" and self._residual is None
+
     def __len__(self) -> int:
         return len(self._where)
 
@@ -492,8 +543,12 @@ class MultiVectorIndex:
 
     # ----- writes -----
     def add(self, ids: Sequence, vectors: Sequence, metadata: Sequence | None = None) -> None:
-        """Add documents (an id already in the index is replaced: upsert). All or nothing, durable on return."""
-        ids = [_check_id(i, k) for k, i in enumerate(ids)]
+        """Add documents (an id already in the index is replaced: upsert). All or nothing, durable on return.
+        Ids: ints in 0..2**63 - 1 or non-empty strs. A new residual index trains its codec on its first add: give
+        that add a representative sample (`RESIDUAL_TRAIN_TOKENS` tokens or more; fewer trains a poor codec and
+        warns)."""
+        ids = _id_list(ids)
+        vectors = _matrix_list(vectors, self.dim, "vectors", "a document")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids but {len(vectors)} vector matrices.")
         if metadata is not None:
@@ -501,9 +556,9 @@ class MultiVectorIndex:
             if len(metadata) != len(ids):
                 raise ValueError(f"{len(ids)} ids but {len(metadata)} metadata entries.")
             try:
-                json.dumps(metadata)
+                json.dumps(metadata, allow_nan=False)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"metadata must be JSON-serializable: {e}") from None
+                raise ValueError(f"metadata must be JSON-serializable (no NaN or infinity): {e}") from None
         if len(set(ids)) != len(ids):
             raise ValueError("ids repeat within one add call.")
         if not ids:
@@ -526,6 +581,11 @@ class MultiVectorIndex:
             root = self.path
             residual = self._residual
             if self.codec == "residual" and residual is None:
+                if len(flat) < RESIDUAL_TRAIN_TOKENS:
+                    warnings.warn(f"The residual codec of {self.path} is trained on this first add's {len(flat)} "
+                                  f"tokens, fewer than {RESIDUAL_TRAIN_TOKENS:,}: its centroids and levels fit only "
+                                  f"these documents, and later ones are coded poorly. Give the first add a "
+                                  f"representative sample.", UserWarning, stacklevel=2)
                 residual = ResidualCodec.train(flat, manifest["nbits"], manifest.get("num_centroids"),
                                                device=self.device)
                 manifest["codec_file"] = f"codec-{manifest['version']}.npz"
@@ -559,19 +619,22 @@ class MultiVectorIndex:
             if self.auto_compact:
                 self._merge_tail()
 
-    def delete(self, ids: Sequence) -> None:
-        """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return."""
+    def delete(self, ids: Sequence) -> int:
+        """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return.
+        Returns how many documents were removed (an id given twice counts once)."""
+        ids = list(dict.fromkeys(_id_list(ids)))
         with self._lock:
             unknown = [i for i in ids if i not in self._where]
             if unknown:
                 raise ValueError(f"Unknown id(s) {unknown[:5]!r}{'...' if len(unknown) > 5 else ''}: nothing deleted.")
             if not ids:
-                return
+                return 0
             manifest = json.loads(json.dumps(self._manifest))
             manifest["version"] += 1
             deletions = self._deletions(manifest, [self._where[i] for i in ids])
             self._commit(manifest)
             self._apply(manifest, deletions)
+        return len(ids)
 
     def compact(self, progress: Callable[[int], None] | None = None) -> dict:
         """Rewrite every segment's live documents into one segment (deleted and replaced documents' tokens are
@@ -723,14 +786,15 @@ class MultiVectorIndex:
         Exact codecs score every document exactly. The residual codec, by default, generates candidates
         (PLAID's idea): each query row's `nprobe` nearest centroids (default 8) select the documents with a
         token in them; those are ranked by the centroids alone (MaxSim with each token replaced by its
-        centroid) and the best `candidates` (default max(256, 16 k)) are decoded and scored exactly.
+        centroid) and the best `candidates` (default max(256, 16 k); at least k) are decoded and scored exactly.
         `exact=True` scores every document with its decoded vectors instead."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}.")
         for name, value in (("candidates", candidates), ("nprobe", nprobe)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        mats = [_as_matrix(q, self.dim, i) for i, q in enumerate(queries)]
+        mats = [_as_matrix(q, self.dim, i, "queries", "a query")
+                for i, q in enumerate(_matrix_list(queries, self.dim, "queries", "a query"))]
         if not mats:
             return []
         (segments, where), residual = self._state, self._residual  # one committed version
@@ -738,8 +802,9 @@ class MultiVectorIndex:
         if live == 0:
             return [[] for _ in mats]
         if residual is not None and not exact:
-            return self._search_candidates(segments, residual, mats, k, candidates or max(256, 16 * k),
-                                           nprobe or _NPROBE, self.device, self._graphs)
+            width = max(candidates, k) if candidates else max(256, 16 * k)
+            return self._search_candidates(segments, residual, mats, k, width, nprobe or _NPROBE, self.device,
+                                           self._graphs)
         # every query at once: each block of stored tokens is decoded once per search, not once per query
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)

@@ -95,6 +95,14 @@ def check_columns(path: Path, columns: list[str]) -> None:
             names = list(json.loads(first))
         except (json.JSONDecodeError, TypeError):
             raise ValueError(f"{path}: the first line is not a JSON object.") from None
+        import pyarrow as pa
+        import pyarrow.json as pj
+
+        try:  # parsed here as the replica will (a failure there would come back as a Ray traceback)
+            pj.read_json(path)
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: {e} (each field must hold one type in every row: e.g. ids all strings or "
+                             "all integers).") from None
     missing = [c for c in columns if c not in names]
     if missing:
         raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (it has {', '.join(names)}); use "

@@ -371,21 +371,26 @@ class ErrorResponse(BaseModel):
 
 
 # ----- the multi-vector index (tokenpool serve --index DIR) -----
-DocumentId = Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1)]]
+# the offline index's rule (tokenpool/index/multivector.py `_check_id`): ints in a signed 64-bit range, non-empty strs
+DocumentId = Union[Annotated[StrictInt, Field(ge=0, le=(1 << 63) - 1)], Annotated[StrictStr, Field(min_length=1)]]
+_TRUNCATE = "Keep only the last n tokens of each text (as /pooling's truncate_prompt_tokens)."
 
 
 class IndexDocumentsRequest(OpenAIBaseModel):
     """POST /v1/index/documents: embed `input` in document mode and add it under `ids` (upsert)."""
 
-    ids: list[DocumentId] = Field(min_length=1, description="The caller's ids (int >= 0 or str), one per input.")
-    input: list[str] = Field(min_length=1, description="The documents' texts.")
+    model: str | None = Field(None, description="Must name the served model when given.")
+    ids: list[DocumentId] = Field(min_length=1, description="The caller's ids (int in 0..2^63-1, or a non-empty "
+                                                           "str), one per input.")
+    input: Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(description="The documents' texts.")
     metadata: list[dict[str, Any] | None] | None = Field(None, description="Optional JSON object per document.")
-    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the first n tokens.")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description=_TRUNCATE)
 
 
 class IndexDeleteRequest(OpenAIBaseModel):
     """POST /v1/index/delete: remove documents (all or nothing: an unknown id is a 404)."""
 
+    model: str | None = Field(None, description="Must name the served model when given.")
     ids: list[DocumentId] = Field(min_length=1)
 
 
@@ -393,6 +398,12 @@ class SearchRequest(OpenAIBaseModel):
     """POST /v1/search: the `k` best documents per query, by MaxSim (queries embedded in query mode)."""
 
     model: str | None = None
-    query: str | list[str] = Field(description="One query or a list.")
+    query: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(description="One query or a list.")
     k: int = Field(10, ge=1, le=10000)
-    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description=_TRUNCATE)
+    exact: bool | None = Field(None, description="Residual index: score every document with its decoded vectors "
+                                                 "instead of generating candidates.")
+    candidates: int | None = Field(None, ge=1, le=1_000_000, description="Residual index: documents scored exactly "
+                                                                        "per query (default max(256, 16 k)).")
+    nprobe: int | None = Field(None, ge=1, le=65536, description="Residual index: centroids probed per query row "
+                                                                "(default 8).")

@@ -3,6 +3,7 @@
     POST /v1/index/documents {"ids": [...], "input": [...texts], "metadata": [...]?}   embed (document mode), add
     POST /v1/index/delete    {"ids": [...]}                                             all or nothing
     POST /v1/search          {"query": str | [str], "k": 10}                            MaxSim top-k per query
+                             (residual index: "exact", "candidates", "nprobe" as MultiVectorIndex.search)
     GET  /v1/index                                                                       documents, dim, codec, ...
 
 Writes go to the index in a worker thread (they fsync); the index serializes them, and a search reads one
@@ -49,6 +50,7 @@ async def add_documents(request: IndexDocumentsRequest, raw_request: Request) ->
     """Embeds `input` with token_embed (document mode for ColBERT models) and adds the matrices under `ids`;
     an id already in the index is replaced. Durable when the answer comes."""
     s: ServingState = raw_request.app.state.serving
+    s.check_model(request.model)
     index = _index(s)
     if len(request.ids) != len(request.input):
         raise APIError(f"{len(request.ids)} ids but {len(request.input)} inputs.", param="ids")
@@ -57,6 +59,14 @@ async def add_documents(request: IndexDocumentsRequest, raw_request: Request) ->
     if len(set(request.ids)) != len(request.ids):
         raise APIError("ids repeat within the request.", param="ids")
     matrices, tokens = await _embed(s, raw_request, request.input, "document", request.truncate_prompt_tokens)
+    from tokenpool.index import RESIDUAL_TRAIN_TOKENS
+
+    stored = sum(len(m) for m in matrices)
+    if index.untrained and stored < RESIDUAL_TRAIN_TOKENS:
+        raise APIError(f"This residual index's codec is trained on its first add, which needs at least "
+                       f"{RESIDUAL_TRAIN_TOKENS:,} tokens (a representative sample); this request has {stored:,}. "
+                       f"Send more documents in the first request, or build the index with `tokenpool index build`.",
+                       param="input")
     try:
         await asyncio.to_thread(index.add, request.ids, matrices, request.metadata)
     except ValueError as e:
@@ -70,12 +80,13 @@ async def add_documents(request: IndexDocumentsRequest, raw_request: Request) ->
 async def delete_documents(request: IndexDeleteRequest, raw_request: Request) -> Response:
     """Removes `ids`; if one is unknown nothing is removed and the answer is a 404 naming it."""
     s: ServingState = raw_request.app.state.serving
+    s.check_model(request.model)
     index = _index(s)
     try:
-        await asyncio.to_thread(index.delete, request.ids)
+        deleted = await asyncio.to_thread(index.delete, request.ids)
     except ValueError as e:
         raise APIError(str(e), status=404, param="ids") from None
-    return json_response({"object": "index.delete", "deleted": len(request.ids), "documents": len(index)})
+    return json_response({"object": "index.delete", "deleted": deleted, "documents": len(index)})
 
 
 @router.post("/v1/search", responses=WORK_ERRORS, summary="Search the index")
@@ -86,10 +97,9 @@ async def search(request: SearchRequest, raw_request: Request) -> Response:
     s.check_model(request.model)
     index = _index(s)
     queries = [request.query] if isinstance(request.query, str) else list(request.query)
-    if not queries:
-        raise APIError("query is an empty list.", param="query")
     matrices, tokens = await _embed(s, raw_request, queries, "query", request.truncate_prompt_tokens)
-    found = await asyncio.to_thread(index.search, matrices, request.k)
+    found = await asyncio.to_thread(index.search, matrices, request.k, exact=request.exact,
+                                    candidates=request.candidates, nprobe=request.nprobe)
     data = []
     for i, hits in enumerate(found):
         results = []

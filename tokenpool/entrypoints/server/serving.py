@@ -44,8 +44,8 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
     index_dir: str | None = None  # a MultiVectorIndex folder: /v1/index/*, /v1/search (created if missing)
-    index_codec: str = "float16"  # for a new index
-    index_nbits: int = 2  # for a new residual index
+    index_codec: str | None = None  # for a new index (default float16); an existing index must have this codec
+    index_nbits: int | None = None  # for a new residual index (default 2); an existing one must have these
 
 
 class ServingState:
@@ -76,7 +76,10 @@ class ServingState:
         self.image_placeholder = info.image_placeholder
         self.special_ids = info.lexical_skip_ids
         self.processor = core.processor  # tokenization, on the tokenizer thread only
-        if default_task is not None and default_task in self.tasks:
+        if default_task is not None and default_task not in self.tasks:
+            raise ValueError(f"--task {default_task!r} is not supported by this model ({self.model_name}). "
+                             f"Supported tasks: {', '.join(self.tasks)}.")
+        if default_task is not None:
             self.default_task = default_task
         else:
             self.default_task = "token_embed" if "token_embed" in self.tasks else self.tasks[0]
@@ -88,6 +91,7 @@ class ServingState:
         from pathlib import Path
 
         from tokenpool.index import MultiVectorIndex
+        from tokenpool.index.multivector import check_codec
 
         if "token_embed" not in self.tasks:
             raise ValueError(f"--index needs a model with token_embed; {self.model_name} has {', '.join(self.tasks)}.")
@@ -97,8 +101,10 @@ class ServingState:
             if index.dim != dim:
                 raise ValueError(f"--index {config.index_dir} holds {index.dim}-dim vectors; this model's token_embed "
                                  f"rows have {dim}.")
+            check_codec(index, config.index_codec, config.index_nbits, "--index-codec", "--index-nbits")
             return index
-        return MultiVectorIndex.create(config.index_dir, dim, codec=config.index_codec, nbits=config.index_nbits)
+        return MultiVectorIndex.create(config.index_dir, dim, codec=config.index_codec or "float16",
+                                       nbits=config.index_nbits or 2)
 
     # ----- checks -----
     def check_model(self, name: str | None) -> None:
