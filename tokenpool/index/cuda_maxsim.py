@@ -336,7 +336,7 @@ if triton is not None:
             rows = start + t
             x_rows = x_ptr + rows.to(tl.int64)[:, None] * DIM
             s = tl.zeros([MP, BT], tl.float32)
-            for d0 in tl.static_range(0, DP, DC):
+            for d0 in range(0, DP, DC):  # a loop, not unrolled: one chunk's tiles in shared memory at a time
                 cols = d0 + c
                 qt = tl.load(q_rows + cols[None, :])
                 x = tl.load(x_rows + cols[None, :], mask=(rows[:, None] < t1) & (cols[None, :] < DIM), other=0.0)
@@ -496,7 +496,7 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
                  pair_t0: torch.Tensor, pair_t1: torch.Tensor) -> torch.Tensor:
     """Exact MaxSim per (query, document) pair, float32 `[pairs]`: query b is rows q_offsets[b]..q_offsets[b + 1]
     of `queries`, a pair's document rows pair_t0..pair_t1 of `x` (float32 `[tokens, dim]`, on one device with
-    the queries). On CUDA one Triton program per pair (3xTF32 products; vectors over 256 dims in chunks of 128
+    the queries). On CUDA one Triton program per pair (3xTF32 products; vectors over 256 dims in chunks of 64
     dims); elsewhere torch, query by query."""
     n = len(pair_q)
     if n == 0:
@@ -513,8 +513,8 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
             _pairs_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, MP=mp,
                                 BT=32 if mp * dp <= 4096 else 16, num_warps=4)
         else:
-            _pairs_chunked_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, DC=128,
-                                        MP=mp, BT=32 if mp <= 32 else 16, num_warps=4)
+            _pairs_chunked_kernel[(n,)](qpad, x.contiguous(), pair_q, pair_t0, pair_t1, out, DIM=dim, DP=dp, DC=64,
+                                        MP=mp, BT=32 if mp <= 32 else 16, num_warps=4, num_stages=2)
         return out
     out = torch.empty(n, dtype=torch.float64, device=x.device)
     pq, t0, t1 = (t.cpu().numpy() for t in (pair_q, pair_t0, pair_t1))
