@@ -117,6 +117,17 @@ def test_an_index_of_another_width_is_refused_in_one_line(colbert, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("tokenpool serve: --index")
     assert "holds 7-dim vectors" in proc.stderr and "Traceback" not in proc.stderr
+    # the same for an index of another codec than --index-codec names, a file as --index, a --task the model lacks
+    dim = LLM(str(colbert), dtype="float32").llm_engine.info.output_dims["token_embed"]
+    MultiVectorIndex.create(tmp_path / "f16", dim)
+    (tmp_path / "file").write_text("x")
+    for extra, message in ((["--index", str(tmp_path / "f16"), "--index-codec", "residual"],
+                            "holds a float16 index; --index-codec residual applies to a new index only"),
+                           (["--index", str(tmp_path / "file")], "is a file"),
+                           (["--task", "token_classify"], "--task 'token_classify' is not supported")):
+        proc = subprocess.run([sys.executable, "-m", "tokenpool", "serve", str(colbert), "--dtype", "float32",
+                               "--port", "0", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
 
 
 def test_a_residual_index_over_http_equals_the_offline_one(colbert, tmp_path):

@@ -275,6 +275,7 @@ def _index(args: argparse.Namespace) -> None:
             with tqdm(total=before["tokens"], desc="index compact", unit="token", unit_scale=True,
                       disable=args.no_progress, dynamic_ncols=True) as bar:
                 stats = index.compact(progress=bar.update)
+                bar.update(bar.total - bar.n)  # nothing to copy (one segment, nothing deleted) is done too
             print(f"index compact: {before['segments']} segments -> {stats['segments']}; {stats['documents']} "
                   f"documents, {stats['tokens']} tokens; {before['bytes_on_disk']:,} -> {stats['bytes_on_disk']:,} "
                   "bytes on disk")
