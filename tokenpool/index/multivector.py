@@ -127,9 +127,13 @@ def _matrix_list(values, dim: int, what: str, item: str) -> list:
 _MAX_INT_ID = (1 << 63) - 1  # ids are also written as JSON and served over HTTP: a signed 64-bit range
 
 
-def _check_id(value, index: int):
+def _check_id(value, index: int, new: bool = True):
+    """An id as `add` takes it (`new`), or as `delete` does: of an id type only (an index written before the
+    range rule may hold others)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"ids[{index}] must be an int or a str, got {type(value).__name__} {value!r}.")
+    if not new:
+        return value
     if isinstance(value, int) and not 0 <= value <= _MAX_INT_ID:
         raise ValueError(f"ids[{index}] = {value}: an int id must be in 0..2**63 - 1.")
     if isinstance(value, str) and not value:
@@ -137,12 +141,12 @@ def _check_id(value, index: int):
     return value
 
 
-def _id_list(ids) -> list:
+def _id_list(ids, new: bool = True) -> list:
     """`ids` as a list of checked ids; a bare str or int (whose characters would be taken as ids) is an error."""
     if isinstance(ids, (str, bytes, int)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"ids must be a list of ids (int or str), got {type(ids).__name__} {ids!r} "
                          f"(pass [{ids!r}] for one id).")
-    return [_check_id(i, k) for k, i in enumerate(ids)]
+    return [_check_id(i, k, new) for k, i in enumerate(ids)]
 
 
 @dataclass
@@ -622,7 +626,7 @@ class MultiVectorIndex:
     def delete(self, ids: Sequence) -> int:
         """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return.
         Returns how many documents were removed (an id given twice counts once)."""
-        ids = list(dict.fromkeys(_id_list(ids)))
+        ids = list(dict.fromkeys(_id_list(ids, new=False)))
         with self._lock:
             unknown = [i for i in ids if i not in self._where]
             if unknown:
