@@ -1003,10 +1003,10 @@ class MultiVectorIndex:
         live = top.flatten() > float("-inf")
         longest = max(_longest(seg) for seg in segments)
         span = torch.arange(longest, device=device)
-        # blocks of `chunk` pairs, so that the decoded rows stay bounded (~2^19 rows of float32); each pair's rows
-        # are gathered from the segment that holds its document (a select per segment: the codes are small), then
-        # every pair is decoded and scored once
-        chunk = max(1, (1 << 19) // longest)
+        # blocks of `chunk` pairs, so that the decoded rows stay bounded (2^19 rows of float32 up to 512 dims, at
+        # most 1 GiB above); each pair's rows are gathered from the segment that holds its document (a select per
+        # segment: the codes are small), then every pair is decoded and scored once
+        chunk = max(1, ((1 << 19) * 512 // max(codec.dim, 512)) // longest)
         for c0 in range(0, nq * width, chunk):
             c1 = min(c0 + chunk, nq * width)
             doc, on = flat[c0:c1], live[c0:c1]
