@@ -176,6 +176,9 @@ def test_llm_add_to_index_and_search_in_document_and_query_modes(tmp_path, minil
     wrong = MultiVectorIndex.create(tmp_path / "wrong", dim + 1)
     with pytest.raises(ValueError, match=f"holds {dim + 1}-dim vectors"):
         llm.search("a query", wrong)
+    for ids in ("ab", {"p", "q"}):  # a str's characters, a set's arbitrary order: refused before the work
+        with pytest.raises(ValueError, match="ids must be a"):
+            llm.add_to_index(wrong, ids, ["x", "y"])
 
 
 def test_cli_build_from_texts_and_from_embed_corpus_parquet_then_search(tmp_path, minilm_path):
@@ -474,7 +477,9 @@ def test_cli_errors_are_one_line(tmp_path):
                           (["index", "compact", str(tmp_path / "broken")], "is not a tokenpool multi-vector index"),
                           (["index", "search", str(tmp_path), "q", "-k", "abc"], "expected a positive integer"),
                           (["serve", "--port", "99999"], "expected a port in 0..65535"),
-                          (["demo", "--model", str(tmp_path / "nowhere")], "tokenpool demo: ")):
+                          (["demo", "--model", str(tmp_path / "nowhere")], "tokenpool demo: "),
+                          (["serve", str(tmp_path / "nowhere"), "--ray-replicas", "1"], "does not exist"),
+                          (["serve", "--ray-gpus-per-replica", "-1"], "expected a number >= 0")):
         done = subprocess.run([sys.executable, "-m", "tokenpool", *args], capture_output=True, text=True, env=env,
                               timeout=300)
         assert done.returncode in (1, 2) and "Traceback" not in done.stderr and message in done.stderr, \

@@ -215,6 +215,36 @@ def test_embed_corpus_errors_are_one_line(minilm_path, tmp_path):
     proc = _cli(str(tmp_path / "nothing-here"), str(tmp_path / "out"), "--model", str(minilm_path))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "No Parquet or JSONL files" in out and "Traceback" not in out
+    # checked on the driver, before Ray starts: a missing model, OUTPUT a file
+    (tmp_path / "file.txt").write_text("x")
+    for args, message in (([str(tmp_path / "in"), str(tmp_path / "o2"), "--model", str(tmp_path / "nowhere")],
+                           "does not exist"),
+                          ([str(tmp_path / "in"), str(tmp_path / "file.txt"), "--model", str(minilm_path)],
+                           "is a file")):
+        proc = _cli(*args, "--no-progress")
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and message in out and "Traceback" not in out, out
+
+
+def test_embed_corpus_files_an_empty_jsonl_keeps_others_temporaries_and_skips_its_output(tmp_path):
+    """Without Ray (nothing pending): an empty JSONL reads as an empty table; a rerun removes only its own
+    temporaries; OUTPUT inside the input folder is not read as input."""
+    from tokenpool.ray import corpus
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    table = corpus.read_input(tmp_path / "empty.jsonl", ["id", "text"])
+    assert table.num_rows == 0 and table.column_names == ["id", "text"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    out = tmp_path / "in" / "emb"  # inside the inputs, as a user may put it
+    out.mkdir()
+    pq.write_table(pa.table({"id": [1]}), out / "a.parquet")  # a.jsonl is done
+    mine, theirs = out / f"b.parquet{corpus.TMP_MARK}{'0' * 32}", out / "keep.tmp-notmine.txt"
+    mine.write_text("partial")
+    theirs.write_text("a user's file")
+    summary = corpus.embed_corpus(str(tmp_path / "in"), str(out), None, progress=False)
+    assert summary["skipped"] == 1 and summary["files"] == 0
+    assert not mine.exists() and theirs.exists()
 
 
 # ----- vector stores as sinks -----

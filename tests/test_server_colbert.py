@@ -78,3 +78,14 @@ def test_tokenize_shows_the_ids_of_each_mode(server, folder):
 def test_bad_input_type_is_a_400(server):
     response = requests.post(server.url("/pooling"), json={"input": "x", "input_type": "passage"}, timeout=60)
     assert response.status_code == 400 and "input_type" in response.text
+
+
+def test_a_document_with_no_rows_left_is_answered_in_every_encoding(server):
+    """A document of skiplist tokens only (a comma) keeps no rows in document mode: an empty matrix in every
+    encoding, its shape [0, dim] where the encoding carries one (base64 and bytes asked a 500 before)."""
+    for encoding in ("float", "base64"):
+        answer = requests.post(server.url("/pooling"), json={"input": [[1010]], "encoding_format": encoding},
+                               timeout=60)
+        assert answer.status_code == 200, answer.text
+        item = answer.json()["data"][0]
+        assert item["data"] in ([], "") and (encoding == "float" or item["shape"][0] == 0)

@@ -50,6 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -100,10 +110,12 @@ def make_parser() -> argparse.ArgumentParser:
     on_ray = serve.add_argument_group("Ray Serve (the 'ray' extra)")
     on_ray.add_argument("--ray-replicas", type=_positive_int, default=None,
                         help="Serve with N replicas (one engine each) on Ray Serve, same routes (default: no Ray).")
-    on_ray.add_argument("--ray-gpus-per-replica", type=float, default=0, help="0: CPU replicas; 1: a GPU each.")
-    on_ray.add_argument("--ray-cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica.")
+    on_ray.add_argument("--ray-gpus-per-replica", type=_non_negative, default=0,
+                        help="0: CPU replicas; 1: a GPU each.")
+    on_ray.add_argument("--ray-cpus-per-replica", type=_non_negative, default=None,
+                        help="CPUs Ray reserves per replica.")
     on_ray.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
-    on_ray.add_argument("--ray-metrics-port", type=int, default=None,
+    on_ray.add_argument("--ray-metrics-port", type=_port, default=None,
                         help="Port of the local Ray's Prometheus export: per-replica series (tag replica).")
     serve.set_defaults(func=_serve)
 
@@ -127,8 +139,8 @@ def make_parser() -> argparse.ArgumentParser:
                      help="Encoding mode of models with modes (ColBERT; default: document).")
     job.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
     job.add_argument("--replicas", type=_positive_int, default=1, help="Engine replicas (actors).")
-    job.add_argument("--gpus-per-replica", type=float, default=0, help="0: CPU replicas; 1: one GPU each.")
-    job.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs Ray reserves per replica.")
+    job.add_argument("--gpus-per-replica", type=_non_negative, default=0, help="0: CPU replicas; 1: one GPU each.")
+    job.add_argument("--cpus-per-replica", type=_non_negative, default=None, help="CPUs Ray reserves per replica.")
     job.add_argument("--no-progress", action="store_true")
     corpus.set_defaults(func=_embed_corpus)
 
@@ -218,7 +230,13 @@ def _serve(args: argparse.Namespace) -> None:
         index_dir=args.index, index_codec=args.index_codec, index_nbits=args.index_nbits,
     )
     if args.ray_replicas is not None:
+        from tokenpool.loader.model_files import resolve_model_dir
         from tokenpool.ray import serve as ray_serve
+
+        try:  # here, before Ray starts: a replica's failure would come back as Ray's tracebacks
+            resolve_model_dir(engine_args.model, engine_args.revision, engine_args.download_dir)
+        except ValueError as e:
+            sys.exit(f"tokenpool serve: {e}")
 
         ray_serve.run(engine_args, config, replicas=args.ray_replicas, gpus_per_replica=args.ray_gpus_per_replica,
                       cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address,
@@ -241,6 +259,12 @@ def _embed_corpus(args: argparse.Namespace) -> None:
     from tokenpool.ray.corpus import embed_corpus
 
     engine = EngineArgs.from_cli_args(args)
+    from tokenpool.loader.model_files import resolve_model_dir
+
+    try:  # before Ray starts: a replica's failure would come back after Ray's start-up, wrapped
+        resolve_model_dir(engine.model, engine.revision, engine.download_dir)
+    except ValueError as e:
+        sys.exit(f"tokenpool embed-corpus: {e}")
     defaults = EngineArgs()
     engine_kwargs = {f.name: getattr(engine, f.name) for f in dataclasses.fields(EngineArgs)
                      if f.name not in ("model", "task") and getattr(engine, f.name) != getattr(defaults, f.name)}
@@ -253,12 +277,32 @@ def _embed_corpus(args: argparse.Namespace) -> None:
             format=args.format, table_name=args.table)
     except ValueError as e:
         sys.exit(f"tokenpool embed-corpus: {e}")
+    except Exception as e:  # raised in a replica: Ray wraps it (a missing model, a task it lacks, a bad row)
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        sys.exit(f"tokenpool embed-corpus: {cause}")
     except KeyboardInterrupt:
         print(f"tokenpool embed-corpus: interrupted; what is in {args.output} is complete, run the same command "
               "again to finish the job", file=sys.stderr)
         sys.exit(130)
     print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "
           f"{summary['skipped']} already done, in {args.output}")
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The ValueError (bad input: a model, a task, a row) behind an exception Ray raised for a remote failure,
+    following `cause` (Ray's task errors) and `__cause__` / `__context__`; None if there is none."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ValueError) and not type(e).__module__.startswith("ray"):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def _index(args: argparse.Namespace) -> None:

@@ -155,12 +155,15 @@ class LLM:
                      metadata: Sequence | None = None, *, use_tqdm: bool = True) -> None:
         """Embed `texts` (token_embed; document mode for models with modes) and add them to `index` (a
         `tokenpool.index.MultiVectorIndex`) under `ids`; an id already there is replaced."""
+        from tokenpool.index.multivector import check_ids
+
+        ids = check_ids(ids)  # before the work: a bare str or a set is refused, not taken apart
         prompts = _as_list(texts)
         if len(prompts) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(prompts)} texts.")
         outputs = self.encode(prompts, self._side_params("document"), use_tqdm=use_tqdm, pooling_task="token_embed")
         self._check_index_dim(index, outputs)
-        index.add(list(ids), [o.outputs.data for o in outputs], metadata)
+        index.add(ids, [o.outputs.data for o in outputs], metadata)
 
     def search(self, queries: PromptType | Sequence[PromptType], index, k: int = 10, *,
                use_tqdm: bool = False) -> list[list[tuple]]:

@@ -141,11 +141,14 @@ def _check_id(value, index: int, new: bool = True):
     return value
 
 
-def _id_list(ids, new: bool = True) -> list:
+def check_ids(ids, new: bool = True) -> list:
     """`ids` as a list of checked ids; a bare str or int (whose characters would be taken as ids) is an error."""
     if isinstance(ids, (str, bytes, int)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"ids must be a list of ids (int or str), got {type(ids).__name__} {ids!r} "
                          f"(pass [{ids!r}] for one id).")
+    if isinstance(ids, (set, frozenset, dict)):  # no order: which id would get which document?
+        raise ValueError(f"ids must be a sequence in the documents' order (a list or tuple), got a "
+                         f"{type(ids).__name__}.")
     return [_check_id(i, k, new) for k, i in enumerate(ids)]
 
 
@@ -551,7 +554,7 @@ class MultiVectorIndex:
         Ids: ints in 0..2**63 - 1 or non-empty strs. A new residual index trains its codec on its first add: give
         that add a representative sample (`RESIDUAL_TRAIN_TOKENS` tokens or more; fewer trains a poor codec and
         warns)."""
-        ids = _id_list(ids)
+        ids = check_ids(ids)
         vectors = _matrix_list(vectors, self.dim, "vectors", "a document")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids but {len(vectors)} vector matrices.")
@@ -626,7 +629,7 @@ class MultiVectorIndex:
     def delete(self, ids: Sequence) -> int:
         """Remove documents; an unknown id is a ValueError and nothing of the call is applied. Durable on return.
         Returns how many documents were removed (an id given twice counts once)."""
-        ids = list(dict.fromkeys(_id_list(ids, new=False)))
+        ids = list(dict.fromkeys(check_ids(ids, new=False)))
         with self._lock:
             unknown = [i for i in ids if i not in self._where]
             if unknown:

@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +36,7 @@ logger = logging.getLogger("tokenpool")
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 TMP_MARK = ".tmp-"
+_OWN_TMP = re.compile("[0-9a-f]{32}")  # the suffix of this module's temporary files
 CHUNK_ROWS = 2048  # rows per engine call inside one file: memory stays bounded for large files
 
 
@@ -72,6 +74,12 @@ def read_input(path: Path, columns: list[str]):
         missing = [c for c in columns if c not in schema.names]
         table = None if missing else pq.read_table(path, columns=columns)
     else:
+        with open(path, encoding="utf-8") as f:
+            empty = not any(line.strip() for line in f)
+        if empty:  # pyarrow refuses an empty JSON file: an empty output, as for an empty Parquet file
+            import pyarrow as pa
+
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
         table = pj.read_json(path)
         missing = [c for c in columns if c not in table.column_names]
         table = None if missing else table.select(columns)
@@ -174,6 +182,10 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
     import pyarrow.dataset as pds
 
     root = Path(output)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"OUTPUT {root} is a file: it must be a folder (the LanceDB database, created if missing).")
+    if Path(table_name).name != table_name or table_name in ("", ".", ".."):
+        raise ValueError(f"--table must be a plain name, got {table_name!r}.")
     final = root / f"{table_name}.lance"
     if final.exists():
         logger.info("embed-corpus: the Lance table %s exists: nothing to do", final)
@@ -202,10 +214,16 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
     check_output_dtype(output_dtype)
     pool = actor_pool(replicas)
-    files = list_inputs(inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"OUTPUT {out_dir} is a file: it must be a folder (created if missing).")
+    own = out_dir.resolve()
+    files = [f for f in list_inputs(inputs) if own not in f.resolve().parents]  # not this job's own outputs
+    if not files:
+        raise ValueError(f"No input files in {inputs!r} outside OUTPUT {out_dir}.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"*{TMP_MARK}*"):  # left by an interrupted run
-        stale.unlink()
+    for stale in out_dir.glob(f"*.parquet{TMP_MARK}*"):  # left by an interrupted run (ours only: a uuid4 hex)
+        if _OWN_TMP.fullmatch(stale.name.split(TMP_MARK)[-1]):
+            stale.unlink()
     targets = [out_dir / name for name in output_names(files)]
     pending = [(f, t) for f, t in zip(files, targets) if not t.exists()]
     summary = {"files": 0, "skipped": len(files) - len(pending), "rows": 0, "tokens": 0}

@@ -58,7 +58,9 @@ def to_array(tensor: torch.Tensor, embed_dtype: str = "float32", endianness: str
 
 
 def raw_bytes(array: np.ndarray) -> memoryview:
-    """The array's buffer as bytes, without a copy."""
+    """The array's buffer as bytes, without a copy (an empty array, e.g. a document with no rows left: b"")."""
+    if array.size == 0:  # memoryview cannot cast a view with a zero in its shape
+        return memoryview(b"")
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
