@@ -356,3 +356,18 @@ def test_serve_app_checks_its_arguments_on_the_driver(minilm_path):
         serve_app(str(minilm_path), num_replicas=0)
     with pytest.raises(TypeError, match="Unknown engine argument"):
         serve_app(str(minilm_path), dtyp="float32")
+
+
+def test_the_replica_truncates_when_asked(minilm_path):
+    """`truncate_prompt_tokens` (embed-corpus --truncate-prompt-tokens, embed_dataset's keyword) reaches the
+    engine: a text over the context keeps its last K tokens; without it the text fails, naming the option."""
+    from tokenpool.ray import Embedder
+
+    long_text = " ".join(["word"] * 1000)
+    table = pa.table({"id": [1], "text": [long_text]})
+    cut = Embedder(str(minilm_path), "token_embed", "text", "id", "float32", None, {"dtype": "float32"},
+                   truncate_prompt_tokens=7).embed_table(table)
+    assert cut.column("num_tokens").to_pylist() == [7]
+    whole = Embedder(str(minilm_path), "token_embed", "text", "id", "float32", None, {"dtype": "float32"})
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        whole.embed_table(table)

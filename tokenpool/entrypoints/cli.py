@@ -135,6 +135,9 @@ def make_parser() -> argparse.ArgumentParser:
                           "LanceDB database folder that gets the table --table (needs the 'lance' extra).")
     job.add_argument("--table", default="embeddings", help="The LanceDB table name (--format lance).")
     job.add_argument("--output-dtype", default="float16", choices=["float16", "float32"])
+    job.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
+                     help="Keep only the last K tokens of each text (-1: the model's context length); by default "
+                          "a text longer than the context fails the job, naming this option.")
     job.add_argument("--input-type", default=None, choices=["query", "document"],
                      help="Encoding mode of models with modes (ColBERT; default: document).")
     job.add_argument("--ray-address", default=None, help="An existing Ray cluster (default: start a local one).")
@@ -274,7 +277,7 @@ def _embed_corpus(args: argparse.Namespace) -> None:
             id_column=args.id_column, output_dtype=args.output_dtype, input_type=args.input_type,
             ray_address=args.ray_address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica, progress=not args.no_progress, engine_kwargs=engine_kwargs,
-            format=args.format, table_name=args.table)
+            format=args.format, table_name=args.table, truncate_prompt_tokens=args.truncate_prompt_tokens)
     except ValueError as e:
         sys.exit(f"tokenpool embed-corpus: {e}")
     except Exception as e:  # raised in a replica: Ray wraps it (a missing model, a task it lacks, a bad row)

@@ -53,7 +53,7 @@ class Embedder:
     """The replica: one `LLM` built in the actor, called on pyarrow batches of (id, text) rows."""
 
     def __init__(self, model: str | None, task: str, text_column: str, id_column: str, output_dtype: str,
-                 input_type: str | None, engine_kwargs: dict[str, Any]):
+                 input_type: str | None, engine_kwargs: dict[str, Any], truncate_prompt_tokens: int | None = None):
         from tokenpool import LLM, PoolingParams
 
         self.llm = LLM(model, **engine_kwargs)
@@ -65,6 +65,7 @@ class Embedder:
                              f"{', '.join(self.llm.supported_tasks)}.")
         self.task, self.text_column, self.id_column, self.output_dtype = task, text_column, id_column, output_dtype
         self.params = PoolingParams(input_type=input_type) if input_type else None
+        self.truncate = truncate_prompt_tokens  # None: a text over the context length fails the job, saying so
 
     def embed_table(self, table):
         """pyarrow table with the id and text columns -> the output table (same rows, same order)."""
@@ -73,7 +74,8 @@ class Embedder:
         if bad is not None:
             raise ValueError(f"Column {self.text_column!r} must hold strings; row {bad} (id "
                              f"{table.column(self.id_column)[bad].as_py()!r}) holds {texts[bad]!r}.")
-        outputs = self.llm.encode(texts, self.params, pooling_task=self.task, use_tqdm=False)
+        outputs = self.llm.encode(texts, self.params, pooling_task=self.task, use_tqdm=False,
+                                  truncate_prompt_tokens=self.truncate)
         ids = table.column(self.id_column)
         return outputs_table(ids.to_pylist(), outputs, self.task, self.llm.llm_engine.info.output_dims,
                              self.output_dtype, id_type=ids.type)
@@ -108,7 +110,7 @@ def embed_dataset(ds, model: str | None, *, task: str = "token_embed", text_colu
                   id_column: str = "id", output_dtype: str = "float16", num_replicas: int | tuple[int, int] = 1,
                   num_gpus_per_replica: float = 0, num_cpus_per_replica: float | None = None,
                   batch_size: int = 256, input_type: str | None = None, ray_remote_args: dict | None = None,
-                  **engine_kwargs):
+                  truncate_prompt_tokens: int | None = None, **engine_kwargs):
     """Embed the `text_column` of a Ray Data dataset with `model`; returns a dataset with the columns `id`
     (the `id_column`'s values), `num_tokens` and `embedding` (task "all": `dense`, `sparse`, `colbert`), see
     `tokenpool.ray.arrow`. Lazy, as Ray Data is: write it (`write_parquet`) or iterate it.
@@ -142,7 +144,8 @@ def embed_dataset(ds, model: str | None, *, task: str = "token_embed", text_colu
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(model=model, task=task, text_column=text_column, id_column=id_column,
-                                   output_dtype=output_dtype, input_type=input_type, engine_kwargs=engine_kwargs),
+                                   output_dtype=output_dtype, input_type=input_type, engine_kwargs=engine_kwargs,
+                                   truncate_prompt_tokens=truncate_prompt_tokens),
         batch_size=batch_size, batch_format="pyarrow", compute=pool,
         num_gpus=num_gpus_per_replica or None, **remote_args(remote))
 

@@ -158,7 +158,7 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
                  input_type: str | None = None, ray_address: str | None = None, replicas: int = 1,
                  gpus_per_replica: float = 0, cpus_per_replica: float | None = None, progress: bool = True,
                  engine_kwargs: dict[str, Any] | None = None, format: str = "parquet",
-                 table_name: str = "embeddings") -> dict[str, int]:
+                 table_name: str = "embeddings", truncate_prompt_tokens: int | None = None) -> dict[str, int]:
     """Embed every row of `inputs` into `output`; returns {"files": embedded now, "skipped": already done,
     "rows": ..., "tokens": ...}. See the module doc.
 
@@ -172,7 +172,8 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
         raise ValueError(f"format must be 'parquet' or 'lance', got {format!r}.")
     args = dict(model=model, task=task, text_column=text_column, id_column=id_column, output_dtype=output_dtype,
                 input_type=input_type, ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                cpus_per_replica=cpus_per_replica, progress=progress, engine_kwargs=engine_kwargs)
+                cpus_per_replica=cpus_per_replica, progress=progress, engine_kwargs=engine_kwargs,
+                truncate_prompt_tokens=truncate_prompt_tokens)
     if format == "parquet":
         return _embed_files(inputs, Path(output), **args)
     from tokenpool.extras import require
@@ -205,7 +206,7 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
 def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, text_column: str, id_column: str,
                  output_dtype: str, input_type: str | None, ray_address: str | None, replicas,
                  gpus_per_replica: float, cpus_per_replica: float | None, progress: bool,
-                 engine_kwargs: dict[str, Any] | None) -> dict[str, int]:
+                 engine_kwargs: dict[str, Any] | None, truncate_prompt_tokens: int | None = None) -> dict[str, int]:
     """The Parquet job: one output file per input file in `out_dir` (see the module doc)."""
     import ray
     import ray.data
@@ -246,7 +247,8 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
     results = ds.map_batches(
         FileEmbedder,
         fn_constructor_kwargs=dict(model=model, task=task, text_column=text_column, id_column=id_column,
-                                   output_dtype=output_dtype, input_type=input_type, engine_kwargs=engine_kwargs),
+                                   output_dtype=output_dtype, input_type=input_type, engine_kwargs=engine_kwargs,
+                                   truncate_prompt_tokens=truncate_prompt_tokens),
         batch_size=1, batch_format="pyarrow", compute=pool, num_gpus=gpus_per_replica or None, **remote_args(remote))
     bar = None
     if progress:
