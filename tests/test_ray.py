@@ -371,3 +371,17 @@ def test_the_replica_truncates_when_asked(minilm_path):
     whole = Embedder(str(minilm_path), "token_embed", "text", "id", "float32", None, {"dtype": "float32"})
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         whole.embed_table(table)
+
+
+def test_lance_refuses_inputs_of_different_id_types_before_any_work(tmp_path):
+    pytest.importorskip("lancedb")
+    from tokenpool.ray import corpus
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    (tmp_path / "in" / "s.jsonl").write_text('{"id": "s0", "text": "b"}\n')
+    with pytest.raises(ValueError, match="a.jsonl has int ids, s.jsonl has str ids"):
+        corpus.embed_corpus(str(tmp_path / "in"), str(tmp_path / "db"), None, format="lance", progress=False)
+    assert not (tmp_path / "db" / "_parts").exists()
+    with pytest.raises(ValueError, match="--table must be a plain name"):
+        corpus.embed_corpus(str(tmp_path / "in"), str(tmp_path / "db"), None, format="lance", table_name="../x")

@@ -117,6 +117,28 @@ def check_columns(path: Path, columns: list[str]) -> None:
                          "--text-column / --id-column.")
 
 
+def _id_kind(path: Path, id_column: str) -> str | None:
+    """"int" or "str": the type of a file's ids (Parquet: the column's type; JSONL: the first row's); None when
+    the file is empty or the column is missing (checked elsewhere)."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        if id_column not in schema.names:
+            return None
+        kind = schema.field(id_column).type
+        return "int" if pa.types.is_integer(kind) else "str" if pa.types.is_string(kind) else str(kind)
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    try:
+        value = json.loads(first)[id_column] if first else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return None if value is None else "int" if isinstance(value, int) else "str" if isinstance(value, str) \
+        else type(value).__name__
+
+
 class FileEmbedder(Embedder):
     """A replica that embeds whole files: called with batches of (input, output) path pairs."""
 
@@ -191,6 +213,10 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
     if final.exists():
         logger.info("embed-corpus: the Lance table %s exists: nothing to do", final)
         return {"files": 0, "skipped": len(list_inputs(inputs)), "rows": 0, "tokens": 0}
+    kinds = {f: _id_kind(f, id_column) for f in list_inputs(inputs)}
+    if len(set(kinds.values()) - {None}) > 1:  # one table, one id column type: say so before any work
+        raise ValueError("--format lance writes one table, whose id column has one type; these inputs differ: "
+                         + ", ".join(f"{f.name} has {k} ids" for f, k in kinds.items() if k) + ".")
     parts = root / "_parts"
     summary = _embed_files(inputs, parts, **args)
     for stale in root.glob(f".{table_name}.lance{TMP_MARK}*"):
