@@ -27,47 +27,32 @@ DEMO_SENTENCES = [
 ]
 
 
-def _size(text: str) -> int:
+def _argument(parse, ok, expected: str):
+    """An argparse `type`: `parse(text)` if it parses and passes `ok`, else argparse's one-line error."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = expected  # argparse names the type in some messages
+    return convert
+
+
+def _bytes(text: str) -> int:
     """`65536`, `64k`, `64m` or `1g` bytes."""
     text = text.strip().lower()
     scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    try:
-        value = int(float(text[:-1] if scale > 1 else text) * scale)
-    except (ValueError, OverflowError):
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size in bytes (e.g. 65536, 64k, 64m, 1g), got {text!r}")
-    return value
+    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0: any free port), got {text!r}")
-    return value
+_size = _argument(_bytes, lambda v: v >= 1, "a positive size in bytes (e.g. 65536, 64k, 64m, 1g)")
+_positive_int = _argument(int, lambda v: v >= 1, "a positive integer")
+_non_negative = _argument(float, lambda v: v >= 0, "a number >= 0")
+_port = _argument(int, lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free port)")
 
 
 def make_parser() -> argparse.ArgumentParser:
