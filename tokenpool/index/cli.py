@@ -72,11 +72,9 @@ def _is_embedded(path: Path) -> bool:
 def _last_of_each(ids: list, payload: list) -> tuple[list, list]:
     """A chunk's rows with each id once, its last row kept (in input order, a later row of an id replaces an
     earlier one, as across chunks)."""
-    last = {}
-    for n, doc_id in enumerate(ids):
-        if isinstance(doc_id, bool) or not isinstance(doc_id, (int, str)):
-            raise ValueError(f"ids must be ints or strs, got {type(doc_id).__name__} {doc_id!r}.")
-        last[doc_id] = n
+    from tokenpool.index.multivector import check_ids
+
+    last = {doc_id: n for n, doc_id in enumerate(check_ids(ids))}  # the index's own id rule, before hashing
     if len(last) == len(ids):
         return ids, payload
     keep = sorted(last.values())
