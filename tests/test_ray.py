@@ -385,3 +385,22 @@ def test_lance_refuses_inputs_of_different_id_types_before_any_work(tmp_path):
     assert not (tmp_path / "db" / "_parts").exists()
     with pytest.raises(ValueError, match="--table must be a plain name"):
         corpus.embed_corpus(str(tmp_path / "in"), str(tmp_path / "db"), None, format="lance", table_name="../x")
+
+
+def test_a_swallowed_ctrl_c_is_still_an_interrupt():
+    """A SIGINT whose KeyboardInterrupt never reaches embed-corpus (raised inside a finalizer, or caught by a
+    library) must still end the job as interrupted, not as done: the loop's guard remembers the signal."""
+    from tokenpool.ray.corpus import _interrupts_recorded
+
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupts_recorded() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+        except KeyboardInterrupt:
+            pass  # what a swallowing library does
+        assert interrupted == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
+    with _interrupts_recorded() as quiet:
+        pass
+    assert quiet == []

@@ -244,7 +244,7 @@ def _embed_corpus(args: argparse.Namespace) -> None:
     from tokenpool.extras import require
 
     require("ray", "tokenpool embed-corpus")
-    from tokenpool.ray.corpus import embed_corpus
+    from tokenpool.ray.corpus import IncompleteJob, embed_corpus
 
     engine = EngineArgs.from_cli_args(args)
     from tokenpool.loader.model_files import resolve_model_dir
@@ -263,7 +263,7 @@ def _embed_corpus(args: argparse.Namespace) -> None:
             ray_address=args.ray_address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica, progress=not args.no_progress, engine_kwargs=engine_kwargs,
             format=args.format, table_name=args.table, truncate_prompt_tokens=args.truncate_prompt_tokens)
-    except ValueError as e:
+    except (ValueError, IncompleteJob) as e:
         sys.exit(f"tokenpool embed-corpus: {e}")
     except Exception as e:  # raised in a replica: Ray wraps it (a missing model, a task it lacks, a bad row)
         cause = _user_error(e)

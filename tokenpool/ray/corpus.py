@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -229,6 +231,33 @@ def embed_corpus(inputs: str, output: str, model: str | None, *, task: str = "to
     return summary
 
 
+class IncompleteJob(RuntimeError):
+    """The job's iteration ended but some output files are not there: it must not be reported as done."""
+
+
+class _interrupts_recorded:
+    """Within it a SIGINT is remembered as well as raised: a KeyboardInterrupt raised where Python cannot
+    deliver it (inside a finalizer, "Exception ignored in ...") or caught by a library would otherwise let an
+    interrupted job end as if it had finished. The context value is a list that holds the signal if one came."""
+
+    def __enter__(self) -> list:
+        self.seen: list = []
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                self.seen.append(signum)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, text_column: str, id_column: str,
                  output_dtype: str, input_type: str | None, ray_address: str | None, replicas,
                  gpus_per_replica: float, cpus_per_replica: float | None, progress: bool,
@@ -282,16 +311,24 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
 
         bar = tqdm(total=len(pending), unit="file", desc="embed-corpus", dynamic_ncols=True)
     start = time.perf_counter()
-    for row in results.iter_rows():
-        summary["files"] += 1
-        summary["rows"] += row["rows"]
-        summary["tokens"] += row["tokens"]
-        if bar is not None:
-            rate = summary["tokens"] / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(rows=summary["rows"], tok_s=f"{rate:,.0f}", refresh=False)
-            bar.update(1)
+    with _interrupts_recorded() as interrupted:
+        for row in results.iter_rows():
+            summary["files"] += 1
+            summary["rows"] += row["rows"]
+            summary["tokens"] += row["tokens"]
+            if bar is not None:
+                rate = summary["tokens"] / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(rows=summary["rows"], tok_s=f"{rate:,.0f}", refresh=False)
+                bar.update(1)
     if bar is not None:
         bar.close()
+    if interrupted:  # a Ctrl-C whose KeyboardInterrupt something swallowed: never report the job as done
+        raise KeyboardInterrupt
+    missing = [t.name for _, t in pending if not t.exists()]
+    if missing:
+        raise IncompleteJob(f"{len(missing)} of {len(pending)} output files were not written "
+                           f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same "
+                           "command again to finish them.")
     for stale in out_dir.glob(f"*{TMP_MARK}*"):  # of attempts whose actor died (their file was redone)
         stale.unlink(missing_ok=True)
     return summary
