@@ -313,6 +313,8 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
     start = time.perf_counter()
     with _interrupts_recorded() as interrupted:
         for row in results.iter_rows():
+            if interrupted:  # swallowed inside the iteration: stop at the next file, not at the end
+                break
             summary["files"] += 1
             summary["rows"] += row["rows"]
             summary["tokens"] += row["tokens"]
