@@ -246,6 +246,50 @@ def test_fixed_shape_stages_equal_the_pairs_path(tmp_path, monkeypatch):
         assert np.allclose([h[1] for h in again[0][:len(kept)]], [h[1] for h in kept], rtol=1e-6)
 
 
+@pytest.mark.skipif(not (cuda_maxsim.available() and (torch.cuda.is_available()
+                                                     or os.environ.get("TRITON_INTERPRET") == "1")),
+                    reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("block_rows", [16, 128])
+def test_fixed_shape_stages_take_long_queries_in_blocks(tmp_path, monkeypatch, block_rows):
+    """Queries over the kernels' 128 rows took the pairs path; now the fixed-shape stages take every query in
+    blocks of at most 128 rows (the sum of the blocks' MaxSim is the query's). With blocks of 16 (queries of
+    1..40 rows: one to three blocks, mixed in one group) and of 128 (a 300-row query beside short ones), the
+    results equal the pairs path's: ids in order, scores to 1e-5."""
+    rng = np.random.default_rng(11)
+    docs = _topic_docs(rng, 90, topics=18, longest=60)
+    index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=64)
+    index.auto_compact = False
+    index.add(list(range(50)), docs[:50])
+    index.add(list(range(50, 90)), docs[50:])
+    index.delete([7])
+    if torch.cuda.is_available():
+        index = MultiVectorIndex.open(tmp_path / "ix", device="cuda")
+    monkeypatch.setattr(multivector, "_BLOCK_ROWS", block_rows)
+    if block_rows == 16:
+        queries = [docs[i][:n] for i, n in ((0, 40), (3, 16), (60, 17), (75, 5))]
+    else:
+        long = np.concatenate(docs[1:40:3] + docs[50:90:5])[:300]
+        queries = [long, docs[10][:20], docs[70][:30]]
+        assert len(long) == 300
+    calls = []
+    real = multivector.MultiVectorIndex._dense_group
+    monkeypatch.setattr(multivector.MultiVectorIndex, "_dense_group",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    # no candidate cut (centroid MaxSim has ties, and where a cut falls among them the kept one is arbitrary);
+    # nprobe=2 leaves documents that only some blocks' rows probe: each block must probe its whole query's
+    for kwargs in ({"k": 10}, {"k": 100, "candidates": 500, "nprobe": 2}, {"k": 5, "nprobe": 1}):
+        calls.clear()
+        dense = index.search(queries, **kwargs)
+        assert calls, "the fixed-shape stages did not serve these queries"
+        with monkeypatch.context() as m:
+            m.setattr(multivector, "dense_kernels_ok", lambda *a: False)
+            pairs = index.search(queries, **kwargs)
+        for got, want in zip(dense, pairs):
+            assert [h[0] for h in got] == [h[0] for h in want]
+            assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5, atol=1e-5)
+    assert 7 not in {h[0] for hits in dense for h in hits}
+
+
 _WRITER = """
 import sys, numpy as np
 from tokenpool.index import MultiVectorIndex

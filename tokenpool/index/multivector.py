@@ -53,6 +53,7 @@ _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy",
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
+_BLOCK_ROWS = 128  # the GPU's candidate stages take queries in blocks of at most this many rows
 _GRAPHS = 8  # CUDA: captured candidate searches kept per index
 # ... and only searches that decode at most this many candidate rows (a graph keeps its buffers: ~100 MB at this
 # size; larger groups are bound by the GPU's work, not by launches)
@@ -268,17 +269,38 @@ def _doc_bases(segments: list[_Segment]) -> np.ndarray:
     return bases
 
 
-def _probe(queries: torch.Tensor, centroids: torch.Tensor, q_offsets: np.ndarray,
-           nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _probe(queries: torch.Tensor, centroids: torch.Tensor, q_offsets: np.ndarray, nprobe: int,
+           owners: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage A's start: the stacked queries' centroid scores `[rows, centroids]` and, per query row, its `nprobe`
     best centroids as (query, centroid) keys query * centroids + centroid (repeats allowed: marking a document
-    twice is harmless), built on the device without a host copy or a sort (each a sync point on the GPU)."""
+    twice is harmless), built on the device without a host copy or a sort (each a sync point on the GPU).
+    `owners` (blocks of rows, `_row_blocks`): key b is block b's, with the centroids of every row of its query,
+    so that all blocks of a query probe the same documents."""
     n_centroids = len(centroids)
     scores = queries @ centroids.T
     probe = scores.topk(min(nprobe, n_centroids), dim=1).indices
-    keys = torch.cat([(probe[q_offsets[b]:q_offsets[b + 1]] + b * n_centroids).flatten()
-                      for b in range(len(q_offsets) - 1)])
+    spans = range(len(q_offsets) - 1) if owners is None else owners.tolist()
+    keys = torch.cat([(probe[q_offsets[q]:q_offsets[q + 1]] + b * n_centroids).flatten()
+                      for b, q in enumerate(spans)])
     return scores, keys
+
+
+def _device_ints(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Small host integers as an int64 tensor on `device` by fills (a copy from pageable host memory would be a
+    sync point, and is refused while a CUDA graph is captured)."""
+    return torch.cat([torch.full((1,), int(v), dtype=torch.int64, device=device) for v in values])
+
+
+def _row_blocks(q_offsets: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's rows cut into blocks of at most `rows` -> (the blocks as offsets into the stacked rows, per
+    block its query). MaxSim sums over a query's rows, so a query's score is the sum of its blocks'."""
+    starts, owners = [], []
+    for q in range(len(q_offsets) - 1):
+        lo, hi = int(q_offsets[q]), int(q_offsets[q + 1])
+        for start in range(lo, max(hi, lo + 1), rows):
+            starts.append(start)
+            owners.append(q)
+    return np.array(starts + [int(q_offsets[-1])], dtype=np.int64), np.array(owners, dtype=np.int64)
 
 
 def _longest(seg: _Segment) -> int:
@@ -914,7 +936,8 @@ class MultiVectorIndex:
             q_offsets = np.zeros(nq + 1, dtype=np.int64)
             np.cumsum([m.shape[0] for m in group], out=q_offsets[1:])
             stacked = np.concatenate(group)
-            if dense_kernels_ok(codec.centroids, q_offsets):  # CUDA: fixed shapes, replayed as a CUDA graph
+            if dense_kernels_ok(codec.centroids, _row_blocks(q_offsets, _BLOCK_ROWS)[0]):  # CUDA: fixed shapes,
+                # replayed as a CUDA graph; queries over _BLOCK_ROWS rows in blocks
                 run = functools.partial(MultiVectorIndex._dense_group, segments, codec, q_offsets, k, candidates,
                                         nprobe)
                 rows = nq * min(candidates, int(_doc_bases(segments)[-1])) * max(map(_longest, segments))
@@ -991,13 +1014,24 @@ class MultiVectorIndex:
         inside: a CUDA graph can capture it (`_SearchGraphs`)."""
         device = queries.device
         nq = len(q_offsets) - 1
-        scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe)
+        # queries over _BLOCK_ROWS rows (the kernels' limit) in blocks: every block of a query probes its whole
+        # query's centroids, so their -inf cells agree and the sum over blocks is the query's centroid MaxSim
+        blocks, owners = _row_blocks(q_offsets, _BLOCK_ROWS)
+        split = len(owners) > nq
+        scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe, owners if split else None)
         bases = _doc_bases(segments)
-        approx = torch.empty(nq, int(bases[-1]), dtype=torch.float32, device=device)
+        approx = torch.empty(len(owners), int(bases[-1]), dtype=torch.float32, device=device)
         for s, seg in enumerate(segments):
             arrays, ivf = seg.device_arrays(device), seg.ivf_arrays(device)
-            centroid_maxsim_dense(scores, q_offsets, pair_key, ivf["ivf"], ivf["ivf_ptr"], arrays["cids"],
+            centroid_maxsim_dense(scores, blocks, pair_key, ivf["ivf"], ivf["ivf_ptr"], arrays["cids"],
                                   arrays["offsets"], ivf["deleted"], approx[:, bases[s]:bases[s + 1]])
+        if split:  # per query, its blocks summed in a fixed order (no atomics: the same sums every run)
+            block0 = np.searchsorted(owners, np.arange(nq))
+            count = np.bincount(owners, minlength=nq)
+            approx = torch.stack([approx[f:f + c].sum(0) for f, c in zip(block0.tolist(), count.tolist())])
+            # per level j, each query's j-th block (its last where it has fewer: masked out by `there`)
+            level_block = [_device_ints(block0 + np.minimum(j, count - 1), device) for j in range(count.max())]
+            level_there = [_device_ints(j < count, device).bool() for j in range(count.max())]
         width = min(candidates, int(bases[-1]))
         top, picked = approx.topk(width, dim=1)  # [queries, width]: -inf where fewer documents were probed
         exact = torch.full((nq * width,), float("-inf"), dtype=torch.float32, device=device)
@@ -1032,7 +1066,13 @@ class MultiVectorIndex:
                 lengths = torch.where(mine, t1 - t0, lengths)
             vectors = codec.decode(cids, codes, device)
             first = torch.arange(c1 - c0, device=device) * longest
-            part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
+            if not split:
+                part = maxsim_pairs(queries, q_offsets, vectors, pair_q[c0:c1], first, first + lengths)
+            else:  # each decoded candidate scored by every block of its query, the blocks' sums added
+                part = torch.zeros(c1 - c0, dtype=torch.float32, device=device)
+                for block, there in zip(level_block, level_there):
+                    scored = maxsim_pairs(queries, blocks, vectors, block[pair_q[c0:c1]], first, first + lengths)
+                    part = part + torch.where(there[pair_q[c0:c1]], scored, 0.0)
             exact[c0:c1] = torch.where(on, part, exact[c0:c1])
         best, where = exact.view(nq, width).topk(min(k, width), dim=1)
         return torch.stack([best.double(), picked.gather(1, where).double()])
