@@ -188,6 +188,21 @@ def test_candidate_stages_equal_the_exact_scan_when_nothing_is_cut(tmp_path):
             assert score == pytest.approx(maxsim(query, index.get(doc_id)), rel=1e-4)
 
 
+def _dense_equals_pairs(index, queries, kwargs, calls, monkeypatch, atol):
+    """Search through the fixed-shape stages (`calls` records `_dense_group`'s), then through the pairs path;
+    the same ids in order and scores to 1e-5 relative. Returns the fixed-shape stages' results."""
+    calls.clear()
+    dense = index.search(queries, **kwargs)
+    assert calls, "the fixed-shape stages did not serve these queries"
+    with monkeypatch.context() as m:
+        m.setattr(multivector, "dense_kernels_ok", lambda *a: False)
+        pairs = index.search(queries, **kwargs)
+    for got, want in zip(dense, pairs):
+        assert [h[0] for h in got] == [h[0] for h in want]
+        assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5, atol=atol)
+    return dense
+
+
 @pytest.mark.skipif(not (cuda_maxsim.available() and (torch.cuda.is_available()
                                                      or os.environ.get("TRITON_INTERPRET") == "1")),
                     reason="needs a CUDA GPU and Triton (or TRITON_INTERPRET=1)")
@@ -219,15 +234,7 @@ def test_fixed_shape_stages_equal_the_pairs_path(tmp_path, monkeypatch):
         # there, top-k here); this seed has no tie at the cut of 3 for the long queries, the one-row query is
         # left out of the cut cases
         chosen = queries if "candidates" not in kwargs or kwargs["candidates"] >= 120 else queries[:3]
-        calls.clear()
-        dense = index.search(chosen, **kwargs)
-        assert calls
-        with monkeypatch.context() as m:
-            m.setattr(multivector, "dense_kernels_ok", lambda *a: False)
-            pairs = index.search(chosen, **kwargs)
-        for got, want in zip(dense, pairs):
-            assert [h[0] for h in got] == [h[0] for h in want]
-            assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5, atol=1e-6)
+        dense = _dense_equals_pairs(index, chosen, kwargs, calls, monkeypatch, atol=1e-6)
     assert not {4, 55, "d110"} & {h[0] for hits in dense for h in hits}
     # on CUDA the second search of a shape is captured as a CUDA graph and later ones replay it: the same
     # results; a delete (a new index version) drops the graphs, so no replay answers with deleted documents
@@ -278,15 +285,7 @@ def test_fixed_shape_stages_take_long_queries_in_blocks(tmp_path, monkeypatch, b
     # no candidate cut (centroid MaxSim has ties, and where a cut falls among them the kept one is arbitrary);
     # nprobe=2 leaves documents that only some blocks' rows probe: each block must probe its whole query's
     for kwargs in ({"k": 10}, {"k": 100, "candidates": 500, "nprobe": 2}, {"k": 5, "nprobe": 1}):
-        calls.clear()
-        dense = index.search(queries, **kwargs)
-        assert calls, "the fixed-shape stages did not serve these queries"
-        with monkeypatch.context() as m:
-            m.setattr(multivector, "dense_kernels_ok", lambda *a: False)
-            pairs = index.search(queries, **kwargs)
-        for got, want in zip(dense, pairs):
-            assert [h[0] for h in got] == [h[0] for h in want]
-            assert np.allclose([h[1] for h in got], [h[1] for h in want], rtol=1e-5, atol=1e-5)
+        dense = _dense_equals_pairs(index, queries, kwargs, calls, monkeypatch, atol=1e-5)
     assert 7 not in {h[0] for hits in dense for h in hits}
 
 
