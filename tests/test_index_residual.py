@@ -401,10 +401,12 @@ def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype
         assert torch.allclose(got[finite], want[finite], rtol=1e-6, atol=1e-4)
 
 
-def test_a_small_first_add_warns_that_it_trains_the_codec(tmp_path):
+def test_a_small_first_add_warns_that_it_trains_the_codec(tmp_path, caplog):
     """The first add of a residual index is its codec's training sample: under RESIDUAL_TRAIN_TOKENS tokens it
-    warns (the server refuses such a request: tests/test_server_index.py); a trained index does not warn again;
-    `candidates` below k is raised to k (k hits, not fewer)."""
+    warns (the server refuses such a request: tests/test_server_index.py); the training (minutes on a large
+    first add) is logged with its size and time; a trained index does not warn or train again; `candidates`
+    below k is raised to k (k hits, not fewer)."""
+    import logging
     import warnings
 
     from tokenpool.index import RESIDUAL_TRAIN_TOKENS
@@ -412,10 +414,18 @@ def test_a_small_first_add_warns_that_it_trains_the_codec(tmp_path):
     docs = _topic_docs(np.random.default_rng(1), 60, topics=8, longest=30)
     index = MultiVectorIndex.create(tmp_path / "ix", 64, codec="residual", nbits=2, num_centroids=16)
     assert index.untrained
-    with pytest.warns(UserWarning, match=f"fewer than {RESIDUAL_TRAIN_TOKENS:,}"):
-        index.add(list(range(50)), docs[:50])
-    assert not index.untrained
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        index.add(list(range(50, 60)), docs[50:])
+    tokens = sum(len(d) for d in docs[:50])
+    with caplog.at_level(logging.INFO, logger="tokenpool.index.multivector"):
+        with pytest.warns(UserWarning, match=f"fewer than {RESIDUAL_TRAIN_TOKENS:,}"):
+            index.add(list(range(50)), docs[:50])
+        said = [r.getMessage() for r in caplog.records]
+        assert any(f"training the residual codec on the first add's {tokens} tokens (16 centroids" in m
+                   for m in said), said
+        assert any("residual codec trained in" in m for m in said), said
+        caplog.clear()
+        assert not index.untrained
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            index.add(list(range(50, 60)), docs[50:])
+        assert not any("training" in r.getMessage() for r in caplog.records)
     assert len(index.search([docs[0][:4]], k=5, candidates=1)[0]) == 5

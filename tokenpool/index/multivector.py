@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -42,7 +44,7 @@ import torch
 
 from tokenpool.index.cuda_maxsim import (centroid_maxsim_dense, centroid_maxsim_pairs, dense_kernels_ok, expand_ranges,
                                          maxsim_pairs)
-from tokenpool.index.residual import NBITS, ResidualCodec
+from tokenpool.index.residual import NBITS, ResidualCodec, default_num_centroids
 from tokenpool.kernels import maxsim as _maxsim_kernel
 
 CODECS = ("float32", "float16", "int8", "residual")
@@ -50,6 +52,7 @@ _FORMAT = "tokenpool-multivector-index/1"
 _MANIFEST = "manifest.json"
 _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy", "ivfptr.npy")
 # Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
+logger = logging.getLogger(__name__)
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
@@ -615,8 +618,13 @@ class MultiVectorIndex:
                                   f"tokens, fewer than {RESIDUAL_TRAIN_TOKENS:,}: its centroids and levels fit only "
                                   f"these documents, and later ones are coded poorly. Give the first add a "
                                   f"representative sample.", UserWarning, stacklevel=2)
+                started = time.perf_counter()
+                logger.info("%s: training the residual codec on the first add's %d tokens (%d centroids; once per "
+                            "index)", self.path, len(flat), manifest.get("num_centroids") or
+                            default_num_centroids(len(flat)))
                 residual = ResidualCodec.train(flat, manifest["nbits"], manifest.get("num_centroids"),
                                                device=self.device)
+                logger.info("%s: residual codec trained in %.1f s", self.path, time.perf_counter() - started)
                 manifest["codec_file"] = f"codec-{manifest['version']}.npz"
                 residual.save(root / manifest["codec_file"])
                 _fsync_file(root / manifest["codec_file"])
