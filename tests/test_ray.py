@@ -183,6 +183,8 @@ def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_pat
     done_before = {p.name for p in (tmp_path / "out").glob("*.parquet")}
     assert done_before and len(done_before) < 6, done_before  # interrupted after some files, before all
 
+    theirs = tmp_path / "out" / "notes.tmp-mine.txt"  # a user's file that looks like a temporary
+    theirs.write_text("keep")
     again = _cli(str(tmp_path / "in"), str(tmp_path / "out"), *common)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
@@ -194,7 +196,7 @@ def test_embed_corpus_killed_and_rerun_equals_one_clean_run(minilm_path, tmp_pat
     assert embedded + done == 6 and done >= len(done_before) and embedded >= 1, out
     got = _outputs(tmp_path / "out")
     assert got.keys() == expected.keys()
-    assert not list((tmp_path / "out").glob("*.tmp-*"))
+    assert list((tmp_path / "out").glob("*.tmp-*")) == [theirs]  # the job's own temporaries gone, not the user's
     for name, (ids, rows) in expected.items():
         assert got[name][0] == ids  # same rows, same order, no duplicates
         for a, b in zip(got[name][1], rows):

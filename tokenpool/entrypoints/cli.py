@@ -218,14 +218,9 @@ def _serve(args: argparse.Namespace) -> None:
         index_dir=args.index, index_codec=args.index_codec, index_nbits=args.index_nbits,
     )
     if args.ray_replicas is not None:
-        from tokenpool.loader.model_files import resolve_model_dir
         from tokenpool.ray import serve as ray_serve
 
-        try:  # here, before Ray starts: a replica's failure would come back as Ray's tracebacks
-            resolve_model_dir(engine_args.model, engine_args.revision, engine_args.download_dir)
-        except ValueError as e:
-            sys.exit(f"tokenpool serve: {e}")
-
+        _check_model_before_ray(engine_args, "serve")
         ray_serve.run(engine_args, config, replicas=args.ray_replicas, gpus_per_replica=args.ray_gpus_per_replica,
                       cpus_per_replica=args.ray_cpus_per_replica, ray_address=args.ray_address,
                       metrics_port=args.ray_metrics_port)
@@ -247,12 +242,7 @@ def _embed_corpus(args: argparse.Namespace) -> None:
     from tokenpool.ray.corpus import IncompleteJob, embed_corpus
 
     engine = EngineArgs.from_cli_args(args)
-    from tokenpool.loader.model_files import resolve_model_dir
-
-    try:  # before Ray starts: a replica's failure would come back after Ray's start-up, wrapped
-        resolve_model_dir(engine.model, engine.revision, engine.download_dir)
-    except ValueError as e:
-        sys.exit(f"tokenpool embed-corpus: {e}")
+    _check_model_before_ray(engine, "embed-corpus")
     defaults = EngineArgs()
     engine_kwargs = {f.name: getattr(engine, f.name) for f in dataclasses.fields(EngineArgs)
                      if f.name not in ("model", "task") and getattr(engine, f.name) != getattr(defaults, f.name)}
@@ -276,6 +266,17 @@ def _embed_corpus(args: argparse.Namespace) -> None:
         sys.exit(130)
     print(f"embed-corpus: {summary['files']} files embedded ({summary['rows']} rows, {summary['tokens']} tokens), "
           f"{summary['skipped']} already done, in {args.output}")
+
+
+def _check_model_before_ray(engine, command: str) -> None:
+    """Exit with one line if the model cannot be found: checked here, before Ray starts, because a replica's
+    failure would come back after Ray's start-up, wrapped in its tracebacks."""
+    from tokenpool.loader.model_files import resolve_model_dir
+
+    try:
+        resolve_model_dir(engine.model, engine.revision, engine.download_dir)
+    except ValueError as e:
+        sys.exit(f"tokenpool {command}: {e}")
 
 
 def _user_error(error: BaseException) -> BaseException | None:

@@ -51,8 +51,8 @@ CODECS = ("float32", "float16", "int8", "residual")
 _FORMAT = "tokenpool-multivector-index/1"
 _MANIFEST = "manifest.json"
 _SEGMENT_FILES = ("codes.npy", "scales.npy", "docs.json", "cids.npy", "ivf.npy", "ivfptr.npy")
-# Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
 logger = logging.getLogger(__name__)
+# Document tokens scored per matrix product: bounds the [query rows, tokens] score block's memory.
 _SCAN_TOKENS = 1 << 16
 _NPROBE = 8  # residual codec: centroids probed per query row
 _QUERY_GROUP = 16  # residual codec: queries whose candidates are found together
@@ -1026,7 +1026,7 @@ class MultiVectorIndex:
         # query's centroids, so their -inf cells agree and the sum over blocks is the query's centroid MaxSim
         blocks, owners = _row_blocks(q_offsets, _BLOCK_ROWS)
         split = len(owners) > nq
-        scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe, owners if split else None)
+        scores, pair_key = _probe(queries, codec.centroids, q_offsets, nprobe, owners)
         bases = _doc_bases(segments)
         approx = torch.empty(len(owners), int(bases[-1]), dtype=torch.float32, device=device)
         for s, seg in enumerate(segments):

@@ -18,6 +18,7 @@ Parquet parts first, then one Lance table from them (see `embed_corpus`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -235,27 +236,32 @@ class IncompleteJob(RuntimeError):
     """The job's iteration ended but some output files are not there: it must not be reported as done."""
 
 
-class _interrupts_recorded:
+def _remove_own_temporaries(out_dir: Path) -> None:
+    """Delete the temporary output files this module writes (`<file>.parquet.tmp-<uuid4 hex>`), nobody else's."""
+    for stale in out_dir.glob(f"*.parquet{TMP_MARK}*"):
+        if _OWN_TMP.fullmatch(stale.name.split(TMP_MARK)[-1]):
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _interrupts_recorded():
     """Within it a SIGINT is remembered as well as raised: a KeyboardInterrupt raised where Python cannot
     deliver it (inside a finalizer, "Exception ignored in ...") or caught by a library would otherwise let an
-    interrupted job end as if it had finished. The context value is a list that holds the signal if one came."""
+    interrupted job end as if it had finished. Yields a list that holds the signal if one came."""
+    seen: list = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield seen
+        return
 
-    def __enter__(self) -> list:
-        self.seen: list = []
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGINT)
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
 
-            def on_sigint(signum, frame):
-                self.seen.append(signum)
-                raise KeyboardInterrupt
-
-            signal.signal(signal.SIGINT, on_sigint)
-        return self.seen
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, text_column: str, id_column: str,
@@ -277,9 +283,7 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
     if not files:
         raise ValueError(f"No input files in {inputs!r} outside OUTPUT {out_dir}.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"*.parquet{TMP_MARK}*"):  # left by an interrupted run (ours only: a uuid4 hex)
-        if _OWN_TMP.fullmatch(stale.name.split(TMP_MARK)[-1]):
-            stale.unlink()
+    _remove_own_temporaries(out_dir)  # left by an interrupted run
     targets = [out_dir / name for name in output_names(files)]
     pending = [(f, t) for f, t in zip(files, targets) if not t.exists()]
     summary = {"files": 0, "skipped": len(files) - len(pending), "rows": 0, "tokens": 0}
@@ -331,6 +335,5 @@ def _embed_files(inputs: str, out_dir: Path, *, model: str | None, task: str, te
         raise IncompleteJob(f"{len(missing)} of {len(pending)} output files were not written "
                            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same "
                            "command again to finish them.")
-    for stale in out_dir.glob(f"*{TMP_MARK}*"):  # of attempts whose actor died (their file was redone)
-        stale.unlink(missing_ok=True)
+    _remove_own_temporaries(out_dir)  # of attempts whose actor died (their file was redone)
     return summary
