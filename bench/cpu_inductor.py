@@ -28,7 +28,7 @@ def padded_batches(ids: list[list[int]]):
     import torch
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    groups, cur, cur_len = [], [], 0
+    groups, cur = [], []
     for i in order:
         length = -(-len(ids[i]) // 32) * 32
         if cur and (len(cur) + 1) * length > BUDGET:
