@@ -61,6 +61,29 @@ def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
     assert np.allclose(got, want[:, subset], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
+def test_segments_in_one_call_equal_one_call_per_segment(codec, bf16):
+    """`maxsim_segments`: the documents of several segments (of unequal sizes, one of a single document) in one
+    parallel region give, bit for bit, what one call per segment gives."""
+    if not kernel.available(bf16=bf16):
+        pytest.skip(f"no {'bf16' if bf16 else 'C'} kernel on this CPU ({build_variant()} class)")
+    offsets, x, queries, starts = _segment(128, seed=2)
+    codes, scales, dim_scales, _ = _encode(x, codec)
+    cuts = [0, 1, 50, 51, len(offsets) - 1]  # document ranges: 1, 49, 1, the rest
+    segments = []
+    for a, b in zip(cuts, cuts[1:]):
+        t0, t1 = offsets[a], offsets[b]
+        segments.append((codes[t0:t1], offsets[a:b + 1] - t0, None if scales is None else scales[t0:t1]))
+    want = np.concatenate([kernel.maxsim(queries, starts, c, o, scales=sc, dim_scales=dim_scales, bf16=bf16,
+                                         threads=2) for c, o, sc in segments], axis=1)
+    got = kernel.maxsim_segments(queries, starts, segments, dim_scales=dim_scales, bf16=bf16, threads=2)
+    assert got.shape == (len(starts), len(offsets) - 1) and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="share a codec"):
+        other = x[:5].astype(np.float32 if codes.dtype == np.float16 else np.float16)
+        kernel.maxsim_segments(queries, starts, [segments[0], (other, np.array([0, 5]), None)])
+
+
 @pytest.mark.skipif(not kernel.available(bf16=True),
                     reason=f"needs an AMX or AVX512-BF16 CPU (this one: {build_variant()} class)")
 @pytest.mark.parametrize("dim", [64, 128, 384])

@@ -846,17 +846,21 @@ class MultiVectorIndex:
         stacked = np.concatenate(mats)
         starts = np.zeros(len(mats), dtype=np.int64)
         np.cumsum([m.shape[0] for m in mats[:-1]], out=starts[1:])
-        per_segment = []
         prefilter = self._bf16_prefilter(residual)
-        for seg in segments:
-            if self.device.type == "cuda":
-                scores = self._maxsim_segment_cuda(stacked, starts, seg)
-            elif prefilter:  # bf16 products (AMX tiles or AVX512-BF16): within a bound, rescored below
-                scores = _maxsim_kernel.maxsim(stacked, starts, seg.codes, seg.offsets, scales=seg.scales,
-                                               dim_scales=seg.dim_scales, bf16=True,
-                                               threads=torch.get_num_threads()).astype(np.float64)
-            else:
-                scores = self._maxsim_segment(stacked, starts, seg)  # [queries, docs]
+        if self.device.type == "cpu" and residual is None and (prefilter or _maxsim_kernel.available()):
+            # the C kernel over every segment in one call (bf16 products on AMX tiles or with AVX512-BF16 when
+            # prefilter: within a bound, rescored below; else fp32 products)
+            pooled = _maxsim_kernel.maxsim_segments(
+                stacked, starts, [(seg.codes, seg.offsets, seg.scales) for seg in segments],
+                dim_scales=segments[0].dim_scales, bf16=prefilter, threads=torch.get_num_threads()).astype(np.float64)
+            bases = np.cumsum([0] + [len(seg.offsets) - 1 for seg in segments])
+            all_scores = [pooled[:, bases[s]:bases[s + 1]] for s in range(len(segments))]
+        elif self.device.type == "cuda":
+            all_scores = [self._maxsim_segment_cuda(stacked, starts, seg) for seg in segments]
+        else:
+            all_scores = [self._maxsim_segment(stacked, starts, seg) for seg in segments]  # [queries, docs] each
+        per_segment = []
+        for seg, scores in zip(segments, all_scores):
             scores[:, seg.deleted] = -np.inf
             per_segment.append((seg, scores))
         if prefilter:
@@ -1125,12 +1129,9 @@ class MultiVectorIndex:
         return out
 
     def _maxsim_segment(self, stacked: np.ndarray, starts: np.ndarray, seg: _Segment) -> np.ndarray:
-        """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs].
-        The C kernel (tokenpool/kernels/maxsim.c, fp32 products) where it is built; else PyTorch over token blocks
-        of whole documents, each decoded once."""
-        if seg.residual is None and _maxsim_kernel.available():
-            return _maxsim_kernel.maxsim(stacked, starts, seg.codes, seg.offsets, scales=seg.scales,
-                                         dim_scales=seg.dim_scales, threads=torch.get_num_threads()).astype(np.float64)
+        """MaxSim of every query (rows `starts[i]`.. of `stacked`) against every document of `seg`: [queries, docs],
+        in PyTorch over token blocks of whole documents, each decoded once (residual segments, and exact codecs
+        where the C kernel is not built: `search` takes the kernel over all segments at once otherwise)."""
         offsets = seg.offsets
         docs = len(offsets) - 1
         out = np.empty((len(starts), docs), dtype=np.float64)

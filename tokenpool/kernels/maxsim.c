@@ -24,6 +24,8 @@
  *   time just before their products.
  *
  * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
+ * Entry points: tp_maxsim (one segment: its codes, row scales and offsets, optionally a selection of its
+ * documents) and tp_maxsim_segments (every document of several segments of one codec, in one parallel region).
  */
 #include <stdlib.h>
 
@@ -248,14 +250,44 @@ DP_TARGET static void doc_max_dpbf16(const uint32_t* qp, int64_t rp, int64_t D, 
 }
 #endif
 
-int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
-              const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
-              const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
+/* The documents scored by one call: a selection `docs` of one segment's, or every document of several segments
+ * in order (first[s] = the documents before segment s). */
+typedef struct {
+    int64_t n_segments;
+    const void* const* codes;
+    const float* const* row_scales;
+    const int64_t* const* offsets;
+    const int64_t* first; /* [n_segments + 1] */
+    const int64_t* docs;  /* one segment only */
+} doc_set;
+
+/* document j of the set: its segment and position there */
+static inline void locate(const doc_set* set, int64_t j, int64_t* s, int64_t* i) {
+    if (set->docs) {
+        *s = 0;
+        *i = set->docs[j];
+        return;
+    }
+    int64_t lo = 0, hi = set->n_segments - 1; /* the last segment whose first document is <= j */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (set->first[mid] <= j) lo = mid;
+        else hi = mid - 1;
+    }
+    *s = lo;
+    *i = j - set->first[lo];
+}
+
+static int maxsim_set(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
+                      const doc_set* set, int kind, const float* dim_scales, int64_t n_docs, float* out, int bf16,
+                      int num_threads) {
     if (rows <= 0 || D <= 0 || n_queries <= 0 || kind < 0 || kind > 2) return 1;
     if (n_docs <= 0) return 0;
     int64_t max_len = 0;
     for (int64_t j = 0; j < n_docs; j++) {
-        const int64_t i = docs ? docs[j] : j, len = offsets[i + 1] - offsets[i];
+        int64_t s, i;
+        locate(set, j, &s, &i);
+        const int64_t len = set->offsets[s][i + 1] - set->offsets[s][i];
         if (len < 0) return 2;
         if (len > max_len) max_len = len;
     }
@@ -318,7 +350,12 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
 #pragma omp for schedule(dynamic, 16)
         for (int64_t j = 0; j < n_docs; j++) {
             if (!ok) continue;
-            const int64_t i = docs ? docs[j] : j, t0 = offsets[i], n = offsets[i + 1] - t0;
+            int64_t s, i;
+            locate(set, j, &s, &i);
+            const void* codes = set->codes[s];
+            const float* row_scales = set->row_scales[s];
+            const int64_t* offsets = set->offsets[s];
+            const int64_t t0 = offsets[i], n = offsets[i + 1] - t0;
             float* o = out + j * n_queries;
             for (int64_t qi = 0; qi < n_queries; qi++) o[qi] = 0.0f;
             if (n == 0) continue;
@@ -344,9 +381,12 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                 const char* next = NULL; /* two documents ahead (measured: one ahead left ~10% more waiting) */
                 int64_t next_bytes = 0;
                 if (j + 2 < n_docs) {
-                    const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1, i2 = docs ? docs[j + 2] : j + 2;
-                    next = (const char*)codes + offsets[i2] * D * width;
-                    next_bytes = (offsets[i2 + 1] - offsets[i2]) * D * width;
+                    const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
+                    int64_t s2, i2;
+                    locate(set, j + 2, &s2, &i2);
+                    const int64_t* offsets2 = set->offsets[s2];
+                    next = (const char*)set->codes[s2] + offsets2[i2] * D * width;
+                    next_bytes = (offsets2[i2 + 1] - offsets2[i2]) * D * width;
                 }
                 doc_max_dpbf16((const uint32_t*)qp, rp, D, codes, kind, row_scales, dim_scales, t0, n, m, xb, next,
                                next_bytes);
@@ -368,4 +408,25 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
     free(qt);
     free(qp);
     return failed ? 3 : 0;
+}
+
+/* One segment (codes, row_scales, offsets); docs: the positions scored (NULL: all n_docs). */
+int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
+              const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
+              const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
+    const int64_t first[2] = {0, n_docs};
+    const doc_set set = {1, &codes, &row_scales, &offsets, first, docs};
+    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, n_docs, out, bf16, num_threads);
+}
+
+/* Every document of n_segments segments of one codec in one parallel region (one kernel call per segment left
+ * the threads idle at each segment's end and paid a fork and join each): out rows in segment order. */
+int tp_maxsim_segments(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
+                       int64_t n_segments, const void* const* codes, int kind, const float* const* row_scales,
+                       const float* dim_scales, const int64_t* const* offsets, const int64_t* first, float* out,
+                       int bf16, int num_threads) {
+    if (n_segments <= 0) return 1;
+    const doc_set set = {n_segments, codes, row_scales, offsets, first, NULL};
+    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, first[n_segments], out, bf16,
+                      num_threads);
 }
