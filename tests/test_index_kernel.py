@@ -65,7 +65,8 @@ def test_fp32_path_equals_float64_brute_force(variant, dim, codec):
 @pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
 def test_segments_in_one_call_equal_one_call_per_segment(codec, bf16):
     """`maxsim_segments`: the documents of several segments (of unequal sizes, one of a single document) in one
-    parallel region give, bit for bit, what one call per segment gives."""
+    parallel region, all of them or a selection across segments, give bit for bit what one call per segment
+    gives."""
     if not kernel.available(bf16=bf16):
         pytest.skip(f"no {'bf16' if bf16 else 'C'} kernel on this CPU ({build_variant()} class)")
     offsets, x, queries, starts = _segment(128, seed=2)
@@ -79,6 +80,9 @@ def test_segments_in_one_call_equal_one_call_per_segment(codec, bf16):
                                          threads=2) for c, o, sc in segments], axis=1)
     got = kernel.maxsim_segments(queries, starts, segments, dim_scales=dim_scales, bf16=bf16, threads=2)
     assert got.shape == (len(starts), len(offsets) - 1) and np.array_equal(got, want)
+    chosen = np.array([0, 1, 2, 49, 50, 51, 90, len(offsets) - 2])  # positions in every segment
+    got = kernel.maxsim_segments(queries, starts, segments, dim_scales=dim_scales, docs=chosen, bf16=bf16, threads=2)
+    assert np.array_equal(got, want[:, chosen])
     with pytest.raises(ValueError, match="share a codec"):
         other = x[:5].astype(np.float32 if codes.dtype == np.float16 else np.float16)
         kernel.maxsim_segments(queries, starts, [segments[0], (other, np.array([0, 5]), None)])

@@ -897,36 +897,32 @@ class MultiVectorIndex:
         query = stacked[starts[qi]:stop]
         row_norms = float(np.linalg.norm(query.astype(np.float64), axis=1).sum())
         bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * max(seg.max_norm() for seg, _ in per_segment) * 1.001
-        rows = [scores[qi] for _, scores in per_segment]
-        pooled = np.concatenate(rows)
+        segs = [seg for seg, _ in per_segment]
+        pooled = np.concatenate([scores[qi] for _, scores in per_segment])  # every segment's documents in order
         finite = np.flatnonzero(np.isfinite(pooled))
         if not len(finite):
             return []
         take = min(k, len(finite))
-        first = finite[np.argpartition(-pooled[finite], take - 1)[:take]]  # positions in the pooled rows
-        bases = np.cumsum([0] + [len(row) for row in rows])
-        exact: list[dict] = [{} for _ in rows]  # per segment: document -> fp32 MaxSim
+        exact: dict[int, float] = {}  # pooled position -> fp32 MaxSim
 
-        def rescore(s: int, docs: np.ndarray) -> None:
-            seg = per_segment[s][0]
-            got = _maxsim_kernel.maxsim(query, np.zeros(1, dtype=np.int64), seg.codes, seg.offsets,
-                                        scales=seg.scales, dim_scales=seg.dim_scales, docs=docs,
-                                        threads=torch.get_num_threads())[0]
-            exact[s].update(zip(docs.tolist(), got.astype(np.float64).tolist()))
+        def rescore(positions: np.ndarray) -> None:  # one kernel call over the segments
+            positions = np.sort(positions)
+            got = _maxsim_kernel.maxsim_segments(query, np.zeros(1, dtype=np.int64),
+                                                 [(seg.codes, seg.offsets, seg.scales) for seg in segs],
+                                                 dim_scales=segs[0].dim_scales, docs=positions,
+                                                 threads=torch.get_num_threads())[0]
+            exact.update(zip(positions.tolist(), got.astype(np.float64).tolist()))
 
-        owner = np.searchsorted(bases, first, side="right") - 1
-        for s in np.unique(owner):
-            rescore(int(s), np.sort(first[owner == s] - bases[s]))
-        floor = min(v for e in exact for v in e.values()) - bound
-        ids, scores = [], []
-        for s, row in enumerate(rows):
-            docs = np.flatnonzero(row >= floor)  # (-inf: deleted, never)
-            rest = np.array([d for d in docs.tolist() if d not in exact[s]], dtype=np.int64)
-            if len(rest):
-                rescore(s, rest)
-            seg = per_segment[s][0]
-            ids += [seg.ids[d] for d in docs.tolist()]
-            scores += [exact[s][d] for d in docs.tolist()]
+        rescore(finite[np.argpartition(-pooled[finite], take - 1)[:take]])
+        floor = min(exact.values()) - bound
+        docs = np.flatnonzero(pooled >= floor)  # (-inf: deleted, never)
+        rest = np.array([d for d in docs.tolist() if d not in exact], dtype=np.int64)
+        if len(rest):
+            rescore(rest)
+        bases = np.cumsum([0] + [len(seg.offsets) - 1 for seg in segs])
+        owner = np.searchsorted(bases, docs, side="right") - 1
+        ids = [segs[o].ids[d - bases[o]] for d, o in zip(docs.tolist(), owner.tolist())]
+        scores = [exact[d] for d in docs.tolist()]
         order = sorted(range(len(ids)), key=lambda i: -scores[i])[:min(k, live)]
         return [(ids[i], scores[i]) for i in order]
 

@@ -25,7 +25,8 @@
  *
  * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
  * Entry points: tp_maxsim (one segment: its codes, row scales and offsets, optionally a selection of its
- * documents) and tp_maxsim_segments (every document of several segments of one codec, in one parallel region).
+ * documents) and tp_maxsim_segments (the documents of several segments of one codec, all or a selection, in one
+ * parallel region).
  */
 #include <stdlib.h>
 
@@ -250,32 +251,28 @@ DP_TARGET static void doc_max_dpbf16(const uint32_t* qp, int64_t rp, int64_t D, 
 }
 #endif
 
-/* The documents scored by one call: a selection `docs` of one segment's, or every document of several segments
- * in order (first[s] = the documents before segment s). */
+/* The documents scored by one call: those of n_segments segments in order (first[s] = the documents before
+ * segment s), all of them or the selection `docs` (positions in that order). */
 typedef struct {
     int64_t n_segments;
     const void* const* codes;
     const float* const* row_scales;
     const int64_t* const* offsets;
     const int64_t* first; /* [n_segments + 1] */
-    const int64_t* docs;  /* one segment only */
+    const int64_t* docs;  /* NULL: every document */
 } doc_set;
 
 /* document j of the set: its segment and position there */
 static inline void locate(const doc_set* set, int64_t j, int64_t* s, int64_t* i) {
-    if (set->docs) {
-        *s = 0;
-        *i = set->docs[j];
-        return;
-    }
-    int64_t lo = 0, hi = set->n_segments - 1; /* the last segment whose first document is <= j */
+    const int64_t g = set->docs ? set->docs[j] : j;
+    int64_t lo = 0, hi = set->n_segments - 1; /* the last segment whose first document is <= g */
     while (lo < hi) {
         const int64_t mid = (lo + hi + 1) / 2;
-        if (set->first[mid] <= j) lo = mid;
+        if (set->first[mid] <= g) lo = mid;
         else hi = mid - 1;
     }
     *s = lo;
-    *i = j - set->first[lo];
+    *i = g - set->first[lo];
 }
 
 static int maxsim_set(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
@@ -414,19 +411,20 @@ static int maxsim_set(const float* q, int64_t rows, int64_t D, const int32_t* ro
 int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
               const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
               const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
-    const int64_t first[2] = {0, n_docs};
+    const int64_t first[2] = {0, 0}; /* one segment: locate reads first[0] only */
     const doc_set set = {1, &codes, &row_scales, &offsets, first, docs};
     return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, n_docs, out, bf16, num_threads);
 }
 
-/* Every document of n_segments segments of one codec in one parallel region (one kernel call per segment left
- * the threads idle at each segment's end and paid a fork and join each): out rows in segment order. */
+/* The documents of n_segments segments of one codec in one parallel region (one kernel call per segment left
+ * the threads idle at each segment's end and paid a fork and join each): every one in segment order (docs NULL),
+ * or the n_docs positions docs of that order. */
 int tp_maxsim_segments(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
                        int64_t n_segments, const void* const* codes, int kind, const float* const* row_scales,
-                       const float* dim_scales, const int64_t* const* offsets, const int64_t* first, float* out,
-                       int bf16, int num_threads) {
+                       const float* dim_scales, const int64_t* const* offsets, const int64_t* first,
+                       const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
     if (n_segments <= 0) return 1;
-    const doc_set set = {n_segments, codes, row_scales, offsets, first, NULL};
-    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, first[n_segments], out, bf16,
-                      num_threads);
+    const doc_set set = {n_segments, codes, row_scales, offsets, first, docs};
+    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, docs ? n_docs : first[n_segments],
+                      out, bf16, num_threads);
 }

@@ -14,8 +14,8 @@ from tokenpool.platforms.cpu import cpu_info
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGS = (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
          ctypes.c_int)
-_SEGMENT_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int,
-                 ctypes.c_int)
+_SEGMENT_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR,
+                 ctypes.c_int, ctypes.c_int)
 _KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}
 _ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no bf16 path on this CPU or build"}
 
@@ -65,10 +65,11 @@ def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: 
 
 
 def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tuple], *,
-                    dim_scales: np.ndarray | None = None, bf16: bool = False, threads: int = 1,
-                    variant: str | None = None) -> np.ndarray:
-    """`maxsim` over every document of several segments of one codec in one call (one parallel region):
-    `segments` a list of (codes, offsets, scales or None); `[n_queries, documents]`, segment after segment."""
+                    dim_scales: np.ndarray | None = None, docs: np.ndarray | None = None, bf16: bool = False,
+                    threads: int = 1, variant: str | None = None) -> np.ndarray:
+    """`maxsim` over the documents of several segments of one codec in one call (one parallel region):
+    `segments` a list of (codes, offsets, scales or None); `[n_queries, documents]`, every document segment after
+    segment, or the positions `docs` of that order."""
     queries, row_query = _queries(queries, starts)
     codes = [np.asarray(c) for c, _, _ in segments]
     if len({c.dtype for c in codes}) > 1:
@@ -78,11 +79,14 @@ def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tupl
     np.cumsum([len(o) - 1 for o in offsets], out=first[1:])
     table = lambda arrays: np.array([_ptr(a) or 0 for a in arrays], dtype=np.uintp)  # noqa: E731
     code_ptrs, scale_ptrs, offset_ptrs = table(codes), table([sc for _, _, sc in segments]), table(offsets)
-    out = np.empty((int(first[-1]), len(starts)), dtype=np.float32)
+    if docs is not None:
+        docs = np.ascontiguousarray(docs, dtype=np.int64)
+    n_docs = int(first[-1]) if docs is None else len(docs)
+    out = np.empty((n_docs, len(starts)), dtype=np.float32)
     rc = function("maxsim", _SEGMENT_ARGS, variant or kernel_variant(bf16), "maxsim_segments")(
         _ptr(queries), len(queries), queries.shape[1], _ptr(row_query), len(starts), len(segments), _ptr(code_ptrs),
-        _KINDS[codes[0].dtype], _ptr(scale_ptrs), _ptr(dim_scales), _ptr(offset_ptrs), _ptr(first), _ptr(out),
-        int(bf16), threads)
+        _KINDS[codes[0].dtype], _ptr(scale_ptrs), _ptr(dim_scales), _ptr(offset_ptrs), _ptr(first), _ptr(docs),
+        n_docs, _ptr(out), int(bf16), threads)
     _check(rc)
     return out.T
 
