@@ -7,7 +7,8 @@ Random unit vectors (documents of exactly --tokens rows), queries of 32 x dim, e
 scan reads every stored byte once per pass; "effective bytes/s" = stored code bytes / seconds per pass (one
 query, or a batch of queries searched in one call). Memory bandwidth: the median of 5 passes over a 1 GiB
 array of each of numpy's single-threaded copy, torch's threaded copy (copies counted as read + write) and
-torch's threaded sum (a read, as the scan's), whichever is fastest. Several codecs: one table.
+torch's threaded sum (a read, as the scan's), whichever is fastest, measured before and after the scans (the
+higher of the two is the denominator: the rate moves between runs on shared machines). Several codecs: one table.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
     from tokenpool.index import MultiVectorIndex
 
     rng = np.random.default_rng(0)
-    bandwidth, methods = memory_bandwidth()
+    before, methods_before = memory_bandwidth()
     rows = []
     for codec in args.codec:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,10 +83,13 @@ def main() -> None:
                 index.search(queries, k=10)  # warm: pages in the page cache
                 best = min(_timed(index, queries) for _ in range(3))
                 rows.append((codec, stored, q, best, stored * q / best))
+    after, methods_after = memory_bandwidth()
+    bandwidth = max(before, after)  # it moves between runs on shared machines: the scans against the higher
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(" :\t")
     print(f"\n{args.docs:,} docs x {args.tokens} tokens x {args.dim} dims, queries of 32 x {args.dim}, random unit "
           f"vectors; {cpu}, {os.cpu_count()} cores, {__import__('torch').get_num_threads()} threads; "
-          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s ({methods})")
+          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, the higher of the measurements before the scans "
+          f"({methods_before}) and after them ({methods_after})")
     from tokenpool.kernels import build_variant
     from tokenpool.kernels import maxsim as kernel
 
