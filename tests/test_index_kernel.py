@@ -83,6 +83,8 @@ def test_segments_in_one_call_equal_one_call_per_segment(codec, bf16):
     chosen = np.array([0, 1, 2, 49, 50, 51, 90, len(offsets) - 2])  # positions in every segment
     got = kernel.maxsim_segments(queries, starts, segments, dim_scales=dim_scales, docs=chosen, bf16=bf16, threads=2)
     assert np.array_equal(got, want[:, chosen])
+    with pytest.raises(ValueError, match="positions must be in 0"):
+        kernel.maxsim_segments(queries, starts, segments, dim_scales=dim_scales, docs=[len(offsets) - 1])
     with pytest.raises(ValueError, match="share a codec"):
         other = x[:5].astype(np.float32 if codes.dtype == np.float16 else np.float16)
         kernel.maxsim_segments(queries, starts, [segments[0], (other, np.array([0, 5]), None)])

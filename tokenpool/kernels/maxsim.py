@@ -81,6 +81,8 @@ def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tupl
     code_ptrs, scale_ptrs, offset_ptrs = table(codes), table([sc for _, _, sc in segments]), table(offsets)
     if docs is not None:
         docs = np.ascontiguousarray(docs, dtype=np.int64)
+        if len(docs) and (docs.min() < 0 or docs.max() >= first[-1]):
+            raise ValueError(f"document positions must be in 0..{int(first[-1]) - 1}")
     n_docs = int(first[-1]) if docs is None else len(docs)
     out = np.empty((n_docs, len(starts)), dtype=np.float32)
     rc = function("maxsim", _SEGMENT_ARGS, variant or kernel_variant(bf16), "maxsim_segments")(
