@@ -24,9 +24,9 @@ Where oneDNN ignores the flag (CPUs without AMX) "fpmath" shows float32 errors a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from gemm_rate import _rate  # best of 3 timing windows (bench/ is the script's folder)
 
 SHAPES = {"qkv": (384, 1152), "attn-out": (384, 384), "ffn-in": (384, 1536), "ffn-out": (1536, 384)}
 
@@ -47,21 +47,6 @@ def split3(x: torch.Tensor) -> torch.Tensor:
     are exact in fp32): the flag is a permission, not a promise."""
     hi, lo = split2(x)
     return torch.cat([hi, lo, hi], dim=1)
-
-
-def _time(fn, window: float) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= window:
-                break
-        best = min(best, elapsed / n)
-    return best
 
 
 def _errors(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -116,7 +101,7 @@ def main() -> None:
         }
         for label, (precision, fn) in variants.items():
             _set_precision(precision)
-            seconds = _time(fn, args.window)
+            seconds = flops / (_rate(fn, flops, args.window) * 1e9)
             rel, cos = _errors(fn(), ref)
             _set_precision("ieee")
             totals[label] = totals.get(label, 0.0) + seconds

@@ -306,6 +306,11 @@ def _row_blocks(q_offsets: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarra
     return np.array(starts + [int(q_offsets[-1])], dtype=np.int64), np.array(owners, dtype=np.int64)
 
 
+def _kernel_table(segments: list[_Segment]) -> list[tuple]:
+    """The segments as the CPU MaxSim kernel takes them (`maxsim_segments`): (codes, offsets, row scales)."""
+    return [(seg.codes, seg.offsets, seg.scales) for seg in segments]
+
+
 def _longest(seg: _Segment) -> int:
     """The segment's longest document, in tokens (computed once)."""
     if "longest" not in seg.cache:
@@ -851,9 +856,9 @@ class MultiVectorIndex:
             # the C kernel over every segment in one call (bf16 products on AMX tiles or with AVX512-BF16 when
             # prefilter: within a bound, rescored below; else fp32 products)
             pooled = _maxsim_kernel.maxsim_segments(
-                stacked, starts, [(seg.codes, seg.offsets, seg.scales) for seg in segments],
-                dim_scales=segments[0].dim_scales, bf16=prefilter, threads=torch.get_num_threads()).astype(np.float64)
-            bases = np.cumsum([0] + [len(seg.offsets) - 1 for seg in segments])
+                stacked, starts, _kernel_table(segments), dim_scales=segments[0].dim_scales, bf16=prefilter,
+                threads=torch.get_num_threads()).astype(np.float64)
+            bases = _doc_bases(segments)
             all_scores = [pooled[:, bases[s]:bases[s + 1]] for s in range(len(segments))]
         elif self.device.type == "cuda":
             all_scores = [self._maxsim_segment_cuda(stacked, starts, seg) for seg in segments]
@@ -864,7 +869,8 @@ class MultiVectorIndex:
             scores[:, seg.deleted] = -np.inf
             per_segment.append((seg, scores))
         if prefilter:
-            return [self._rescore(per_segment, stacked, starts, qi, k, live) for qi in range(len(mats))]
+            table = _kernel_table(segments)
+            return [self._rescore(per_segment, table, stacked, starts, qi, k, live) for qi in range(len(mats))]
         results = []
         for qi in range(len(mats)):
             ids, scores = [], []
@@ -886,7 +892,8 @@ class MultiVectorIndex:
                 and os.environ.get(_BF16_ENV, "1") != "0" and _maxsim_kernel.available(bf16=True))
 
     @staticmethod
-    def _rescore(per_segment: list, stacked: np.ndarray, starts: np.ndarray, qi: int, k: int, live: int) -> list:
+    def _rescore(per_segment: list, table: list, stacked: np.ndarray, starts: np.ndarray, qi: int, k: int,
+                 live: int) -> list:
         """Query qi's exact top k from bf16 scores, equal to the fp32 scan's. A bf16 dot product is within
         2^-8 (1 + 2^-7) |q| |x| of the exact one, so MaxSim's error is at most the sum of its rows' bounds, B.
         First the k best bf16 documents are rescored in fp32: the k-th best true score is at least T, the
@@ -907,8 +914,7 @@ class MultiVectorIndex:
 
         def rescore(positions: np.ndarray) -> None:  # one kernel call over the segments
             positions = np.sort(positions)
-            got = _maxsim_kernel.maxsim_segments(query, np.zeros(1, dtype=np.int64),
-                                                 [(seg.codes, seg.offsets, seg.scales) for seg in segs],
+            got = _maxsim_kernel.maxsim_segments(query, np.zeros(1, dtype=np.int64), table,
                                                  dim_scales=segs[0].dim_scales, docs=positions,
                                                  threads=torch.get_num_threads())[0]
             exact.update(zip(positions.tolist(), got.astype(np.float64).tolist()))
@@ -919,7 +925,7 @@ class MultiVectorIndex:
         rest = np.array([d for d in docs.tolist() if d not in exact], dtype=np.int64)
         if len(rest):
             rescore(rest)
-        bases = np.cumsum([0] + [len(seg.offsets) - 1 for seg in segs])
+        bases = _doc_bases(segs)
         owner = np.searchsorted(bases, docs, side="right") - 1
         ids = [segs[o].ids[d - bases[o]] for d, o in zip(docs.tolist(), owner.tolist())]
         scores = [exact[d] for d in docs.tolist()]

@@ -127,14 +127,12 @@ def load(name: str, variant: str | None = None) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def function(name: str, argtypes: tuple, variant: str | None = None,
-             symbol: str | None = None) -> Callable[..., int] | None:
-    """The C function `tp_<symbol>` (default `tp_<name>`) of kernel `name` (returning an int status), or None where
-    unavailable."""
+def function(name: str, argtypes: tuple, variant: str | None = None) -> Callable[..., int] | None:
+    """The C function `tp_<name>` of kernel `name` (returning an int status), or None where unavailable."""
     lib = load(name, variant)
     if lib is None:
         return None
-    fn = getattr(lib, f"tp_{symbol or name}")
+    fn = getattr(lib, f"tp_{name}")
     fn.restype = ctypes.c_int
     fn.argtypes = list(argtypes)
     return fn

@@ -1,8 +1,10 @@
 /* MaxSim of stacked queries against stored token matrices, for the CPU (tokenpool/index/multivector.py).
  *
- * queries: [rows, D] fp32, row r belongs to query row_query[r] (0..n_queries-1); codes: [tokens, D] as fp32
- * (kind 0), fp16 (kind 1) or int8 (kind 2: x = code * row_scales[token] * dim_scales[d]); document i is rows
- * offsets[i]..offsets[i+1]-1 (docs, when given, selects the documents scored: out row j is document docs[j]).
+ * queries: [rows, D] fp32, row r belongs to query row_query[r] (0..n_queries-1). The documents: those of
+ * n_segments segments of one codec laid end to end; segment s has codes[s] [tokens, D] as fp32 (kind 0), fp16
+ * (kind 1) or int8 (kind 2: x = code * row_scales[s][token] * dim_scales[d]), its document i is rows
+ * offsets[s][i]..offsets[s][i+1]-1, and first[s] documents come before it (docs, when given, selects the
+ * documents scored by position in that order: out row j is document docs[j]).
  * out: [n_docs, n_queries], out[j, q] = sum over q's rows of the max over the document's tokens of the dot
  * product (a document with no tokens: 0; the caller never stores one).
  *
@@ -23,10 +25,8 @@
  *   the AMX path (both sides rounded to bf16). Every code kind is converted to bf16 in registers, 8 tokens at a
  *   time just before their products.
  *
- * One OpenMP task per document (dynamic schedule), torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
- * Entry points: tp_maxsim (one segment: its codes, row scales and offsets, optionally a selection of its
- * documents) and tp_maxsim_segments (the documents of several segments of one codec, all or a selection, in one
- * parallel region).
+ * One OpenMP task per document (dynamic schedule) over every segment in one parallel region, torch's OpenMP
+ * runtime (see tokenpool/kernels/__init__.py).
  */
 #include <stdlib.h>
 
@@ -275,10 +275,15 @@ static inline void locate(const doc_set* set, int64_t j, int64_t* s, int64_t* i)
     *i = g - set->first[lo];
 }
 
-static int maxsim_set(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
-                      const doc_set* set, int kind, const float* dim_scales, int64_t n_docs, float* out, int bf16,
-                      int num_threads) {
-    if (rows <= 0 || D <= 0 || n_queries <= 0 || kind < 0 || kind > 2) return 1;
+/* All segments in one parallel region: one call per segment left the threads idle at each segment's end and
+ * paid a fork and join each. n_docs: the number of positions in docs (ignored without docs). */
+int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries, int64_t n_segments,
+              const void* const* codes, int kind, const float* const* row_scales, const float* dim_scales,
+              const int64_t* const* offsets, const int64_t* first, const int64_t* docs, int64_t n_docs, float* out,
+              int bf16, int num_threads) {
+    if (rows <= 0 || D <= 0 || n_queries <= 0 || n_segments <= 0 || kind < 0 || kind > 2) return 1;
+    const doc_set all = {n_segments, codes, row_scales, offsets, first, docs}, *set = &all;
+    if (!docs) n_docs = first[n_segments];
     if (n_docs <= 0) return 0;
     int64_t max_len = 0;
     for (int64_t j = 0; j < n_docs; j++) {
@@ -405,26 +410,4 @@ static int maxsim_set(const float* q, int64_t rows, int64_t D, const int32_t* ro
     free(qt);
     free(qp);
     return failed ? 3 : 0;
-}
-
-/* One segment (codes, row_scales, offsets); docs: the positions scored (NULL: all n_docs). */
-int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
-              const void* codes, int kind, const float* row_scales, const float* dim_scales, const int64_t* offsets,
-              const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
-    const int64_t first[2] = {0, 0}; /* one segment: locate reads first[0] only */
-    const doc_set set = {1, &codes, &row_scales, &offsets, first, docs};
-    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, n_docs, out, bf16, num_threads);
-}
-
-/* The documents of n_segments segments of one codec in one parallel region (one kernel call per segment left
- * the threads idle at each segment's end and paid a fork and join each): every one in segment order (docs NULL),
- * or the n_docs positions docs of that order. */
-int tp_maxsim_segments(const float* q, int64_t rows, int64_t D, const int32_t* row_query, int64_t n_queries,
-                       int64_t n_segments, const void* const* codes, int kind, const float* const* row_scales,
-                       const float* dim_scales, const int64_t* const* offsets, const int64_t* first,
-                       const int64_t* docs, int64_t n_docs, float* out, int bf16, int num_threads) {
-    if (n_segments <= 0) return 1;
-    const doc_set set = {n_segments, codes, row_scales, offsets, first, docs};
-    return maxsim_set(q, rows, D, row_query, n_queries, &set, kind, dim_scales, docs ? n_docs : first[n_segments],
-                      out, bf16, num_threads);
 }

@@ -12,10 +12,8 @@ from tokenpool.kernels import build_variant, function, kernel_variant
 from tokenpool.platforms.cpu import cpu_info
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
+_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
          ctypes.c_int)
-_SEGMENT_ARGS = (_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR,
-                 ctypes.c_int, ctypes.c_int)
 _KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}
 _ERRORS = {1: "bad shape", 2: "bad offsets", 3: "out of memory", 4: "no bf16 path on this CPU or build"}
 
@@ -49,19 +47,8 @@ def maxsim(queries: np.ndarray, starts: np.ndarray, codes: np.ndarray, offsets: 
     with `scales` and `dim_scales` for int8, `offsets` `[docs + 1]`). bf16: products on the AMX tiles or with
     AVX512-BF16 (dim a multiple of 32), both sides rounded to bf16 (|error of a dot product| <= 2^-8 |q| |x| (1 + 2^-7)). Check `available` first;
     variant: a build of tokenpool.kernels (default: this CPU's, AVX-512 for fp32 on the AMX class)."""
-    queries, row_query = _queries(queries, starts)
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    if docs is not None:
-        docs = np.ascontiguousarray(docs, dtype=np.int64)
-    n_docs = len(offsets) - 1 if docs is None else len(docs)
-    out = np.empty((n_docs, len(starts)), dtype=np.float32)
-    codes = np.asarray(codes)  # a memory map stays one: the kernel reads it in place
-    rc = function("maxsim", _ARGS, variant or kernel_variant(bf16))(
-        _ptr(queries), len(queries), queries.shape[1], _ptr(row_query), len(starts), _ptr(codes),
-        _KINDS[codes.dtype], _ptr(scales), _ptr(dim_scales), _ptr(offsets), _ptr(docs), n_docs, _ptr(out),
-        int(bf16), threads)
-    _check(rc)
-    return out.T
+    return maxsim_segments(queries, starts, [(codes, offsets, scales)], dim_scales=dim_scales, docs=docs, bf16=bf16,
+                           threads=threads, variant=variant)
 
 
 def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tuple], *,
@@ -70,8 +57,9 @@ def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tupl
     """`maxsim` over the documents of several segments of one codec in one call (one parallel region):
     `segments` a list of (codes, offsets, scales or None); `[n_queries, documents]`, every document segment after
     segment, or the positions `docs` of that order."""
-    queries, row_query = _queries(queries, starts)
-    codes = [np.asarray(c) for c, _, _ in segments]
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    row_query = np.repeat(np.arange(len(starts), dtype=np.int32), np.diff(np.append(starts, len(queries))))
+    codes = [np.asarray(c) for c, _, _ in segments]  # a memory map stays one: the kernel reads it in place
     if len({c.dtype for c in codes}) > 1:
         raise ValueError("segments of one call share a codec")
     offsets = [np.ascontiguousarray(o, dtype=np.int64) for _, o, _ in segments]
@@ -85,25 +73,15 @@ def maxsim_segments(queries: np.ndarray, starts: np.ndarray, segments: list[tupl
             raise ValueError(f"document positions must be in 0..{int(first[-1]) - 1}")
     n_docs = int(first[-1]) if docs is None else len(docs)
     out = np.empty((n_docs, len(starts)), dtype=np.float32)
-    rc = function("maxsim", _SEGMENT_ARGS, variant or kernel_variant(bf16), "maxsim_segments")(
+    rc = function("maxsim", _ARGS, variant or kernel_variant(bf16))(
         _ptr(queries), len(queries), queries.shape[1], _ptr(row_query), len(starts), len(segments), _ptr(code_ptrs),
         _KINDS[codes[0].dtype], _ptr(scale_ptrs), _ptr(dim_scales), _ptr(offset_ptrs), _ptr(first), _ptr(docs),
         n_docs, _ptr(out), int(bf16), threads)
-    _check(rc)
+    if rc != 0:
+        raise RuntimeError(f"maxsim kernel failed (code {rc}: {_ERRORS.get(rc, 'unknown')})")
     return out.T
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
-
-def _queries(queries: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stacked query rows as contiguous fp32 and each row's query number."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    row_query = np.repeat(np.arange(len(starts), dtype=np.int32), np.diff(np.append(starts, len(queries))))
-    return queries, row_query
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise RuntimeError(f"maxsim kernel failed (code {rc}: {_ERRORS.get(rc, 'unknown')})")
