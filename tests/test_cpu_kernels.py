@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.toolkit import amx_emulated
 from tokenpool.kernels import add_layer_norm as aln
 from tokenpool.kernels import buildable_variants, vector_width
 from tokenpool.kernels import varlen_attention as va
@@ -69,6 +70,31 @@ def test_varlen_attention_matches_sdpa(variant, dtype, head_dim, heads, kv_heads
     torch_err = (_reference(q[:total], k[:total], v[:total], lens, window, dtype).double() - ref).abs().max().item()
     assert (got - ref).abs().max().item() <= 1.5 * torch_err
     assert torch.all(out[total:] == 0)
+
+
+@pytest.fixture(scope="module")
+def amx_attention(tmp_path_factory):
+    return amx_emulated("varlen_attention", va._ARGS, tmp_path_factory.mktemp("amx"))
+
+
+@pytest.mark.parametrize("head_dim, heads, kv_heads, window", [
+    (32, 4, 4, (-1, -1)), (64, 4, 2, (-1, 0)), (96, 2, 2, (3, 40)), (128, 2, 2, (64, 64)), (64, 6, 1, (17, 0)),
+])
+def test_varlen_attention_amx_tiles_under_emulation(amx_attention, monkeypatch, head_dim, heads, kv_heads, window):
+    """The AMX build's bf16 attention (both products on the tiles) with the tile unit emulated
+    (tests/fixtures/amx_emulated.c), so its tile code is checked on every AVX-512 + BF16 machine: within 1.5x
+    PyTorch's own bf16 SDPA error to float64, as the builds above."""
+    monkeypatch.setattr(va, "function", lambda *args, **kwargs: amx_attention)
+    rng = random.Random(head_dim)
+    lens = [1, 2, 7, 16, 17, 33, 300] + [rng.randint(1, 200) for _ in range(4)]
+    torch.manual_seed(head_dim)
+    q = (torch.randn(sum(lens), heads, head_dim) * 3).to(torch.bfloat16)
+    k, v = ((torch.randn(sum(lens), kv_heads, head_dim) * 3).to(torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = va.varlen_attention(q, k, v, cu, window, "amx")
+    ref = _reference(q, k, v, lens, window)
+    torch_err = (_reference(q, k, v, lens, window, torch.bfloat16).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 1.5 * torch_err
 
 
 @needs_kernels

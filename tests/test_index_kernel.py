@@ -4,20 +4,13 @@ fp32 rescoring returning exactly what the fp32 scan returns."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tokenpool.index import MultiVectorIndex
-from tokenpool import kernels
+from tests.toolkit import amx_emulated
 from tokenpool.kernels import build_variant, buildable_variants
 from tokenpool.kernels import maxsim as kernel
-from tokenpool.platforms.cpu import cpu_info
 
 VARIANTS = buildable_variants()
 
@@ -138,30 +131,13 @@ def test_index_search_with_the_bf16_prefilter_equals_the_fp32_scan(tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def amx_emulated(tmp_path_factory):
-    """maxsim.c's AMX build with the tile unit emulated in C (tests/fixtures/amx_emulated.c): its tile code runs on
-    any CPU with AVX-512 and BF16, so this class and the AMX one test it, not only the AMX machines."""
-    if cpu_info().isa_class not in ("avx512_bf16", "amx"):
-        pytest.skip(f"the AMX build's vector code needs AVX-512 with BF16 (this CPU: {cpu_info().isa_class} class)")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    fixture = Path(__file__).parent / "fixtures" / "amx_emulated.c"
-    target = tmp_path_factory.mktemp("amx") / "maxsim_emulated.so"
-    flags = [*kernels._COMMON_FLAGS, *kernels._ISA_FLAGS["amx"], f"-I{Path(kernel.__file__).parent}",
-             '-DKERNEL="maxsim.c"']
-    proc = subprocess.run([compiler, *flags, str(fixture), "-o", str(target)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"this compiler does not build the AMX variant: {proc.stderr[-300:]}")
-    fn = ctypes.CDLL(str(target)).tp_maxsim
-    fn.restype = ctypes.c_int
-    fn.argtypes = list(kernel._ARGS)
-    return fn
+def amx_maxsim(tmp_path_factory):
+    return amx_emulated("maxsim", kernel._ARGS, tmp_path_factory.mktemp("amx"))
 
 
 @pytest.mark.parametrize("codec", ["float16", "float32", "int8"])
 @pytest.mark.parametrize("rows", [[7], [16], [9, 8], [32], [30, 2], [45], [32, 8, 5], [40, 40]])
-def test_amx_tile_code_within_the_bf16_bound(amx_emulated, monkeypatch, codec, rows):
+def test_amx_tile_code_within_the_bf16_bound(amx_maxsim, monkeypatch, codec, rows):
     """The AMX path's tile schedules (up to 32 query rows: two token tiles a step, with one or two row blocks; more:
     one token tile and up to four row blocks, a last pass of fewer) over documents of 1-299 tokens (partial last
     tiles), against a float64 brute force within the bf16 bound. The last document (17 tokens) lies around a
@@ -176,7 +152,7 @@ def test_amx_tile_code_within_the_bf16_bound(amx_emulated, monkeypatch, codec, r
     queries[1] = -3 * u
     starts = np.cumsum([0, *rows[:-1]])
     codes, scales, dim_scales, decoded = _encode(x, codec)
-    monkeypatch.setattr(kernel, "function", lambda *args, **kwargs: amx_emulated)
+    monkeypatch.setattr(kernel, "function", lambda *args, **kwargs: amx_maxsim)
     got = kernel.maxsim(queries, starts, codes, offsets, scales=scales, dim_scales=dim_scales, bf16=True, threads=2)
     want = _brute(queries, starts, decoded, offsets)
     row_norms = np.add.reduceat(np.linalg.norm(queries, axis=1), starts)

@@ -1,4 +1,5 @@
-"""Helpers the tests share: driving the engine by hand, and the batch-invariance check.
+"""Helpers the tests share: driving the engine by hand, the batch-invariance check, and the C kernels' AMX builds
+with the tile unit emulated.
 
 Batch invariance is judged by what the precision can promise, not by a measurement of ourselves: in fp32
 every value within 1e-5; in bf16 (GEMMs of different batch shapes round differently) every row at cosine
@@ -7,6 +8,13 @@ every value within 1e-5; in bf16 (GEMMs of different batch shapes round differen
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +49,28 @@ def assert_batch_invariant(alone, together, dtype: str = DTYPE) -> None:
     cos = F.cosine_similarity(rows_a, rows_b, dim=-1, eps=1e-12)
     both_zero = (rows_a.norm(dim=-1) == 0) & (rows_b.norm(dim=-1) == 0)
     assert torch.all(both_zero | (cos >= 0.999)), cos.min()
+
+
+def amx_emulated(name: str, argtypes: tuple, directory: Path) -> ctypes.CFUNCTYPE:
+    """`tp_<name>` of the C kernel `name`'s AMX build with the tile unit emulated in C (tests/fixtures/
+    amx_emulated.c), built into `directory`: its tile code runs on any CPU with AVX-512 and BF16 (the build's vector
+    code needs them), so that class tests it, not only AMX machines. Skips the test elsewhere."""
+    from tokenpool import kernels
+    from tokenpool.platforms.cpu import cpu_info
+
+    if cpu_info().isa_class not in ("avx512_bf16", "amx"):
+        pytest.skip(f"the AMX build's vector code needs AVX-512 with BF16 (this CPU: {cpu_info().isa_class} class)")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    fixture = Path(__file__).parent / "fixtures" / "amx_emulated.c"
+    target = directory / f"{name}_amx_emulated.so"
+    flags = [*kernels._COMMON_FLAGS, *kernels._ISA_FLAGS["amx"], f"-I{Path(kernels.__file__).parent}",
+             f'-DKERNEL="{name}.c"']
+    proc = subprocess.run([compiler, *flags, str(fixture), "-o", str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"this compiler does not build the AMX variant: {proc.stderr[-300:]}")
+    fn = getattr(ctypes.CDLL(str(target)), f"tp_{name}")
+    fn.restype = ctypes.c_int
+    fn.argtypes = list(argtypes)
+    return fn
