@@ -401,6 +401,40 @@ def test_centroid_stage_c_kernel_equals_torch(monkeypatch, n_centroids, id_dtype
         assert torch.allclose(got[finite], want[finite], rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim", [96, 384])
+def test_exact_stage_on_the_cpu_equals_float64(monkeypatch, dim):
+    """The candidates' exact stage on the CPU (`maxsim_pairs`): the C kernel's fp32 path, and PyTorch where no
+    kernel is built, against a float64 brute force, for queries of 1..40 rows whose pairs' rows are one run (as
+    the candidate search lays them out) or scattered, a document in two queries' pairs."""
+    from tokenpool.index.cuda_maxsim import maxsim_pairs
+    from tokenpool.kernels import maxsim as kernel
+
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.standard_normal((3000, dim)).astype(np.float32))
+    q_offsets = np.array([0, 1, 33, 73])
+    queries = torch.from_numpy(rng.standard_normal((73, dim)).astype(np.float32))
+    lengths = torch.from_numpy(rng.integers(1, 60, 30))
+    t0 = torch.cumsum(lengths, 0) - lengths  # one run: query 0's pairs, then 1's, then 2's
+    pair_q = torch.tensor([0] * 10 + [1] * 12 + [2] * 8)
+    scattered = (t0 * 2 + 7)[torch.from_numpy(rng.permutation(30))]  # not a run, some rows shared
+    scattered[5] = scattered[20]
+    for starts in (t0, scattered):
+        want = torch.tensor([(queries[q_offsets[b]:q_offsets[b + 1]].double() @ x[a:a + n].double().T)
+                             .amax(dim=1).sum().item() for b, a, n in zip(pair_q.tolist(), starts.tolist(),
+                                                                          lengths.tolist())],
+                            dtype=torch.float64)
+        with monkeypatch.context() as m:
+            calls, built = [], kernel.maxsim
+            m.setattr(kernel, "maxsim", lambda *a, **k: calls.append(1) or built(*a, **k))
+            got = maxsim_pairs(queries, q_offsets, x, pair_q, starts, starts + lengths)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+        assert len(calls) == (3 if kernel.available() else 0)  # one call per query
+        with monkeypatch.context() as m:
+            m.setattr(kernel, "available", lambda *a, **k: False)
+            fallback = maxsim_pairs(queries, q_offsets, x, pair_q, starts, starts + lengths)
+        assert torch.allclose(fallback.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_a_small_first_add_warns_that_it_trains_the_codec(tmp_path, caplog):
     """The first add of a residual index is its codec's training sample: under RESIDUAL_TRAIN_TOKENS tokens it
     warns (the server refuses such a request: tests/test_server_index.py); the training (minutes on a large

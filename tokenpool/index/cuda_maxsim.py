@@ -497,7 +497,7 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
     """Exact MaxSim per (query, document) pair, float32 `[pairs]`: query b is rows q_offsets[b]..q_offsets[b + 1]
     of `queries`, a pair's document rows pair_t0..pair_t1 of `x` (float32 `[tokens, dim]`, on one device with
     the queries). On CUDA one Triton program per pair (3xTF32 products; vectors over 256 dims in chunks of 64
-    dims); elsewhere torch, query by query."""
+    dims); on the CPU the C kernel's fp32 path (tokenpool/kernels/maxsim.c), query by query; else torch."""
     n = len(pair_q)
     if n == 0:
         return torch.empty(0, device=x.device)
@@ -518,6 +518,9 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
         return out
     out = torch.empty(n, dtype=torch.float64, device=x.device)
     pq, t0, t1 = (t.cpu().numpy() for t in (pair_q, pair_t0, pair_t1))
+    from tokenpool.kernels import maxsim as cpu_kernel
+
+    in_c = x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available()
     for b in np.unique(pq):
         sel = np.flatnonzero(pq == b)
         rows, owner_np = expand_ranges(t0[sel], t1[sel] - t0[sel])
@@ -525,6 +528,14 @@ def maxsim_pairs(queries: torch.Tensor, q_offsets: np.ndarray, x: torch.Tensor, 
             block = x[int(rows[0]):int(rows[-1]) + 1]
         else:
             block = x.index_select(0, torch.from_numpy(rows).to(x.device))
+        if in_c:  # the CPU's C kernel (fp32 products), each pair's rows one of its documents
+            offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+            np.cumsum(t1[sel] - t0[sel], out=offsets[1:])
+            query = queries[int(q_offsets[b]):int(q_offsets[b + 1])].float().contiguous().numpy()
+            got = cpu_kernel.maxsim(query, np.zeros(1, dtype=np.int64), block.contiguous().numpy(), offsets,
+                                    threads=torch.get_num_threads())
+            out[torch.from_numpy(sel)] = torch.from_numpy(got[0]).double()
+            continue
         products = queries[int(q_offsets[b]):int(q_offsets[b + 1])].float() @ block.T
         owner = torch.from_numpy(owner_np).to(x.device)
         best = torch.full((products.shape[0], len(sel)), float("-inf"), device=x.device)
