@@ -435,6 +435,32 @@ def test_exact_stage_on_the_cpu_equals_float64(monkeypatch, dim):
         assert torch.allclose(fallback.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("dim", [96, 384])
+def test_decode_with_the_c_unpack_equals_torch(monkeypatch, nbits, dim):
+    """`ResidualCodec.decode` on the CPU: the C kernel's unpack of the packed codes (tokenpool/kernels/
+    residual_unpack.c) gives bit for bit what torch's byte gathers, shifts and level gather give, for bit
+    allocations with 0-bit and up to 8-bit axes (fields across byte boundaries, fields in the last byte)."""
+    from tokenpool.index.residual import ResidualCodec
+    from tokenpool.kernels import residual_unpack as kernel
+
+    if not kernel.available():
+        pytest.skip("the C kernels are not built here (no C compiler, or TOKENPOOL_CPU_KERNELS=0)")
+    rng = np.random.default_rng(nbits)
+    x = rng.standard_normal((6000, dim)).astype(np.float32)
+    x[:, :4] *= 8  # a few dominant axes: the allocation gives them many bits and others none
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    codec = ResidualCodec.train(x, nbits, num_centroids=64)
+    assert len(torch.unique(codec.bits)) > 1 and (nbits > 1 or (codec.bits == 0).any())  # mixed widths
+    cids, codes = codec.encode(x[:3000])
+    calls, built = [], kernel.residual_unpack
+    monkeypatch.setattr(kernel, "residual_unpack", lambda *a: calls.append(1) or built(*a))
+    got = codec.decode(cids, codes)
+    assert calls
+    monkeypatch.setattr(kernel, "available", lambda: False)
+    assert torch.equal(got, codec.decode(cids, codes))
+
+
 def test_a_small_first_add_warns_that_it_trains_the_codec(tmp_path, caplog):
     """The first add of a residual index is its codec's training sample: under RESIDUAL_TRAIN_TOKENS tokens it
     warns (the server refuses such a request: tests/test_server_index.py); the training (minutes on a large

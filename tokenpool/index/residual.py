@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenpool.kernels import residual_unpack as unpack_kernel
+
 NBITS = (1, 2, 4)
 _MAX_BITS = 8  # per dimension
 _LLOYD_ITERS = 8
@@ -228,13 +230,24 @@ class ResidualCodec:
         codes = torch.as_tensor(codes, device=device)
         first, second, shift, mask = params._unpack_plan()
         out = torch.empty(len(cids), self.dim, device=device)
-        block = _DECODE_ROWS if cids.device.type == "cpu" else 1 << 18  # CPU: blocks that stay in the cache
-        for start in range(0, len(cids), block):  # axes as rows
-            part = codes[start:start + block].T.contiguous()  # [code bytes, n]
-            word = (part.index_select(0, first).int() << 8).bitwise_or_(part.index_select(0, second))  # [dim, n]
-            idx = word.bitwise_right_shift_(shift).bitwise_and_(mask).long()
-            y = torch.gather(params.levels, 1, idx)  # [dim, n]; 0-bit axes: mask 0, their level 0 (the mean)
-            x = torch.addmm(params.centroids.index_select(0, cids[start:start + block]), y.T, params.inverse,
+        on_cpu = cids.device.type == "cpu"
+        block = _DECODE_ROWS if on_cpu else 1 << 18  # CPU: blocks that stay in the cache
+        unpack = on_cpu and codes.dtype == torch.uint8 and unpack_kernel.available()
+        if unpack:
+            y_block = np.empty((min(block, len(cids)), self.dim), dtype=np.float32)
+            plan = [t.numpy() for t in (first, second, shift, mask)]
+            levels = params.levels.numpy()
+        for start in range(0, len(cids), block):
+            part = codes[start:start + block]
+            if unpack:  # the C kernel: codes -> [n, dim] levels in one pass
+                y = torch.from_numpy(unpack_kernel.residual_unpack(part.numpy(), *plan, levels, y_block[:len(part)],
+                                                                   torch.get_num_threads()))
+            else:  # axes as rows
+                part = part.T.contiguous()  # [code bytes, n]
+                word = (part.index_select(0, first).int() << 8).bitwise_or_(part.index_select(0, second))
+                idx = word.bitwise_right_shift_(shift).bitwise_and_(mask).long()  # [dim, n]
+                y = torch.gather(params.levels, 1, idx).T  # 0-bit axes: mask 0, their level 0 (the mean)
+            x = torch.addmm(params.centroids.index_select(0, cids[start:start + block]), y, params.inverse,
                             out=out[start:start + block])
             if self.normalize:
                 x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))
