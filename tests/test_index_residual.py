@@ -406,9 +406,11 @@ def test_exact_stage_on_the_cpu_equals_float64(monkeypatch, dim):
     """The candidates' exact stage on the CPU (`maxsim_pairs`): the C kernel's fp32 path, and PyTorch where no
     kernel is built, against a float64 brute force, for queries of 1..40 rows whose pairs' rows are one run (as
     the candidate search lays them out) or scattered, a document in two queries' pairs."""
+    from tokenpool.index import cuda_maxsim
     from tokenpool.index.cuda_maxsim import maxsim_pairs
     from tokenpool.kernels import maxsim as kernel
 
+    monkeypatch.setattr(cuda_maxsim, "_kernel_ok", lambda *a: False)  # not Triton's (under TRITON_INTERPRET=1)
     rng = np.random.default_rng(7)
     x = torch.from_numpy(rng.standard_normal((3000, dim)).astype(np.float32))
     q_offsets = np.array([0, 1, 33, 73])
