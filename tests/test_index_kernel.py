@@ -138,9 +138,9 @@ def amx_maxsim(tmp_path_factory):
 @pytest.mark.parametrize("codec", ["float16", "float32", "int8"])
 @pytest.mark.parametrize("rows", [[7], [16], [9, 8], [32], [30, 2], [45], [32, 8, 5], [40, 40]])
 def test_amx_tile_code_within_the_bf16_bound(amx_maxsim, monkeypatch, codec, rows):
-    """The AMX path's tile schedules (up to 32 query rows: two token tiles a step, with one or two row blocks; more:
-    one token tile and up to four row blocks, a last pass of fewer) over documents of 1-299 tokens (partial last
-    tiles), against a float64 brute force within the bf16 bound. The last document (17 tokens) lies around a
+    """The AMX path's tile schedule (one token tile a step, up to four row blocks, a last pass of fewer) over 122
+    documents of 1-299 tokens (partial last tiles; several chunks of documents, each converting its next document
+    during this one's tiles), against a float64 brute force within the bf16 bound. The last document (17 tokens) lies around a
     direction that the second query row points away from: its true maxima are negative, so a zero padding row
     taken for a token would show."""
     offsets, x, queries, _ = _segment(128, seed=4)
@@ -159,3 +159,25 @@ def test_amx_tile_code_within_the_bf16_bound(amx_maxsim, monkeypatch, codec, row
     bound = 2.0 ** -8 * (1 + 2.0 ** -7) * row_norms * np.linalg.norm(decoded, axis=1).max()
     assert got.shape == want.shape and (np.abs(got - want) <= bound[:, None]).all()
     assert np.abs(got - want).max() > 1e-4  # the bf16 products ran, not an fp32 path
+
+
+def test_amx_next_document_conversion_follows_the_selection(amx_maxsim, monkeypatch):
+    """The fp16 AMX path converts the next document of its chunk while it scores this one: with documents selected
+    out of order and repeated, over two segments and with empty documents among them (the kernel scores those 0),
+    every document's scores are exactly those of the call without a selection."""
+    offsets, x, queries, starts = _segment(128, seed=6)
+    lens = np.diff(offsets)
+    lens = np.insert(lens, [3, 40, 41], 0)  # empty documents, two in a row
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    codes = x.astype(np.float16)
+    half = 60  # segment 2: documents 60.. (a copy: another buffer, other addresses)
+    segments = [(codes[: offsets[half]], offsets[: half + 1], None),
+                (codes[offsets[half]:].copy(), offsets[half:] - offsets[half], None)]
+    monkeypatch.setattr(kernel, "function", lambda *args, **kwargs: amx_maxsim)
+    every = kernel.maxsim_segments(queries, starts, segments, bf16=True, threads=2)
+    assert every.shape == (3, len(lens)) and (every[:, lens == 0] == 0).all()
+    pick = np.random.default_rng(7).permutation(np.tile(np.arange(len(lens)), 2))[:150]
+    chosen = kernel.maxsim_segments(queries, starts, segments, docs=pick, bf16=True, threads=2)
+    assert np.array_equal(chosen, every[:, pick])
+    want = _brute(queries, starts, codes.astype(np.float32), offsets[np.r_[lens > 0, True]])
+    assert np.abs(every[:, lens > 0] - want).max() < 0.05

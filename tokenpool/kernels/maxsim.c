@@ -25,8 +25,8 @@
  *   the AMX path (both sides rounded to bf16). Every code kind is converted to bf16 in registers, 8 tokens at a
  *   time just before their products.
  *
- * One OpenMP task per document (dynamic schedule) over every segment in one parallel region, torch's OpenMP
- * runtime (see tokenpool/kernels/__init__.py).
+ * One OpenMP task per chunk of DOC_CHUNK documents (dynamic schedule) over every segment in one parallel region,
+ * torch's OpenMP runtime (see tokenpool/kernels/__init__.py).
  */
 #include <stdlib.h>
 
@@ -38,6 +38,7 @@
 #define TJ 4 /* tokens per step of the fp32 path */
 #define NV 2 /* query-row vectors per block: RB = NV * VL rows */
 #define RB (NV * VL)
+#define DOC_CHUNK 16 /* documents per scheduling chunk */
 
 TP_INLINE float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
@@ -129,11 +130,50 @@ static void row_block_max(const float* qt, int64_t rp, int64_t D, const float* x
 #define STORE_BLOCK(t)                                                                                      \
     if (nb > t) _tile_stored(t, cs + t * 256, 64);
 
+/* scratch for a document's bf16 rows inside `base` (4 KB of slack): at the address bits 11:0 of its source, so
+ * that no load of the conversion waits on an earlier store of it to the same bits 11:0 (4K aliasing; measured on
+ * the AMX host: the fp16 conversion alone took 2-3x longer with the scratch at a bad offset) */
+static inline uint16_t* scratch_for(uint16_t* base, const void* src) {
+    const uintptr_t b = (uintptr_t)base, want = (uintptr_t)src & 4095 & ~(uintptr_t)63;
+    return (uint16_t*)(b + ((want - b) & 4095));
+}
+
+/* One document's values e0..e0+cnt-1 (cnt a multiple of 16, D % 16 == 0) of the codes from token t0 -> bf16 in dst,
+ * rounded to nearest even from the fp32 values decode_rows gives (int8: code * row scale * dimension scale, in
+ * that order), so the fp32 rescoring and the bf16 bound see the same x. */
+static inline void codes_to_bf16(uint16_t* dst, const void* codes, int kind, const float* row_scales,
+                                 const float* dim_scales, int64_t D, int64_t t0, int64_t e0, int64_t cnt) {
+    const int width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
+    const char* src = (const char*)codes + t0 * D * width;
+    for (int64_t e = e0; e < e0 + cnt; e += 16) {
+        /* 8 KB ahead: one stream per thread does not keep enough loads in flight alone */
+        if ((e * width & 63) == 0) __builtin_prefetch(src + e * width + 8192, 0, 2);
+        vf v;
+        if (kind == 0) {
+            v = ld((const float*)src + e);
+        } else if (kind == 1) {
+            v = half_vec((const uint16_t*)src + e);
+        } else {
+            __m128i c;
+            memcpy(&c, src + e, 16);
+            v = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)) * row_scales[t0 + e / D] * ld(dim_scales + e % D);
+        }
+        store_bf16(dst + e, v);
+    }
+}
+
 /* bf16 path, one document: row maxima m[rp] (rp a multiple of 16). xb: the document's tokens as bf16 rows,
- * zero-padded to a multiple of 16 tokens; qp: queries packed [D/32][rp/16][16 pairs][16 rows][2]. */
+ * zero-padded to a multiple of 16 tokens; qp: queries packed [D/32][rp/16][16 pairs][16 rows][2].
+ * nx: the next document's conversion (nn tokens from token nt0 of codes nc of the call's kind), a slice after each
+ * step's tile products, so the vector units convert while the tile unit multiplies (a whole-document pass before
+ * the tiles left each unit idle half the time: bench/NOTES.md); nn = 0: none. */
 static void doc_max_amx(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t* xb, int64_t n, float* m,
-                        float* cs) {
+                        float* cs, uint16_t* nx, const void* ncodes, int kind, const float* row_scales,
+                        const float* dim_scales, int64_t nt0, int64_t nn) {
     const int64_t nrb = rp / 16, nc = D / 32;
+    const int64_t steps = (n + 15) / 16 * nc * ((nrb + 3) / 4), total = nn * D;
+    const int64_t slice = (total / 16 + steps - 1) / steps * 16; /* values converted per step */
+    int64_t done = 0;
     for (int64_t r = 0; r < rp; r++) m[r] = -3.0e38f;
     for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
         const int nb = nrb - rb0 < 4 ? (int)(nrb - rb0) : 4;
@@ -148,6 +188,11 @@ static void doc_max_amx(const uint16_t* qp, int64_t rp, int64_t D, const uint16_
                 DOT_BLOCK(1)
                 DOT_BLOCK(2)
                 DOT_BLOCK(3)
+                if (done < total) {
+                    const int64_t cnt = total - done < slice ? total - done : slice;
+                    codes_to_bf16(nx, ncodes, kind, row_scales, dim_scales, D, nt0, done, cnt);
+                    done += cnt;
+                }
             }
             STORE_BLOCK(0)
             STORE_BLOCK(1)
@@ -161,6 +206,7 @@ static void doc_max_amx(const uint16_t* qp, int64_t rp, int64_t D, const uint16_
             }
         }
     }
+    if (done < total) codes_to_bf16(nx, ncodes, kind, row_scales, dim_scales, D, nt0, done, total - done);
 }
 #endif
 
@@ -329,9 +375,9 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        /* scratch each path reads: fp32 rows (the fp32 path, the AMX path's non-fp16 codes), bf16 rows (AMX: a
-         * whole document; AVX512-BF16: two blocks of TJB tokens) */
-        const int need_x = !use_dp && !(use_amx && kind == 1);
+        /* scratch each path reads: fp32 rows (the fp32 path), bf16 rows (AMX: two whole documents, each with 4 KB
+         * of slack for scratch_for; AVX512-BF16: two blocks of TJB tokens) */
+        const int need_x = !use_dp && !use_amx;
         float* x = need_x ? malloc((size_t)(max_len + 16) * D * sizeof(float)) : NULL;
         float* m = malloc((size_t)rp * sizeof(float));
         float* cs = malloc(4 * 256 * sizeof(float));
@@ -340,8 +386,10 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
 #else
         const int64_t xb_rows = max_len + 16;
 #endif
-        uint16_t* xb = use_amx || use_dp ? malloc((size_t)xb_rows * D * sizeof(uint16_t)) : NULL;
-        const int ok = (!need_x || x) && m && cs && (!(use_amx || use_dp) || xb);
+        const size_t xb_bytes = (size_t)xb_rows * D * sizeof(uint16_t) + 4096;
+        uint16_t* xb = use_amx || use_dp ? malloc(xb_bytes) : NULL;
+        uint16_t* xb2 = use_amx ? malloc(xb_bytes) : NULL;
+        const int ok = (!need_x || x) && m && cs && (!(use_amx || use_dp) || xb) && (!use_amx || xb2);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -349,55 +397,75 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
         if (ok && use_amx) amx_configure();
 #endif
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t j = 0; j < n_docs; j++) {
-            if (!ok) continue;
-            int64_t s, i;
-            locate(set, j, &s, &i);
-            const void* codes = set->codes[s];
-            const float* row_scales = set->row_scales[s];
-            const int64_t* offsets = set->offsets[s];
-            const int64_t t0 = offsets[i], n = offsets[i + 1] - t0;
-            float* o = out + j * n_queries;
-            for (int64_t qi = 0; qi < n_queries; qi++) o[qi] = 0.0f;
-            if (n == 0) continue;
-            if (use_amx) {
+        /* chunks of DOC_CHUNK documents, each chunk's in order on one thread (the AMX path converts the next
+         * document of its chunk while it scores this one) */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c0 = 0; c0 < n_docs; c0 += DOC_CHUNK) {
+            const int64_t c1 = c0 + DOC_CHUNK < n_docs ? c0 + DOC_CHUNK : n_docs;
+            uint16_t* ready = NULL; /* AMX: this document's bf16 rows, converted during the last one's tiles */
+            int side = 0;
+            for (int64_t j = c0; j < c1; j++) {
+                if (!ok) continue;
+                int64_t s, i;
+                locate(set, j, &s, &i);
+                const void* codes = set->codes[s];
+                const float* row_scales = set->row_scales[s];
+                const int64_t* offsets = set->offsets[s];
+                const int64_t t0 = offsets[i], n = offsets[i + 1] - t0;
+                float* o = out + j * n_queries;
+                for (int64_t qi = 0; qi < n_queries; qi++) o[qi] = 0.0f;
+                if (n == 0) continue;
+                if (use_amx) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-                const int64_t np = (n + 15) / 16 * 16;
-                if (kind == 1) { /* fp16 -> bf16 in registers (D % 32 == 0) */
-                    const uint16_t* h = (const uint16_t*)codes + t0 * D;
-                    for (int64_t e = 0; e < n * D; e += 16) {
-                        /* 8 KB ahead: one stream per thread does not keep enough loads in flight alone */
-                        if ((e & 31) == 0) __builtin_prefetch(h + e + 4096, 0, 2);
-                        store_bf16(xb + e, half_vec(h + e));
+                    const int64_t np = (n + 15) / 16 * 16;
+                    /* codes -> bf16 in registers (D % 32 == 0), the next document of the chunk during this one's tiles */
+                    uint16_t* bufs[2] = {xb, xb2};
+                    uint16_t* cur = ready;
+                    const int width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
+                    if (!cur) {
+                        cur = scratch_for(bufs[side], (const char*)codes + t0 * D * width);
+                        codes_to_bf16(cur, codes, kind, row_scales, dim_scales, D, t0, 0, n * D);
                     }
+                    memset(cur + n * D, 0, (size_t)(np - n) * D * sizeof(uint16_t));
+                    const void* ncodes = NULL;
+                    const float* nscales = NULL;
+                    int64_t nt0 = 0, nn = 0;
+                    ready = NULL;
+                    if (j + 1 < c1) {
+                        int64_t s2, i2;
+                        locate(set, j + 1, &s2, &i2);
+                        const int64_t* offsets2 = set->offsets[s2];
+                        nt0 = offsets2[i2];
+                        nn = offsets2[i2 + 1] - nt0;
+                        ncodes = set->codes[s2];
+                        nscales = set->row_scales[s2];
+                        if (nn > 0) ready = scratch_for(bufs[1 - side], (const char*)ncodes + nt0 * D * width);
+                    }
+                    doc_max_amx(qp, rp, D, cur, n, m, cs, ready, ncodes, kind, nscales, dim_scales, nt0,
+                                nn > 0 ? nn : 0);
+                    side = 1 - side;
+#endif
+                } else if (use_dp) {
+#ifdef HAVE_DPBF16
+                    const char* next = NULL; /* two documents ahead (measured: one ahead left ~10% more waiting) */
+                    int64_t next_bytes = 0;
+                    if (j + 2 < n_docs) {
+                        const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
+                        int64_t s2, i2;
+                        locate(set, j + 2, &s2, &i2);
+                        const int64_t* offsets2 = set->offsets[s2];
+                        next = (const char*)set->codes[s2] + offsets2[i2] * D * width;
+                        next_bytes = (offsets2[i2 + 1] - offsets2[i2]) * D * width;
+                    }
+                    doc_max_dpbf16((const uint32_t*)qp, rp, D, codes, kind, row_scales, dim_scales, t0, n, m, xb,
+                                   next, next_bytes);
+#endif
                 } else {
                     decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
-                    for (int64_t e = 0; e < n * D; e += VL) store_bf16(xb + e, ld(x + e));
+                    for (int64_t rb = 0; rb < rp; rb += RB) row_block_max(qt, rp, D, x, n, rb, m + rb);
                 }
-                memset(xb + n * D, 0, (size_t)(np - n) * D * sizeof(uint16_t));
-                doc_max_amx(qp, rp, D, xb, n, m, cs);
-#endif
-            } else if (use_dp) {
-#ifdef HAVE_DPBF16
-                const char* next = NULL; /* two documents ahead (measured: one ahead left ~10% more waiting) */
-                int64_t next_bytes = 0;
-                if (j + 2 < n_docs) {
-                    const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
-                    int64_t s2, i2;
-                    locate(set, j + 2, &s2, &i2);
-                    const int64_t* offsets2 = set->offsets[s2];
-                    next = (const char*)set->codes[s2] + offsets2[i2] * D * width;
-                    next_bytes = (offsets2[i2 + 1] - offsets2[i2]) * D * width;
-                }
-                doc_max_dpbf16((const uint32_t*)qp, rp, D, codes, kind, row_scales, dim_scales, t0, n, m, xb, next,
-                               next_bytes);
-#endif
-            } else {
-                decode_rows(codes, kind, row_scales, dim_scales, D, t0, t0 + n, x);
-                for (int64_t rb = 0; rb < rp; rb += RB) row_block_max(qt, rp, D, x, n, rb, m + rb);
+                for (int64_t r = 0; r < rows; r++) o[row_query[r]] += m[r];
             }
-            for (int64_t r = 0; r < rows; r++) o[row_query[r]] += m[r];
         }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
         if (ok && use_amx) _tile_release();
@@ -406,6 +474,7 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
         free(m);
         free(cs);
         free(xb);
+        free(xb2);
     }
     free(qt);
     free(qp);
