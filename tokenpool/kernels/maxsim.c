@@ -131,8 +131,9 @@ static void row_block_max(const float* qt, int64_t rp, int64_t D, const float* x
     if (nb > t) _tile_stored(t, cs + t * 256, 64);
 
 /* scratch for a document's bf16 rows inside `base` (4 KB of slack): at the address bits 11:0 of its source, so
- * that no load of the conversion waits on an earlier store of it to the same bits 11:0 (4K aliasing; measured on
- * the AMX host: the fp16 conversion alone took 2-3x longer with the scratch at a bad offset) */
+ * that no load of the conversion can wait on an earlier store of it to the same bits 11:0 (4K aliasing). A
+ * precaution: on one AMX host a copy of the old scheme with its own scratch ran 1.4-2x slower than the kernel,
+ * on another not, and placing the scratch so measured no difference there (bench/NOTES.md); it costs nothing. */
 static inline uint16_t* scratch_for(uint16_t* base, const void* src) {
     const uintptr_t b = (uintptr_t)base, want = (uintptr_t)src & 4095 & ~(uintptr_t)63;
     return (uint16_t*)(b + ((want - b) & 4095));
