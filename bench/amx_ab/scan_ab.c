@@ -35,13 +35,16 @@ static inline void maxima(float* m, const float* cs, int64_t row0, int nb, int64
     }
 }
 
-/* pf: the next document's codes to prefetch into L2 a little per chunk step (NULL: none); bytes */
+/* pf: the next document's codes to prefetch into L2 a little per chunk step (NULL: none); bytes. v7: nh (nn
+ * tokens of fp16) converted into nx, a slice per chunk step, while this document's tiles run (nn = 0: none). */
 static void doc_tiles(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t* xb, int64_t stride, int64_t n,
-                      float* m, float* cs, const char* pf, int64_t pf_bytes) {
+                      float* m, float* cs, const char* pf, int64_t pf_bytes, const uint16_t* nh, int64_t nn,
+                      uint16_t* nx) {
     const int64_t nrb = rp / 16, nc = D / 32;
     const int64_t steps = (n + 15) / 16 * nc * ((nrb + 3) / 4);
     const int64_t per = pf ? (pf_bytes / 64 + steps - 1) / steps : 0;
-    int64_t line = 0;
+    const int64_t total = nn * D, slice = (total / 16 + steps - 1) / steps * 16;
+    int64_t line = 0, e = 0;
     for (int64_t r = 0; r < rp; r++) m[r] = -3.0e38f;
     for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
         const int nb = nrb - rb0 < 4 ? (int)(nrb - rb0) : 4;
@@ -57,6 +60,10 @@ static void doc_tiles(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t*
                 DOT_BLOCK(2)
                 DOT_BLOCK(3)
                 for (int64_t p = 0; p < per && line * 64 < pf_bytes; p++, line++) _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+                for (int64_t stop = e + slice < total ? e + slice : total; e < stop; e += 16) {
+                    if ((e & 31) == 0) __builtin_prefetch(nh + e + 4096, 0, 2);
+                    conv16(nx + e, nh + e);
+                }
             }
             STORE_BLOCK(0)
             STORE_BLOCK(1)
@@ -65,6 +72,7 @@ static void doc_tiles(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t*
             maxima(m, cs, rb0, nb, n - j < 16 ? n - j : 16);
         }
     }
+    for (; e < total; e += 16) conv16(nx + e, nh + e);
 }
 
 /* two token tiles a step (rp <= 32): scores tiles 0-3 (token tile k/2... : 0,1 = tile j rows 0-15/16-31; 2,3 = tile
@@ -106,42 +114,6 @@ static void doc_tiles2(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t
             maxima(m, cs, 0, (int)nrb, n - j - 16 < 16 ? n - j - 16 : 16);
         }
     }
-}
-
-/* v7: the tiles of this document (xb) while the next one is converted into nx, a slice per chunk step */
-static void doc_tiles_conv(const uint16_t* qp, int64_t rp, int64_t D, const uint16_t* xb, int64_t n, float* m,
-                           float* cs, const uint16_t* nh, int64_t nn, uint16_t* nx) {
-    const int64_t nrb = rp / 16, nc = D / 32;
-    const int64_t steps = (n + 15) / 16 * nc * ((nrb + 3) / 4);
-    const int64_t total = nn * D, per = (total / 16 + steps - 1) / steps * 16;
-    int64_t e = 0;
-    for (int64_t r = 0; r < rp; r++) m[r] = -3.0e38f;
-    for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
-        const int nb = nrb - rb0 < 4 ? (int)(nrb - rb0) : 4;
-        for (int64_t j = 0; j < n; j += 16) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t c = 0; c < nc; c++) {
-                _tile_loadd(4, xb + j * D + c * 32, D * 2);
-                DOT_BLOCK(0)
-                DOT_BLOCK(1)
-                DOT_BLOCK(2)
-                DOT_BLOCK(3)
-                for (int64_t stop = e + per < total ? e + per : total; e < stop; e += 16) {
-                    if ((e & 31) == 0) __builtin_prefetch(nh + e + 4096, 0, 2);
-                    conv16(nx + e, nh + e);
-                }
-            }
-            STORE_BLOCK(0)
-            STORE_BLOCK(1)
-            STORE_BLOCK(2)
-            STORE_BLOCK(3)
-            maxima(m, cs, rb0, nb, n - j < 16 ? n - j : 16);
-        }
-    }
-    for (; e < total; e += 16) conv16(nx + e, nh + e);
 }
 
 /* variant: 0 committed scheme; 1 + next document prefetched during the tiles; 2 bf16 codes in place; 3 bf16 in
@@ -198,7 +170,7 @@ int ab_scan(int variant, const float* q, int64_t rows, int64_t D, const int32_t*
                     const int64_t nt0 = j + 1 < c1 ? offsets[order[j + 1]] : 0;
                     const int64_t nn = j + 1 < c1 ? offsets[order[j + 1] + 1] - nt0 : 0;
                     if (variant == 9) buf[1 - cur] = same_page_offset(base[1 - cur], codes + nt0 * D);
-                    doc_tiles_conv(qp, rp, D, buf[cur], n, m, cs, codes + nt0 * D, nn, buf[1 - cur]);
+                    doc_tiles(qp, rp, D, buf[cur], D, n, m, cs, NULL, 0, codes + nt0 * D, nn, buf[1 - cur]);
                     for (int64_t r = 0; r < rows; r++) o[row_query[r]] += m[r];
                     cur = 1 - cur;
                 }
@@ -219,7 +191,7 @@ int ab_scan(int variant, const float* q, int64_t rows, int64_t D, const int32_t*
             for (int64_t qi = 0; qi < nq; qi++) o[qi] = 0.0f;
             if (n == 0) continue;
             if (inplace) {
-                doc_tiles(qp, rp, D, h, D, n, m, cs, pf, pf_bytes);
+                doc_tiles(qp, rp, D, h, D, n, m, cs, pf, pf_bytes, NULL, 0, NULL);
             } else {
                 const int64_t np = (n + 15) / 16 * 16;
                 if (samepage) xb = same_page_offset(xb0, h);
@@ -234,7 +206,7 @@ int ab_scan(int variant, const float* q, int64_t rows, int64_t D, const int32_t*
                 memset(xb + n * D, 0, (size_t)(np - n) * D * sizeof(uint16_t));
                 if (conv_only) continue;
                 if (variant == 4) doc_tiles2(qp, rp, D, xb, D, n, m, cs, pf, pf_bytes);
-                else doc_tiles(qp, rp, D, xb, D, n, m, cs, pf, pf_bytes);
+                else doc_tiles(qp, rp, D, xb, D, n, m, cs, pf, pf_bytes, NULL, 0, NULL);
             }
             for (int64_t r = 0; r < rows; r++) o[row_query[r]] += m[r];
         }
