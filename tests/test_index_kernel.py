@@ -140,9 +140,9 @@ def amx_maxsim(tmp_path_factory):
 def test_amx_tile_code_within_the_bf16_bound(amx_maxsim, monkeypatch, codec, rows):
     """The AMX path's tile schedule (one token tile a step, up to four row blocks, a last pass of fewer) over 122
     documents of 1-299 tokens (partial last tiles; several chunks of documents, each converting its next document
-    during this one's tiles), against a float64 brute force within the bf16 bound. The last document (17 tokens) lies around a
-    direction that the second query row points away from: its true maxima are negative, so a zero padding row
-    taken for a token would show."""
+    during this one's tiles), against a float64 brute force within the bf16 bound. The last document (17 tokens)
+    lies around a direction that the second query row points away from: its true maxima are negative, so a zero
+    padding row taken for a token would show."""
     offsets, x, queries, _ = _segment(128, seed=4)
     u = np.random.default_rng(5).standard_normal(128).astype(np.float32)
     u /= np.linalg.norm(u)

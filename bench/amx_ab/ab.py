@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 NAMES = {0: "57f9cab's scheme (copy)", 1: "+ next doc prefetched in tiles", 2: "bf16 codes in place",
          3: "bf16 in place + next doc prefetch", 4: "2 token tiles a step + prefetch", 5: "conversion only",
-         6: "no 8KB-ahead, next doc prefetch", 7: "next doc converted during tiles", 8: "v0, scratch same page offset", 9: "v7, scratch same page offset", 10: "conversion only, same page offset"}
+         6: "no 8KB-ahead, next doc prefetch", 7: "next doc converted during tiles",
+         8: "v0, scratch same page offset", 9: "v7, scratch same page offset", 10: "conversion only, same page offset"}
 
 
 def build(source: Path, out: Path, emulate: bool) -> ctypes.CDLL:
@@ -49,13 +50,12 @@ def main() -> None:
     ap.add_argument("--variants", type=int, nargs="*", default=[], help=f"scan_ab.c's: {NAMES}")
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=FILE",
                     help="a version of maxsim.c to time against the working tree's (repeatable)")
-    ap.add_argument("--data", default="thp", choices=["thp", "4k", "file"],
-                    help="the codes in numpy's memory (huge pages advised), anonymous 4 KB pages, or a memory-mapped file")
+    ap.add_argument("--data", default="numpy", choices=["numpy", "4k", "file"],
+                    help="the codes in numpy's memory (it advises huge pages), anonymous 4 KB pages, or a memory map")
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--emulate", action="store_true")
     ap.add_argument("--codec", default="float16", choices=["float16", "float32"],
-                    help="float32: the HEAD and working-tree kernels only (no variants)")
-    ap.add_argument("--thp", action="store_true", help="codes in a region advised for transparent huge pages")
+                    help="float32: the working tree's kernel and the baselines only (no variants)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -68,12 +68,7 @@ def main() -> None:
     offsets = np.zeros(args.docs + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     n_tok = int(offsets[-1])
-    if args.thp:
-        import mmap
-        region = mmap.mmap(-1, (n_tok + 32) * D * 2 + (2 << 20))
-        region.madvise(mmap.MADV_HUGEPAGE)
-        f16 = np.frombuffer(region, dtype=np.float16, count=(n_tok + 32) * D).reshape(n_tok + 32, D)
-    elif args.data == "4k":
+    if args.data == "4k":
         import mmap
         region = mmap.mmap(-1, (n_tok + 32) * D * 2)
         region.madvise(mmap.MADV_NOHUGEPAGE)
@@ -101,31 +96,32 @@ def main() -> None:
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ctypes.c_int, P, I64, I64, P, I64, P, P, P, I64, P, ctypes.c_int]
     fn.restype = ctypes.c_int
+    from tokenpool.kernels.maxsim import _ARGS
+
+    baselines = {}
     if args.emulate:
-        from tokenpool.kernels.maxsim import _ARGS
         ref_lib = build(ROOT / "tokenpool/kernels/maxsim.c", tmp / "maxsim_emu.so", True)
         ref_fn = ref_lib.tp_maxsim
         ref_fn.argtypes, ref_fn.restype = list(_ARGS), ctypes.c_int
     else:
-        from tokenpool.kernels.maxsim import _ARGS  # noqa: F401
         from tokenpool.kernels import function
-        ref_fn = function("maxsim", _ARGS, "amx")  # the working tree's kernel ("new")
+        ref_fn = function("maxsim", _ARGS, "amx")  # the working tree's kernel
         assert ref_fn is not None, "no amx build"
-        baselines = {}
         for spec in args.baseline:
             name, _, path = spec.partition("=")
             f = build(Path(path).resolve(), tmp / f"base_{len(baselines)}.so", False).tp_maxsim
             f.argtypes, f.restype = list(_ARGS), ctypes.c_int
             baselines[name] = f
 
-    def committed(q, starts, row_query, order, fn=None):
+    def tree(q, starts, row_query, order, fn=None):  # the working tree's kernel, or a baseline's
         out = np.empty((len(order), len(starts)), dtype=np.float32)
         table = lambda a: np.array([a.ctypes.data], dtype=np.uintp)  # noqa: E731
         codes_t, off_t, sc_t = table(stored), table(offsets), np.zeros(1, dtype=np.uintp)
         first = np.array([0, args.docs], dtype=np.int64)
-        rc = (fn or ref_fn)(q.ctypes.data, len(q), D, row_query.ctypes.data, len(starts), 1, codes_t.ctypes.data, 0 if args.codec == "float32" else 1,
-                    sc_t.ctypes.data, None, off_t.ctypes.data, first.ctypes.data, order.ctypes.data, len(order),
-                    out.ctypes.data, 1, args.threads)
+        kind = 0 if args.codec == "float32" else 1
+        rc = (fn or ref_fn)(q.ctypes.data, len(q), D, row_query.ctypes.data, len(starts), 1, codes_t.ctypes.data,
+                            kind, sc_t.ctypes.data, None, off_t.ctypes.data, first.ctypes.data, order.ctypes.data,
+                            len(order), out.ctypes.data, 1, args.threads)
         assert rc == 0, rc
         return out
 
@@ -153,14 +149,13 @@ def main() -> None:
         starts = np.arange(0, 32 * nq, 32, dtype=np.int64)
         row_query = np.repeat(np.arange(nq, dtype=np.int32), 32)
         for label, order in (("cold", cold), ("hot", hot)):
-            ref = committed(q, starts, row_query, order)
-            runs = {"committed": lambda: committed(q, starts, row_query, order)}
-            if not args.emulate:
-                for name, f in baselines.items():
-                    got = committed(q, starts, row_query, order, f)
-                    print(f"{nq}q {label} {name} kernel: max |diff| vs new {float(np.abs(got - ref).max()):.3g}",
-                          flush=True)
-                    runs[name] = lambda f=f: committed(q, starts, row_query, order, f)
+            ref = tree(q, starts, row_query, order)
+            runs = {"tree": lambda: tree(q, starts, row_query, order)}
+            for name, f in baselines.items():
+                got = tree(q, starts, row_query, order, f)
+                print(f"{nq}q {label} {name} kernel: max |diff| vs new {float(np.abs(got - ref).max()):.3g}",
+                      flush=True)
+                runs[name] = lambda f=f: tree(q, starts, row_query, order, f)
             for v in args.variants:
                 if v == 4 and nq > 1:
                     continue
@@ -184,11 +179,11 @@ def main() -> None:
     bw2, detail2 = memory_bandwidth()
     print(f"bandwidth after: {bw2 / 1e9:.1f} GB/s ({detail2})")
     bw = max(bw, bw2)
-    print(f"data {args.data}: {args.docs} docs x {args.tokens} x {D}, {args.codec} {code_bytes / 1e6:.0f} MB, threads {args.threads}, "
-          f"bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"data {args.data}: {args.docs} docs x {args.tokens} x {D}, {args.codec} {code_bytes / 1e6:.0f} MB, "
+          f"threads {args.threads}, bandwidth {bw / 1e9:.1f} GB/s")
     print("| queries | data | kernel | median ms | min ms | % of bandwidth (cold) |")
     for nq, label, k, med, mn in rows:
-        name = "working tree's kernel" if k == "committed" else k if k in baselines else f"{k} {NAMES[int(k[1:])]}"
+        name = "working tree's kernel" if k == "tree" else k if k in baselines else f"{k} {NAMES[int(k[1:])]}"
         pct = f"{100 * code_bytes / med / bw:.0f}%" if label == "cold" else ""
         print(f"| {nq} | {label} | {name} | {med * 1e3:.1f} | {mn * 1e3:.1f} | {pct} |")
 

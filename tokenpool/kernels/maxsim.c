@@ -373,6 +373,7 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
         for (int64_t r = 0; r < rows; r++)
             for (int64_t d = 0; d < D; d++) qt[d * rp + r] = q[r * D + d];
     }
+    const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1; /* bytes per stored value */
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -419,10 +420,9 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                 if (use_amx) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
                     const int64_t np = (n + 15) / 16 * 16;
-                    /* codes -> bf16 in registers (D % 32 == 0), the next document of the chunk during this one's tiles */
+                    /* codes -> bf16 in registers (D % 32 == 0); the chunk's next document during this one's tiles */
                     uint16_t* bufs[2] = {xb, xb2};
                     uint16_t* cur = ready;
-                    const int width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
                     if (!cur) {
                         cur = scratch_for(bufs[side], (const char*)codes + t0 * D * width);
                         codes_to_bf16(cur, codes, kind, row_scales, dim_scales, D, t0, 0, n * D);
@@ -451,7 +451,6 @@ int tp_maxsim(const float* q, int64_t rows, int64_t D, const int32_t* row_query,
                     const char* next = NULL; /* two documents ahead (measured: one ahead left ~10% more waiting) */
                     int64_t next_bytes = 0;
                     if (j + 2 < n_docs) {
-                        const int64_t width = kind == 0 ? 4 : kind == 1 ? 2 : 1;
                         int64_t s2, i2;
                         locate(set, j + 2, &s2, &i2);
                         const int64_t* offsets2 = set->offsets[s2];
